@@ -1,0 +1,626 @@
+"""
+The nanocap model: a frozen CLIP vision tower and a frozen GPT-2, joined by a small trainable bridge.
+
+    frames [B, T, N, Dv] (CLIP last_hidden_state, T frames of N tokens; T = 1 for an image)
+      |                                  |
+      | mapping network (ClipCap)        | Perceiver Resampler (Flamingo), at the vision width Dv
+      v                                  v
+    prefix [B, P, Dt]                  latents [B, L, Dv]
+      |                                  |  keys/values of every gated cross-attention block
+      v                                  v
+    [prefix; caption embeddings] -> (gated x-attn -> GPT-2 block) x n_layer -> LM head -> next tokens
+
+Both bridges can be switched on or off (the ablations of the reference). The cross-attention gates start
+at zero, so an untrained model is exactly GPT-2. GPT-2 is written here (nanoGPT style) rather than taken
+from transformers so that the cross-attention is called explicitly and the KV cache is ours; only its
+weights come from transformers.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EOT = 50256  # GPT-2's <|endoftext|>: the BOS and the EOS of every caption
+IGNORE_INDEX = -100  # target value of positions that are not in the loss (never a real token id)
+
+# Architectures of the checkpoints we know by name, so that --init_from=scratch needs no download.
+# Any other name (or a local directory) is read from its config.json.
+GPT2_SIZES = {
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+_CLIP_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+_CLIP_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+CLIP_VISION_SIZES = {
+    'openai/clip-vit-base-patch32': dict(_CLIP_B, patch_size=32, image_size=224),
+    'openai/clip-vit-base-patch16': dict(_CLIP_B, patch_size=16, image_size=224),
+    'openai/clip-vit-large-patch14': dict(_CLIP_L, patch_size=14, image_size=224),
+    'openai/clip-vit-large-patch14-336': dict(_CLIP_L, patch_size=14, image_size=336),
+}
+
+
+@dataclass
+class CaptionerConfig:
+    vision_model: str = 'openai/clip-vit-base-patch32'  # hub name or local directory of a CLIP checkpoint
+    text_model: str = 'gpt2'  # hub name or local directory of a GPT-2 checkpoint
+    # mapping network (ClipCap): CLIP features -> prefix tokens placed before the caption
+    enable_mapper: bool = True
+    mapper: str = 'mlp'  # 'mlp' or 'transformer'
+    prefix_len: int = 1  # prefix tokens per image or video
+    mapper_hidden: int = 512  # hidden width of the MLP mapper
+    mapper_depth: int = 8  # transformer mapper: layers, heads, feed-forward width
+    mapper_heads: int = 8
+    mapper_ffn: int = 2048
+    # Perceiver Resampler + gated cross-attention (Flamingo)
+    enable_resampler_xattn: bool = True
+    resampler_depth: int = 4
+    num_latents: int = 64
+    max_frames: int = 500  # learned time embeddings, one per frame
+    heads: int = 6  # attention heads of the resampler and of the cross-attention
+    dim_head: int = 64
+    ff_mult: int = 1  # feed-forward width = ff_mult * model width
+    xattn_every: int = 1  # a gated cross-attention block before every xattn_every-th GPT-2 block
+    # fine-tuning the language model too (ClipCap, CLIPxGPT): train the top N GPT-2 blocks
+    unfreeze_layers: int = 0
+
+
+# -----------------------------------------------------------------------------
+# GPT-2, nanoGPT style
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    layer_norm_eps: float = 1e-5
+
+
+def split_heads(x, n_head):
+    """[B, T, n_head * d] -> [B, n_head, T, d]"""
+    B, T, C = x.shape
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(x):
+    """[B, n_head, T, d] -> [B, T, n_head * d]"""
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+
+class KVCache:
+    """The keys and values of one attention layer for every position decoded so far."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.k = self.v = None
+        self.len = 0
+
+    def update(self, k, v):
+        """Append the new positions' keys/values; return those of all positions so far."""
+        if self.k is None:  # allocate on first use, when batch, heads and dtype are known
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, self.max_len, D)
+            self.v = v.new_empty(B, H, self.max_len, D)
+        t = k.shape[2]
+        self.k[:, :, self.len:self.len + t] = k
+        self.v[:, :, self.len:self.len + t] = v
+        self.len += t
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+    def reorder(self, index):
+        """Keep the batch rows `index` (beam search moves and copies hypotheses)."""
+        self.k, self.v = self.k[index], self.v[index]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal in GPT-2 and bidirectional in the transformer mapper."""
+
+    def __init__(self, dim, n_head, causal):
+        super().__init__()
+        self.n_head, self.causal = n_head, causal
+        self.c_attn = nn.Linear(dim, 3 * dim)  # q, k, v in one matrix product (GPT-2's layout)
+        self.c_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cache=None, mask=None):
+        q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(x.shape[-1], dim=2))
+        new_positions = q.shape[2]
+        if cache is not None:
+            # a decoding step after the prompt sees every earlier position, so it needs no causal mask
+            assert cache.len == 0 or new_positions == 1, 'after the prompt, decode one token at a time'
+            k, v = cache.update(k, v)
+        is_causal = self.causal and new_positions > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.c_proj(merge_heads(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden)
+        self.c_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate='tanh'))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: GPT-2's, and the transformer mapper's (causal=False)."""
+
+    def __init__(self, dim, n_head, mlp_hidden, causal=True, eps=1e-5):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SelfAttention(dim, n_head, causal)
+        self.ln_2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_hidden)
+
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2's weights. The forward pass lives in Captioner, which interleaves cross-attention."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wpe = nn.Embedding(config.block_size, C)
+        self.h = nn.ModuleList(Block(C, config.n_head, 4 * C, eps=config.layer_norm_eps)
+                               for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
+
+    def lm_head(self, x):
+        return F.linear(x, self.wte.weight)  # tied to the token embedding, as in GPT-2
+
+
+# -----------------------------------------------------------------------------
+# Mapping networks (ClipCap)
+
+def frame_token_mask(frame_mask, tokens_per_frame):
+    """[B, T] mask of real frames -> [B, T * N] mask of their tokens."""
+    return frame_mask.repeat_interleave(tokens_per_frame, dim=1)
+
+
+class MLPMapper(nn.Module):
+    """Mean of the CLIP tokens of all real frames -> MLP -> prefix_len prefix tokens."""
+
+    def __init__(self, vision_dim, text_dim, prefix_len, hidden):
+        super().__init__()
+        self.prefix_len, self.text_dim = prefix_len, text_dim
+        self.net = nn.Sequential(nn.Linear(vision_dim, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, prefix_len * text_dim))
+
+    def forward(self, frames, frame_mask):
+        B, T, N, _ = frames.shape
+        weight = frame_mask.to(frames.dtype)[:, :, None, None]  # padded frames count for nothing
+        pooled = (frames * weight).sum(dim=(1, 2)) / (weight.sum(dim=(1, 2)) * N)
+        return self.net(pooled).view(B, self.prefix_len, self.text_dim)
+
+
+class TransformerMapper(nn.Module):
+    """
+    ClipCap's transformer mapper: learned prefix queries appended to the projected CLIP tokens, a
+    bidirectional transformer over both, and the queries' outputs are the prefix. Unlike ClipCap, which
+    expands the pooled CLIP vector into pseudo-tokens, it reads CLIP's own tokens (all real frames).
+    """
+
+    def __init__(self, vision_dim, text_dim, prefix_len, depth, n_head, ffn):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, text_dim)
+        self.queries = nn.Parameter(torch.randn(prefix_len, text_dim))
+        self.blocks = nn.ModuleList(Block(text_dim, n_head, ffn, causal=False) for _ in range(depth))
+
+    def forward(self, frames, frame_mask):
+        B, T, N, D = frames.shape
+        P = self.queries.shape[0]
+        x = torch.cat([self.proj(frames.reshape(B, T * N, D)), self.queries.expand(B, -1, -1)], dim=1)
+        keep = torch.cat([frame_token_mask(frame_mask, N), frame_mask.new_ones(B, P)], dim=1)
+        mask = keep[:, None, None, :]  # [B, 1, 1, keys]: no query attends to a padded frame
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        return x[:, -P:]
+
+
+# -----------------------------------------------------------------------------
+# Perceiver Resampler and gated cross-attention (Flamingo)
+
+def feed_forward(dim, mult):
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [frame tokens; latents]."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media, latents, mask):
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = split_heads(self.to_q(latents), self.heads)
+        k, v = (split_heads(t, self.heads)
+                for t in self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(merge_heads(out))
+
+
+class PerceiverResampler(nn.Module):
+    """Any number of frames of N tokens -> a fixed set of latents, at the vision width."""
+
+    def __init__(self, dim, depth, heads, dim_head, num_latents, max_frames, ff_mult):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.time_emb = nn.Parameter(torch.randn(max_frames, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, frames, frame_mask):
+        B, T, N, D = frames.shape
+        max_frames = self.time_emb.shape[0]
+        if T > max_frames:
+            raise ValueError(f'{T} frames, but the resampler has time embeddings for {max_frames}')
+        media = (frames + self.time_emb[:T, None]).reshape(B, T * N, D)
+        L = self.latents.shape[0]
+        keep = torch.cat([frame_token_mask(frame_mask, N), frame_mask.new_ones(B, L)], dim=1)
+        mask = keep[:, None, None, :]
+        latents = self.latents.expand(B, -1, -1)
+        for attn, ff in self.layers:
+            latents = latents + attn(media, latents, mask)
+            latents = latents + ff(latents)
+        return self.norm(latents)
+
+
+class GatedCrossAttention(nn.Module):
+    """Text attends to the latents; tanh gates (zero at init) scale what is added to the text stream."""
+
+    def __init__(self, text_dim, media_dim, heads, dim_head, ff_mult):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.norm = nn.LayerNorm(text_dim)
+        self.to_q = nn.Linear(text_dim, inner, bias=False)
+        self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)  # projects from the vision width
+        self.to_out = nn.Linear(inner, text_dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(text_dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def media_kv(self, latents):
+        """Keys and values of the latents: computed once per image, reused at every decoding step."""
+        return tuple(split_heads(t, self.heads) for t in self.to_kv(latents).chunk(2, dim=-1))
+
+    def forward(self, x, kv):
+        q = split_heads(self.to_q(self.norm(x)), self.heads)
+        attn = self.to_out(merge_heads(F.scaled_dot_product_attention(q, *kv)))
+        x = x + self.attn_gate.tanh() * attn
+        return x + self.ff_gate.tanh() * self.ff(x)
+
+
+# -----------------------------------------------------------------------------
+# The captioner
+
+class Captioner(nn.Module):
+
+    def __init__(self, config: CaptionerConfig, vision: nn.Module, gpt: GPT2):
+        super().__init__()
+        self.config = config
+        self.vision, self.gpt = vision, gpt
+        vision_dim, text_dim = vision.config.hidden_size, gpt.config.n_embd
+        c = config
+        self.mapper = None
+        if c.enable_mapper:
+            if c.mapper == 'mlp':
+                self.mapper = MLPMapper(vision_dim, text_dim, c.prefix_len, c.mapper_hidden)
+            elif c.mapper == 'transformer':
+                self.mapper = TransformerMapper(vision_dim, text_dim, c.prefix_len, c.mapper_depth,
+                                                c.mapper_heads, c.mapper_ffn)
+            else:
+                raise ValueError(f"mapper must be 'mlp' or 'transformer', not {c.mapper!r}")
+        self.resampler = None
+        self.xattn = nn.ModuleDict()  # keyed by the index of the GPT-2 block it runs before
+        if c.enable_resampler_xattn:
+            self.resampler = PerceiverResampler(vision_dim, c.resampler_depth, c.heads, c.dim_head,
+                                                c.num_latents, c.max_frames, c.ff_mult)
+            for i in range(0, gpt.config.n_layer, c.xattn_every):
+                self.xattn[str(i)] = GatedCrossAttention(text_dim, vision_dim, c.heads, c.dim_head,
+                                                         c.ff_mult)
+        if not 0 <= c.unfreeze_layers <= gpt.config.n_layer:
+            raise ValueError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {c.unfreeze_layers}')
+        self.vision.requires_grad_(False)
+        self.gpt.requires_grad_(False)
+        for block in self.gpt.h[gpt.config.n_layer - c.unfreeze_layers:]:
+            block.requires_grad_(True)
+
+    @property
+    def prefix_len(self):
+        return self.config.prefix_len if self.mapper is not None else 0
+
+    def encode_images(self, pixels):
+        """Preprocessed images [B, 3, H, W] -> CLIP features as one-frame videos [B, 1, N, Dv]."""
+        return self.vision(pixel_values=pixels).last_hidden_state[:, None]
+
+    def encode(self, features, feature_mask=None):
+        """CLIP features -> (prefix [B, P, Dt] or None, {block index: cross-attention keys/values})."""
+        if features.dim() == 3:  # one image: [B, N, Dv]
+            features = features[:, None]
+        if feature_mask is None:
+            feature_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        features = features.to(self.gpt.wte.weight.dtype)  # features are stored in float16
+        prefix = self.mapper(features, feature_mask) if self.mapper is not None else None
+        media_kv = {}
+        if self.resampler is not None:
+            latents = self.resampler(features, feature_mask)
+            media_kv = {i: block.media_kv(latents) for i, block in self.xattn.items()}
+        return prefix, media_kv
+
+    def embed(self, tokens, prefix=None, start=0):
+        """Token embeddings, after the prefix if given, plus position embeddings from `start`."""
+        x = self.gpt.wte(tokens)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        end = start + x.shape[1]
+        self._check_length(end)
+        return x + self.gpt.wpe(torch.arange(start, end, device=tokens.device))
+
+    def _check_length(self, positions):
+        if positions > self.gpt.config.block_size:
+            raise ValueError(f'a sequence of {positions} positions (prefix + caption) is longer than '
+                             f"the language model's {self.gpt.config.block_size}")
+
+    def run_text(self, x, media_kv, caches=None):
+        """The GPT-2 blocks with their gated cross-attention blocks, then the final norm."""
+        for i, block in enumerate(self.gpt.h):
+            if str(i) in media_kv:
+                x = self.xattn[str(i)](x, media_kv[str(i)])
+            x = block(x, caches[i] if caches else None)
+        return self.gpt.ln_f(x)
+
+    def forward(self, features, feature_mask, tokens, targets=None):
+        """
+        features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
+        tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
+        on padding. Returns logits [B, S, vocab] for the caption positions (the prefix needs no LM head)
+        and the mean cross-entropy over the targets that are not IGNORE_INDEX.
+        """
+        prefix, media_kv = self.encode(features, feature_mask)
+        h = self.run_text(self.embed(tokens, prefix), media_kv)
+        logits = self.gpt.lm_head(h[:, self.prefix_len:])
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    def _start(self, features, feature_mask, max_new_tokens):
+        """Encode the media and run the prompt [prefix; <|endoftext|>] through the model, filling the
+        KV caches. Returns (next-token logits [B, vocab], decoding state)."""
+        max_len = self.prefix_len + 1 + max_new_tokens
+        self._check_length(max_len)  # fail now, not in the middle of decoding
+        prefix, media_kv = self.encode(features, feature_mask)
+        caches = [KVCache(max_len) for _ in self.gpt.h]
+        bos = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
+        h = self.run_text(self.embed(bos, prefix), media_kv, caches)
+        return self.gpt.lm_head(h[:, -1]), dict(media_kv=media_kv, caches=caches)
+
+    def _step(self, token, state):
+        """Feed one token per row [B]; returns next-token logits [B, vocab]."""
+        pos = state['caches'][0].len
+        x = self.embed(token[:, None], start=pos)
+        h = self.run_text(x, state['media_kv'], state['caches'])
+        return self.gpt.lm_head(h[:, -1])
+
+    @torch.no_grad()
+    def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
+                 temperature=1.0, top_k=None, top_p=None, length_penalty=1.0, generator=None):
+        """
+        Caption a batch of images or videos. decoding: 'greedy', 'beam' (per-image beams, scores
+        normalised by length ** length_penalty) or 'sample' (temperature, top_k, top_p).
+        Returns one list of token ids per input, without <|endoftext|>.
+        """
+        if decoding == 'beam':
+            tokens = self._beam_search(features, feature_mask, max_new_tokens, beam_width, length_penalty)
+        elif decoding in ('greedy', 'sample'):
+            pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
+                lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
+            tokens = self._decode(features, feature_mask, max_new_tokens, pick)
+        else:
+            raise ValueError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
+        return [strip_eot(row) for row in tokens.tolist()]
+
+    def _decode(self, features, feature_mask, max_new_tokens, pick):
+        """One token per step for every row; rows that have ended keep emitting <|endoftext|>."""
+        logits, state = self._start(features, feature_mask, max_new_tokens)
+        B = logits.shape[0]
+        out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
+        ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        for t in range(max_new_tokens):
+            token = pick(logits).masked_fill(ended, EOT)
+            out[:, t] = token
+            ended |= token == EOT
+            if t == max_new_tokens - 1 or ended.all():
+                break
+            logits = self._step(token, state)
+        return out
+
+    def _beam_search(self, features, feature_mask, max_new_tokens, K, length_penalty):
+        logits, state = self._start(features, feature_mask, max_new_tokens)
+        B, V = logits.shape
+        device = logits.device
+        # every image's state is copied to its K beams; at first only beam 0 is alive, so that the
+        # K beams do not start as K copies of the same hypothesis
+        rows = torch.arange(B, device=device).repeat_interleave(K)
+        for cache in state['caches']:
+            cache.reorder(rows)
+        # beams never move between images, so the media keys/values need no reordering after this
+        state['media_kv'] = {i: (k[rows], v[rows]) for i, (k, v) in state['media_kv'].items()}
+        logprobs = logits.float().log_softmax(-1)[rows]
+        beam_scores = torch.full((B, K), -math.inf, device=device)
+        beam_scores[:, 0] = 0.0
+        beams = torch.full((B, K, max_new_tokens), EOT, dtype=torch.long, device=device)
+        # the K best hypotheses that ended with <|endoftext|>, by length-normalised score
+        done_beams = beams.clone()
+        done_scores = torch.full((B, K), -math.inf, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # no live beam can win any more
+        rank = torch.arange(2 * K, device=device)
+        for t in range(max_new_tokens):
+            length_norm = (t + 1) ** length_penalty
+            # the 2K best extensions: at most K of them end, so at least K stay alive
+            scores = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+            top_scores, top_index = scores.topk(2 * K, dim=1)
+            source, token = top_index // V, top_index % V
+            candidates = beams.gather(1, source[:, :, None].expand(-1, -1, max_new_tokens))
+            candidates[:, :, t] = token
+            # extensions by <|endoftext|> among the K best enter the pool of ended hypotheses
+            ends = token == EOT
+            end_scores = torch.where(ends & (rank < K) & ~finished[:, None], top_scores / length_norm,
+                                     -math.inf)
+            done_scores, keep = torch.cat([done_scores, end_scores], 1).topk(K, dim=1)
+            done_beams = torch.cat([done_beams, candidates], 1).gather(
+                1, keep[:, :, None].expand(-1, -1, max_new_tokens))
+            # the K best extensions that did not end stay alive
+            beam_scores, alive = top_scores.masked_fill(ends, -math.inf).topk(K, dim=1)
+            beams = candidates.gather(1, alive[:, :, None].expand(-1, -1, max_new_tokens))
+            # an image is finished once its worst ended hypothesis beats its best live one (as
+            # transformers' beam search does, comparing at the current length)
+            finished |= done_scores[:, -1] >= beam_scores[:, 0] / length_norm
+            if t == max_new_tokens - 1 or finished.all():
+                break
+            parent = torch.arange(B, device=device)[:, None] * K + source.gather(1, alive)
+            for cache in state['caches']:
+                cache.reorder(parent.view(-1))
+            logprobs = self._step(beams[:, :, t].reshape(-1), state).float().log_softmax(-1)
+        # at max_new_tokens, the beams still alive are hypotheses too
+        live_scores = beam_scores.masked_fill(finished[:, None], -math.inf) / (t + 1) ** length_penalty
+        all_scores = torch.cat([done_scores, live_scores], 1)
+        best = all_scores.argmax(dim=1)
+        return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
+
+
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Sample one token per row from logits [B, vocab], restricted to the top_k and/or nucleus top_p."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, -math.inf)
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the best one stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def strip_eot(tokens):
+    """Token ids up to (not including) the first <|endoftext|>."""
+    return tokens[:tokens.index(EOT)] if EOT in tokens else tokens
+
+
+# -----------------------------------------------------------------------------
+# loading the pretrained parts
+
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def load_vision(name, pretrained=True):
+    """The CLIP vision tower of a hub name or local directory (a full CLIPModel checkpoint is fine)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    _quiet_transformers()
+    if pretrained:
+        return CLIPVisionModel.from_pretrained(name)
+    config = CLIPVisionConfig(**CLIP_VISION_SIZES[name]) if name in CLIP_VISION_SIZES \
+        else CLIPVisionConfig.from_pretrained(name)
+    return CLIPVisionModel(config)
+
+
+# GPT-2 checkpoints store these as Conv1D weights, shaped (in, out): nn.Linear wants (out, in)
+_CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def load_gpt2(name, pretrained=True):
+    """Our GPT-2 with the weights of a hub name or local directory, via transformers' GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    _quiet_transformers()
+    if not pretrained:
+        hf_config = GPT2Config(**GPT2_SIZES[name]) if name in GPT2_SIZES else GPT2Config.from_pretrained(name)
+        return GPT2(gpt_config(hf_config))
+    hf_model = GPT2LMHeadModel.from_pretrained(name)
+    model = GPT2(gpt_config(hf_model.config))
+    hf_state = hf_model.state_dict()
+    state = {}
+    for key in model.state_dict():
+        weight = hf_state['transformer.' + key]
+        state[key] = weight.t() if key.endswith(_CONV1D_WEIGHTS) else weight
+    model.load_state_dict(state)
+    return model
+
+
+def gpt_config(hf_config):
+    return GPTConfig(n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+                     block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                     layer_norm_eps=hf_config.layer_norm_epsilon)
+
+
+def build_captioner(config: CaptionerConfig, init_from='pretrained'):
+    """init_from='pretrained' loads CLIP and GPT-2 weights; 'scratch' builds them with random weights."""
+    if init_from not in ('pretrained', 'scratch'):
+        raise ValueError(f"init_from must be 'pretrained' or 'scratch', not {init_from!r}")
+    pretrained = init_from == 'pretrained'
+    return Captioner(config, load_vision(config.vision_model, pretrained),
+                     load_gpt2(config.text_model, pretrained))
+
+
+# -----------------------------------------------------------------------------
+# parameter counts
+
+def count_params(module):
+    """(total, trainable) parameters; shared tensors (the tied LM head) are counted once."""
+    params = {id(p): p for p in module.parameters()}.values() if module is not None else []
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def param_table(model: Captioner):
+    """Rows of (part, total, trainable), the whole model last."""
+    parts = [('CLIP vision', model.vision), ('GPT-2', model.gpt), ('mapper', model.mapper),
+             ('resampler', model.resampler), (f'gated x-attn x{len(model.xattn)}', model.xattn),
+             ('total', model)]
+    return [(name, *count_params(module)) for name, module in parts]
+
+
+if __name__ == '__main__':
+    # python model.py [config/x.py] [--key=value ...]: build the model and print its parameter counts
+    from dataclasses import asdict
+    from configurator import configure
+    settings = configure(dict(asdict(CaptionerConfig()), init_from='pretrained'))
+    init_from = settings.pop('init_from')
+    try:
+        model = build_captioner(CaptionerConfig(**settings), init_from)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'model.py: {e}'.splitlines()[0])
+    for name, total, trainable in param_table(model):
+        print(f'{name:<20} {total:>14,} total {trainable:>14,} trainable')
+    total, trainable = count_params(model)
+    print(f'params total={total} trainable={trainable} frozen={total - trainable}')

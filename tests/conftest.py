@@ -1,0 +1,42 @@
+"""Tiny stand-ins for the pretrained checkpoints, saved in the real layout (nothing is downloaded)."""
+import pytest
+import torch
+
+VISION_DIM, TEXT_DIM = 32, 48  # different on purpose: the bridge must project between them
+TOKENS_PER_FRAME = 17  # CLS + (32 / 8) ** 2 patches
+
+
+@pytest.fixture(scope='session')
+def tiny_clip_dir(tmp_path_factory):
+    """A full CLIPModel checkpoint (vision and text towers), as every real CLIP on the hub is."""
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        vision_config=dict(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        projection_dim=16)
+    path = tmp_path_factory.mktemp('tiny_clip')
+    CLIPModel(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_gpt2_dir(tmp_path_factory):
+    """A GPT2LMHeadModel checkpoint with GPT-2's real vocabulary, so <|endoftext|> is token 50256."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=TEXT_DIM, n_positions=64, vocab_size=50257)
+    path = tmp_path_factory.mktemp('tiny_gpt2')
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_config(tiny_clip_dir, tiny_gpt2_dir):
+    """A small bridge over the tiny checkpoints; tests change fields with dataclasses.replace."""
+    from model import CaptionerConfig
+    return CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, mapper_hidden=24,
+                           mapper_depth=2, mapper_heads=4, mapper_ffn=64, prefix_len=2,
+                           resampler_depth=2, num_latents=8, max_frames=6, heads=2, dim_head=16)

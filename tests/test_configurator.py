@@ -1,0 +1,52 @@
+import pytest
+
+from configurator import configure, is_setting
+
+DEFAULTS = dict(batch_size=32, learning_rate=1e-4, compile=True, out_dir='out', device=None)
+
+
+def test_files_then_overrides_in_order(tmp_path):
+    first = tmp_path / 'first.py'
+    first.write_text('batch_size = 8\nout_dir = "out-" + str(batch_size)\n')
+    second = tmp_path / 'second.py'
+    second.write_text('import math\nlearning_rate = batch_size * 1e-5  # sees the earlier file\n')
+    config = configure(DEFAULTS, [str(first), '--batch_size=4', str(second), '--compile=False'])
+    assert config == dict(batch_size=4, learning_rate=4e-5, compile=False, out_dir='out-8', device=None)
+    assert DEFAULTS['batch_size'] == 32  # the defaults are not modified
+
+
+def test_value_types():
+    config = configure(DEFAULTS, ['--learning_rate=3', '--out_dir=123', '--device=cuda:1'])
+    assert config['learning_rate'] == 3.0 and isinstance(config['learning_rate'], float)
+    assert config['out_dir'] == '123'  # a string setting keeps the text as typed
+    assert config['device'] == 'cuda:1'  # a default of None can be overridden
+    assert configure(DEFAULTS, ['--device=0'])['device'] == 0
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_sise=4'], "config error: unknown config key 'batch_sise' (in --batch_sise=4); "
+                         "did you mean batch_size?"),
+    (['--zzz=1'], "config error: unknown config key 'zzz' (in --zzz=1)"),
+    (['--batch_size=4.5'], 'config error: --batch_size=4.5: expected int, got 4.5'),
+    (['--compile=yes'], "config error: --compile=yes: expected bool, got 'yes'"),
+    (['--batch_size'], "config error: '--batch_size' needs a value: --batch_size=VALUE"),
+    (['no/such/file.py'], "config error: cannot read config file 'no/such/file.py': "
+                          "No such file or directory"),
+])
+def test_bad_arguments_fail_in_one_line(argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        configure(DEFAULTS, argv)
+    assert str(exit_info.value) == message
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+    path = tmp_path / 'typo.py'
+    path.write_text('learning_rat = 1e-3\n')
+    with pytest.raises(SystemExit, match=rf"unknown config key 'learning_rat' \(in {path}\); "
+                                         r"did you mean learning_rate\?"):
+        configure(DEFAULTS, [str(path)])
+
+
+def test_is_setting():
+    assert is_setting('batch_size', 4) and is_setting('device', None)
+    assert not is_setting('_private', 4) and not is_setting('torch', pytest)

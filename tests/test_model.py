@@ -1,0 +1,357 @@
+import dataclasses
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import CLIPModel, GPT2LMHeadModel
+
+from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
+from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, param_table,
+                   sample_token)
+
+
+def build(config, **changes):
+    torch.manual_seed(0)
+    return build_captioner(dataclasses.replace(config, **changes)).eval()
+
+
+def open_gates(model, value=1.0):
+    """Trained models have non-zero gates; at init they are 0 and the images could not matter."""
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+    return model
+
+
+def random_features(batch, frames=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, TOKENS_PER_FRAME, VISION_DIM, generator=g)
+
+
+def random_tokens(batch, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50257, (batch, length), generator=g)
+
+
+# ----------------------------------------------------------------------------- loading and parity
+
+def test_gpt2_matches_transformers(tiny_config, tiny_gpt2_dir):
+    model = build(tiny_config, enable_mapper=False, enable_resampler_xattn=False)
+    reference = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    tokens = random_tokens(3, 20)
+    logits, _ = model(random_features(3), None, tokens)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    assert logits.shape == (3, 20, 50257)
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_zero_gates_give_exactly_gpt2(tiny_config, tiny_gpt2_dir):
+    model = build(tiny_config, enable_mapper=False)
+    assert all(b.attn_gate.item() == 0 and b.ff_gate.item() == 0 for b in model.xattn.values())
+    reference = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    tokens = random_tokens(2, 12)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    logits, _ = model(random_features(2), None, tokens)
+    assert (logits - expected).abs().max().item() <= 1e-4
+    # and the cross-attention is really on the path: opened gates change the logits
+    logits_open, _ = open_gates(model)(random_features(2), None, tokens)
+    assert (logits_open - expected).abs().max().item() > 1e-2
+
+
+def test_vision_tower_loads_from_full_clip_checkpoint(tiny_config, tiny_clip_dir):
+    model = build(tiny_config)
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.vision_model(pixel_values=pixels).last_hidden_state
+        features = model.encode_images(pixels)
+    assert features.shape == (2, 1, TOKENS_PER_FRAME, VISION_DIM)
+    assert torch.allclose(features[:, 0], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def meta_captioner(**changes):
+    """The full-size model with random weights on the meta device: exact shapes, no memory or time."""
+    with torch.device('meta'):
+        return build_captioner(CaptionerConfig(**changes), init_from='scratch')
+
+
+def test_reference_parameter_counts():
+    table = {name: (total, trainable) for name, total, trainable in param_table(meta_captioner())}
+    assert table == {'CLIP vision': (87_456_000, 0), 'GPT-2': (124_439_808, 0),
+                     'mapper': (787_712, 787_712), 'resampler': (9_890_304, 9_890_304),
+                     'gated x-attn x12': (28_348_440, 28_348_440), 'total': (250_922_264, 39_026_456)}
+
+
+@pytest.mark.parametrize('changes, trainable', [
+    (dict(enable_resampler_xattn=False), 787_712),
+    (dict(enable_mapper=False), 38_238_744),
+])
+def test_ablation_parameter_counts(changes, trainable):
+    total, got = count_params(meta_captioner(**changes))
+    assert got == trainable
+    assert total - got == 211_895_808  # CLIP vision + GPT-2, frozen
+
+
+def test_parameter_counts_when_vision_and_text_widths_differ():
+    # CLIP ViT-L/14 (1024 wide) with gpt2-medium (1024) and gpt2 (768): the bridge sizes by hand
+    model = meta_captioner(vision_model='openai/clip-vit-large-patch14', text_model='gpt2')
+    Dv, Dt, inner = 1024, 768, 6 * 64
+    mapper = (Dv * 512 + 512) + (512 * Dt + Dt)
+    resampler_layer = 2 * 2 * Dv + Dv * inner + Dv * 2 * inner + inner * Dv + (2 * Dv + 2 * Dv * Dv)
+    resampler = 4 * resampler_layer + 2 * Dv + 64 * Dv + 500 * Dv
+    xattn = 2 * Dt + Dt * inner + Dv * 2 * inner + inner * Dt + 1 + (2 * Dt + 2 * Dt * Dt) + 1
+    parts = {name: trainable for name, _, trainable in param_table(model)}
+    assert parts['mapper'] == mapper
+    assert parts['resampler'] == resampler
+    assert parts['gated x-attn x12'] == 12 * xattn
+    assert count_params(model.vision)[0] == 303_179_776  # CLIP ViT-L/14 vision tower
+
+
+def test_xattn_every_and_unfreeze_layers():
+    model = meta_captioner(xattn_every=4, unfreeze_layers=2)
+    assert list(model.xattn) == ['0', '4', '8']
+    block = 7_087_872  # one GPT-2 small block
+    assert count_params(model.gpt)[1] == 2 * block
+    assert all(p.requires_grad for p in model.gpt.h[-1].parameters())
+    assert not any(p.requires_grad for p in model.gpt.h[-3].parameters())
+    assert not model.gpt.wte.weight.requires_grad  # the tied LM head stays frozen
+
+
+def test_model_script_prints_exact_counts():
+    out = subprocess.run([sys.executable, 'model.py', '--init_from=scratch'], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.splitlines()[-1] == 'params total=250922264 trainable=39026456 frozen=211895808'
+
+
+def test_model_script_reports_bad_setting_in_one_line():
+    result = subprocess.run([sys.executable, 'model.py', '--init_from=scratch', '--mapper=lstm'],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "model.py: mapper must be 'mlp' or 'transformer', not 'lstm'"
+
+
+# ----------------------------------------------------------------------------- training forward
+
+def caption_batch():
+    """Two captions of different lengths, the shorter padded; targets are tokens shifted by one."""
+    captions = [[10, 20, 30, 40, 50], [60, 70]]
+    S = max(len(c) for c in captions) + 1
+    tokens = torch.full((2, S), EOT)
+    targets = torch.full((2, S), IGNORE_INDEX)
+    for row, caption in enumerate(captions):
+        tokens[row, 1:len(caption) + 1] = torch.tensor(caption)
+        targets[row, :len(caption) + 1] = torch.tensor(caption + [EOT])
+    return tokens, targets
+
+
+@pytest.mark.parametrize('mapper', ['mlp', 'transformer'])
+def test_loss_is_cross_entropy_over_caption_tokens_only(tiny_config, mapper):
+    model = open_gates(build(tiny_config, mapper=mapper))
+    tokens, targets = caption_batch()
+    features = random_features(2)
+    logits, loss = model(features, None, tokens, targets)
+    assert logits.shape == (2, tokens.shape[1], 50257)  # caption positions only, not the prefix
+    logprobs = logits.log_softmax(-1)
+    picked = [-logprobs[b, s, targets[b, s]] for b in range(2) for s in range(tokens.shape[1])
+              if targets[b, s] != IGNORE_INDEX]
+    assert len(picked) == 6 + 3
+    assert torch.allclose(loss, torch.stack(picked).mean(), atol=1e-6)
+    # whatever sits in the padded positions does not change the loss
+    tokens[1, 3:] = torch.tensor([0, 123, 4567, 89][:tokens.shape[1] - 3])
+    _, loss_other_padding = model(features, None, tokens, targets)
+    assert torch.allclose(loss, loss_other_padding, atol=1e-6)
+
+
+def test_only_trainable_parameters_get_gradients(tiny_config):
+    model = open_gates(build(tiny_config, unfreeze_layers=1)).train()
+    tokens, targets = caption_batch()
+    _, loss = model(random_features(2), None, tokens, targets)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    trainable = {n.split('.')[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {'gpt', 'mapper', 'resampler', 'xattn'}
+    assert all(n.startswith('gpt.h.2.') for n, p in model.named_parameters()
+               if p.requires_grad and n.startswith('gpt'))
+
+
+def test_padded_frames_are_masked_out(tiny_config):
+    """A 2-frame video gives the same logits alone and padded to 4 frames with garbage in the padding."""
+    for mapper in ['mlp', 'transformer']:
+        model = open_gates(build(tiny_config, mapper=mapper))
+        tokens, _ = caption_batch()
+        video = random_features(2, frames=2)
+        logits, _ = model(video, torch.ones(2, 2, dtype=torch.bool), tokens)
+        padded = torch.cat([video, 100 * random_features(2, frames=2, seed=1)], dim=1)
+        mask = torch.tensor([[True, True, False, False]] * 2)
+        logits_padded, _ = model(padded, mask, tokens)
+        assert (logits - logits_padded).abs().max().item() <= 1e-4
+        logits_unmasked, _ = model(padded, None, tokens)
+        assert (logits - logits_unmasked).abs().max().item() > 1e-2
+
+
+def test_too_many_frames_or_positions_fail_clearly(tiny_config):
+    model = build(tiny_config)
+    with pytest.raises(ValueError, match='7 frames, but the resampler has time embeddings for 6'):
+        model.generate(random_features(1, frames=7), max_new_tokens=2)
+    with pytest.raises(ValueError, match='longer than the language model'):
+        model.generate(random_features(1), max_new_tokens=64)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@pytest.fixture
+def captioner(tiny_config):
+    """Both bridges, gates open, and <|endoftext|> made likelier with every position (a random GPT-2
+    almost never says it) so that captions end at various lengths."""
+    model = open_gates(build(tiny_config), 0.5)
+    with torch.no_grad():
+        position = torch.arange(model.gpt.config.block_size)[:, None]
+        model.gpt.wpe.weight += 0.8 * position * model.gpt.wte.weight[EOT]
+    return model
+
+
+def argmax_loop(model, features, max_new_tokens):
+    """Greedy decoding the slow way: the whole sequence through forward() for every new token."""
+    tokens = torch.full((features.shape[0], 1), EOT)
+    for _ in range(max_new_tokens):
+        logits, _ = model(features, None, tokens)
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return [row[1:] for row in tokens.tolist()]
+
+
+def cut_at_eot(rows):
+    return [row[:row.index(EOT)] if EOT in row else row for row in rows]
+
+
+def test_kv_cached_greedy_equals_argmax_loop(captioner):
+    features = random_features(6)
+    for max_new_tokens in (12, 8):  # all end with <|endoftext|>; some are cut at the limit
+        captions = captioner.generate(features, max_new_tokens=max_new_tokens)
+        assert captions == cut_at_eot(argmax_loop(captioner, features, max_new_tokens))
+        assert len({len(c) for c in captions}) > 1
+
+
+def test_beam_width_one_equals_greedy(captioner):
+    features = random_features(6)
+    assert captioner.generate(features, decoding='beam', beam_width=1, max_new_tokens=12) == \
+        captioner.generate(features, max_new_tokens=12)
+
+
+class MarkovLM:
+    """Stands in for the network inside generate(): the next token's log-probabilities depend on the
+    last token only, over the tokens 1, 2, 3 and <|endoftext|>, so every caption can be enumerated."""
+    TOKENS = [1, 2, 3, EOT]
+
+    def __init__(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = torch.full((4, 50257), -math.inf)
+        self.rows[:, self.TOKENS] = 2 * torch.randn(4, 4, generator=g)
+        self.slot = torch.zeros(50257, dtype=torch.long)
+        self.slot[self.TOKENS] = torch.arange(4)
+
+    def install(self, model, monkeypatch):
+        state = dict(caches=[], media_kv={})
+        monkeypatch.setattr(model, '_start', lambda features, mask, n: (self.logits(
+            torch.full((features.shape[0],), EOT)), state))
+        monkeypatch.setattr(model, '_step', lambda token, state: self.logits(token))
+
+    def logits(self, last_token):
+        return self.rows[self.slot[last_token]]
+
+    def best_caption(self, max_new_tokens):
+        """Exhaustive search of the length-normalised score that beam search approximates."""
+        logprobs = self.rows.log_softmax(-1)
+        best, best_score = None, -math.inf
+        for n in range(max_new_tokens + 1):
+            for caption in itertools.product([1, 2, 3], repeat=n):
+                ends = n < max_new_tokens
+                sequence = [EOT, *caption] + ([EOT] if ends else [])
+                score = sum(logprobs[self.slot[a], b] for a, b in zip(sequence, sequence[1:]))
+                if score / (n + ends) > best_score:
+                    best, best_score = list(caption), score / (n + ends)
+        return best
+
+
+@pytest.mark.parametrize('seed', range(20))
+def test_beam_search_against_exhaustive_search(tiny_config, monkeypatch, seed):
+    model = build(tiny_config)
+    lm = MarkovLM(seed)
+    lm.install(model, monkeypatch)
+    features = random_features(1)
+    # 81 beams hold every hypothesis of 4 tokens, so beam search is exact here
+    assert model.generate(features, decoding='beam', beam_width=81, max_new_tokens=4)[0] == \
+        lm.best_caption(4)
+    assert model.generate(features, decoding='beam', beam_width=1, max_new_tokens=6) == \
+        model.generate(features, max_new_tokens=6)
+
+
+def sequence_score(model, features, caption, max_new_tokens):
+    """Length-normalised log-probability of a caption, as beam search scores it."""
+    ended = len(caption) < max_new_tokens
+    tokens = torch.tensor([[EOT] + caption])
+    logits, _ = model(features[None], None, tokens)
+    targets = caption + [EOT] if ended else caption
+    logprobs = logits[0, :len(targets)].log_softmax(-1)
+    return logprobs[torch.arange(len(targets)), targets].sum().item() / len(targets)
+
+
+def test_beam_search_scores_and_eos(captioner):
+    features = random_features(6)
+    greedy = captioner.generate(features, max_new_tokens=10)
+    beams = captioner.generate(features, decoding='beam', beam_width=4, max_new_tokens=10)
+    assert beams != greedy  # the search really searches
+    for i in range(6):
+        beam_score = sequence_score(captioner, features[i], beams[i], 10)
+        assert beam_score >= sequence_score(captioner, features[i], greedy[i], 10) - 1e-5
+        assert EOT not in beams[i] and len(beams[i]) <= 10
+
+
+@pytest.mark.parametrize('decoding', ['greedy', 'beam'])
+def test_caption_is_the_same_alone_and_in_a_padded_batch(captioner, decoding):
+    """Videos of 1, 3 and 2 frames, padded to 3 in one batch, against each decoded alone."""
+    videos = [random_features(1, frames=n, seed=n) for n in (1, 3, 2)]
+    batch = torch.zeros(3, 3, TOKENS_PER_FRAME, VISION_DIM)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    for i, video in enumerate(videos):
+        batch[i, :video.shape[1]] = video[0]
+        mask[i, :video.shape[1]] = True
+    together = captioner.generate(batch, mask, decoding=decoding, beam_width=3, max_new_tokens=10)
+    alone = [captioner.generate(v, decoding=decoding, beam_width=3, max_new_tokens=10)[0] for v in videos]
+    assert together == alone
+    assert len({len(c) for c in together}) > 1
+
+
+def test_sampling(captioner):
+    features = random_features(4)
+    greedy = captioner.generate(features, max_new_tokens=8)
+    assert captioner.generate(features, decoding='sample', top_k=1, max_new_tokens=8) == greedy
+    assert captioner.generate(features, decoding='sample', top_p=1e-6, max_new_tokens=8) == greedy
+
+    def sample(seed, **options):
+        g = torch.Generator().manual_seed(seed)
+        return captioner.generate(features, decoding='sample', max_new_tokens=8, generator=g, **options)
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    probs = logits.softmax(-1)[0]  # 0.636, 0.234, 0.086, 0.032, 0.012
+    seen = lambda **kw: {sample_token(logits, generator=torch.Generator().manual_seed(s), **kw).item()
+                         for s in range(300)}
+    assert seen(top_k=2) == {0, 1}
+    assert seen(top_p=0.85) == {0, 1}  # 0.636 < 0.85 <= 0.636 + 0.234
+    assert seen(top_p=float(probs[:3].sum()) + 1e-3) == {0, 1, 2, 3}
+    assert seen(top_k=3, temperature=1e-6) == {0}
