@@ -1,0 +1,267 @@
+"""
+Precompute the frozen CLIP features of a captioning dataset once, into memory-mapped files, so that
+training never runs CLIP. Reads the official COCO captions files and Karpathy's split file:
+
+    python prepare_coco.py --captions=coco/dataset_coco.json --images=coco --out_dir=data/coco
+    python prepare_coco.py --captions=coco/annotations/captions_val2017.json --images=coco/val2017 \
+        --out_dir=data/coco_val2017
+
+Writes per split, each file atomically (temp file + rename):
+  <split>_feats.bin      float16 [images, tokens, width]: CLIP's last_hidden_state of each image
+  <split>_tokens.bin     uint16: the GPT-2 BPE tokens of every caption, one after another
+  <split>_captions.npy   int64 [captions, 3]: (token offset, token count, image index) of each caption
+  <split>_images.json    each image's file and raw captions (the references for evaluation)
+  meta.json              vision model, shapes, dtypes, counts, tokenizer, sources, format version
+An interrupted run resumes where it stopped.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# -----------------------------------------------------------------------------
+captions = ''  # the captions file: official COCO format or Karpathy's dataset_*.json
+images = ''  # the folder the captions file's image paths are relative to
+out_dir = 'data/coco'
+split = ''  # official COCO files hold one split: its name (default: 'train' or 'val' from the file name)
+vision_model = 'openai/clip-vit-base-patch32'  # hub name or local directory
+batch_size = 64
+num_workers = 4  # image decoding processes
+device = ''  # default: cuda when available, else cpu
+skip_bad_images = False  # drop unreadable images (and their captions) instead of stopping
+# -----------------------------------------------------------------------------
+
+FORMAT_VERSION = 1
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- caption files
+
+def load_captions(path, image_root, split_name=''):
+    """{split: [{'file': path, 'id': image id, 'captions': [str, ...]}, ...]} from either format."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: cannot read captions JSON ({e})')
+    images_list = data.get('images') if isinstance(data, dict) else None
+    if isinstance(images_list, list) and isinstance(data.get('annotations'), list):
+        return {split_name or split_from_name(path): coco_images(data, image_root)}
+    if isinstance(images_list, list) and all('sentences' in im and 'split' in im for im in images_list):
+        return karpathy_images(images_list, image_root)
+    raise ValueError(f'{path}: expected the official COCO captions format (images[] with id/file_name, '
+                     f'annotations[] with image_id/caption) or Karpathy\'s split file (images[] with '
+                     f'filename, split and sentences[].raw)')
+
+
+def split_from_name(path):
+    name = os.path.basename(path)
+    for candidate in ('train', 'val', 'test'):
+        if candidate in name:
+            return candidate
+    raise ValueError(f'{path}: cannot tell the split from the file name; give it with --split=NAME')
+
+
+def coco_images(data, image_root):
+    by_id = {}
+    for annotation in data['annotations']:
+        by_id.setdefault(annotation['image_id'], []).append(annotation['caption'].strip())
+    records = [dict(file=os.path.join(image_root, im['file_name']), id=im['id'], captions=by_id[im['id']])
+               for im in data['images'] if im['id'] in by_id]
+    return sorted(records, key=lambda r: r['id'])
+
+
+def karpathy_images(images_list, image_root):
+    splits = {}
+    for im in images_list:
+        name = 'train' if im['split'] == 'restval' else im['split']  # train = train + restval
+        splits.setdefault(name, []).append(dict(
+            file=os.path.join(image_root, im.get('filepath', ''), im['filename']),
+            id=im.get('cocoid', im.get('imgid')), captions=[s['raw'].strip() for s in im['sentences']]))
+    return splits
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_rgb(path):
+    """Any image file -> an upright RGB PIL image (EXIF orientation applied, any mode converted)."""
+    with Image.open(path) as image:
+        image.load()  # decodes the whole file: a truncated one fails here
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grey: scale to 8 bits
+        pixels = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray((pixels * (255.0 / max(pixels.max(), 1.0))).astype(np.uint8))
+    return image.convert('RGB')
+
+
+def clip_preprocess(image, size=224):
+    """CLIP's preprocessing: shortest side to `size` (bicubic), centre crop, scale to [0, 1], normalise.
+    Returns float32 [3, size, size]."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)  # truncated, as CLIP's image processor does
+    image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+    w, h = image.size
+    top, left = (h - size) // 2, (w - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+def find_bad_image(path):
+    """None if the file is a readable image, else why not."""
+    if not os.path.exists(path):
+        return 'missing'
+    if os.path.getsize(path) == 0:
+        return 'empty file'
+    try:
+        load_rgb(path)
+    except Exception as e:  # PIL raises many kinds for a broken file
+        return f'not a readable image ({type(e).__name__}: {e})'
+    return None
+
+
+def check_images(records, workers):
+    """[(path, reason)] for every record whose image cannot be used."""
+    from multiprocessing import Pool
+    paths = [r['file'] for r in records]
+    if workers > 1:
+        with Pool(workers) as pool:
+            reasons = pool.map(find_bad_image, paths, chunksize=64)
+    else:
+        reasons = [find_bad_image(p) for p in paths]
+    return [(p, why) for p, why in zip(paths, reasons) if why]
+
+
+class ImageFiles:
+    """A torch Dataset of preprocessed images, decoded in DataLoader workers."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return clip_preprocess(load_rgb(self.paths[i]), self.size)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def atomic_write(path, write):
+    """Call write(temp_path), then rename the temp file over `path`: readers never see half a file."""
+    tmp = path + '.tmp'
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def extract_features(model, paths, out_path, batch_size, workers, device, dtype):
+    """CLIP features of every image into the float16 memmap `out_path`, streamed batch by batch so that
+    memory stays flat. Progress is saved after every batch; a rerun continues from there."""
+    import torch
+    from tqdm import tqdm
+    config = model.config
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    shape = (len(paths), tokens, config.hidden_size)
+    partial, progress_path = out_path + '.partial', out_path + '.progress'
+    fingerprint = dict(paths=len(paths), first=paths[0], last=paths[-1], shape=list(shape),
+                       vision_model=config.name_or_path)
+    done = 0
+    if os.path.exists(partial) and os.path.exists(progress_path):
+        with open(progress_path) as f:
+            progress = json.load(f)
+        if progress['fingerprint'] == fingerprint:
+            done = progress['done']
+    feats = np.memmap(partial, dtype=np.float16, mode='r+' if done else 'w+', shape=shape)
+    if done:
+        print(f'{out_path}: resuming after {done:,} of {len(paths):,} images')
+    loader = torch.utils.data.DataLoader(ImageFiles(paths[done:], config.image_size), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device == 'cuda')
+    with tqdm(total=len(paths), initial=done, unit='img', desc=os.path.basename(out_path)) as bar:
+        for pixels in loader:
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                hidden = model(pixel_values=pixels.to(device)).last_hidden_state
+            feats[done:done + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
+            done += len(pixels)
+            feats.flush()
+            write_json(progress_path, dict(fingerprint=fingerprint, done=done))
+            bar.update(len(pixels))
+    del feats
+    os.replace(partial, out_path)
+    os.remove(progress_path)
+    return shape
+
+
+def write_captions(records, out_dir, split_name, encoder):
+    """The tokenised captions of a split and its image list; returns the number of captions."""
+    token_lists = [encoder.encode_ordinary(c) for r in records for c in r['captions']]
+    image_index = [i for i, r in enumerate(records) for _ in r['captions']]
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tokens = np.fromiter((t for ts in token_lists for t in ts), dtype=np.uint16, count=int(lengths.sum()))
+    base = os.path.join(out_dir, split_name)
+    atomic_write(base + '_tokens.bin', tokens.tofile)
+    index = np.stack([offsets, lengths, np.array(image_index, dtype=np.int64)], axis=1)
+    atomic_write(base + '_captions.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
+    write_json(base + '_images.json', [dict(file=r['file'], id=r['id'], captions=r['captions'])
+                                       for r in records])
+    return len(token_lists)
+
+
+def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad):
+    import tiktoken
+    import torch
+    from model import load_vision
+    for name, records in splits.items():
+        bad = check_images(records, workers)
+        if bad and not skip_bad:
+            listing = '; '.join(f'{path}: {why}' for path, why in bad[:20])
+            raise ValueError(f'{len(bad)} unusable image(s) in split {name} (use --skip_bad_images=True '
+                             f'to drop them): {listing}')
+        if bad:
+            bad_paths = {p for p, _ in bad}
+            dropped = sum(len(r['captions']) for r in records if r['file'] in bad_paths)
+            splits[name] = [r for r in records if r['file'] not in bad_paths]
+            print(f'split {name}: skipped {len(bad)} unusable image(s) and their {dropped} caption(s)',
+                  file=sys.stderr)
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    dtype = torch.float16 if device.startswith('cuda') else torch.float32
+    model = load_vision(vision_model).to(device).eval()
+    encoder = tiktoken.get_encoding('gpt2')
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
+                feature_dtype='float16', token_dtype='uint16', splits={})
+    for name, records in splits.items():
+        base = os.path.join(out_dir, name)
+        shape = extract_features(model, [r['file'] for r in records], base + '_feats.bin', batch_size,
+                                 workers, device.split(':')[0], dtype)
+        n_captions = write_captions(records, out_dir, name, encoder)
+        meta['splits'][name] = dict(images=shape[0], captions=n_captions)
+        meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
+    return meta
+
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    if not captions or not images:
+        raise SystemExit('prepare_coco.py: give --captions=FILE and --images=FOLDER')
+    try:
+        splits = load_captions(captions, images, split)
+        meta = prepare(splits, out_dir, vision_model, batch_size, num_workers, device, skip_bad_images)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'prepare_coco.py: {e}')
+    meta['sources'] = dict(captions=os.path.abspath(captions), images=os.path.abspath(images))
+    write_json(os.path.join(out_dir, 'meta.json'), meta)
+    print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['images']:,} images / {v['captions']:,} captions"
+                                           for k, v in meta['splits'].items()))

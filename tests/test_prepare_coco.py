@@ -1,0 +1,178 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prepare_coco
+from model import load_vision
+
+
+def save_image(path, size=(40, 30), color=(200, 30, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[: size[1] // 2] = color
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def coco_file(tmp_path, image_files, name='captions_train2017.json'):
+    """An official-format captions file: image i gets 5 captions, the first one 6, and an extra image
+    without any caption is listed too (it must be left out)."""
+    images = [dict(id=100 + i, file_name=f, height=30, width=40) for i, f in enumerate(image_files)]
+    images.append(dict(id=999, file_name='uncaptioned.jpg', height=1, width=1))
+    annotations = [dict(id=k, image_id=100 + i, caption=f' Image {i} caption {j}. \n')
+                   for k, (i, j) in enumerate((i, j) for i in range(len(image_files))
+                                              for j in range(6 if i == 0 else 5))]
+    path = tmp_path / name
+    path.write_text(json.dumps(dict(info={}, licenses=[], images=images, annotations=annotations)))
+    return str(path)
+
+
+def test_official_coco_format(tmp_path):
+    splits = prepare_coco.load_captions(coco_file(tmp_path, ['b.jpg', 'a.jpg']), 'root')
+    assert list(splits) == ['train']
+    assert [(r['id'], r['file'], len(r['captions'])) for r in splits['train']] == \
+        [(100, os.path.join('root', 'b.jpg'), 6), (101, os.path.join('root', 'a.jpg'), 5)]
+    assert splits['train'][0]['captions'][0] == 'Image 0 caption 0.'
+    val = prepare_coco.load_captions(coco_file(tmp_path, ['a.jpg'], 'captions_val2014.json'), 'r')
+    assert list(val) == ['val']
+
+
+def test_karpathy_format(tmp_path):
+    def image(i, split):
+        return dict(filepath='val2014', filename=f'{i}.jpg', imgid=i, split=split, cocoid=1000 + i,
+                    sentids=[i], sentences=[dict(tokens=['a'], raw=f'A {i}.', imgid=i, sentid=i)])
+    path = tmp_path / 'dataset_coco.json'
+    path.write_text(json.dumps(dict(dataset='coco', images=[
+        image(0, 'train'), image(1, 'restval'), image(2, 'val'), image(3, 'test')])))
+    splits = prepare_coco.load_captions(str(path), 'coco')
+    assert {k: [r['id'] for r in v] for k, v in splits.items()} == \
+        {'train': [1000, 1001], 'val': [1002], 'test': [1003]}
+    assert splits['val'][0]['file'] == os.path.join('coco', 'val2014', '2.jpg')
+
+
+def test_real_schema_samples_parse():
+    shared = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'schema_samples')
+    if not os.path.isdir(shared):
+        pytest.skip('no ../shared beside the repository')
+    coco = prepare_coco.load_captions(os.path.join(shared, 'coco2014_captions_val2014_excerpt.json'), '.')
+    assert len(coco['val']) == 50 and sum(len(r['captions']) for r in coco['val']) == 260
+    flickr = prepare_coco.load_captions(os.path.join(shared, 'karpathy_dataset_flickr8k_excerpt.json'), '.')
+    assert sum(len(v) for v in flickr.values()) == 20
+
+
+def test_wrong_schema_fails_in_one_line(tmp_path):
+    path = tmp_path / 'other.json'
+    path.write_text(json.dumps(dict(images=[dict(id=1)])))
+    with pytest.raises(ValueError, match=r'other.json: expected the official COCO captions format') as e:
+        prepare_coco.load_captions(str(path), '.')
+    assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('size', [(40, 30), (30, 97), (224, 224), (640, 427)])
+def test_preprocessing_matches_clip_image_processor(tmp_path, size):
+    from transformers import CLIPImageProcessor
+    image = Image.open(save_image(tmp_path / 'x.png', size))
+    expected = CLIPImageProcessor()(images=image, return_tensors='np')['pixel_values'][0]
+    ours = prepare_coco.clip_preprocess(image.convert('RGB'))
+    assert ours.shape == (3, 224, 224)
+    assert np.abs(ours - expected).max() <= 1e-5
+
+
+def test_every_mode_becomes_rgb_and_exif_orientation_is_applied(tmp_path):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    modes = {'L': 'png', 'LA': 'png', 'P': 'png', 'RGBA': 'png', 'CMYK': 'jpg', 'I;16': 'png'}
+    for mode, ext in modes.items():
+        path = tmp_path / f'{mode.replace(";", "")}.{ext}'
+        base.convert(mode).save(path)
+        image = prepare_coco.load_rgb(path)
+        assert image.mode == 'RGB' and image.size == (30, 20), mode
+    sixteen = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
+    sixteen.save(tmp_path / 'bright16.png')
+    assert np.asarray(prepare_coco.load_rgb(tmp_path / 'bright16.png')).max() == 255  # scaled, not clipped
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    base.save(tmp_path / 'rotated.jpg', exif=exif)
+    assert prepare_coco.load_rgb(tmp_path / 'rotated.jpg').size == (20, 30)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    files = [save_image(folder / f'{i}.jpg', (40 + 9 * i, 30), seed=i).name for i in range(5)]
+    return coco_file(tmp_path, files), str(folder)
+
+
+def run_prepare(dataset, out_dir, clip_dir, **options):
+    splits = prepare_coco.load_captions(*dataset)
+    return prepare_coco.prepare(splits, str(out_dir), clip_dir, batch_size=2, workers=0, device='cpu',
+                                skip_bad=options.get('skip_bad', False))
+
+
+def test_features_and_captions_round_trip(tmp_path, dataset, tiny_clip_dir):
+    import tiktoken
+    meta = run_prepare(dataset, tmp_path / 'out', tiny_clip_dir)
+    assert meta['splits'] == {'train': dict(images=5, captions=26)}
+    feats = np.memmap(tmp_path / 'out' / 'train_feats.bin', dtype=np.float16, mode='r').reshape(5, 17, 32)
+    records = prepare_coco.load_captions(*dataset)['train']
+    pixels = torch.tensor(np.stack([prepare_coco.clip_preprocess(prepare_coco.load_rgb(r['file']), 32)
+                                    for r in records]))
+    with torch.no_grad():
+        expected = load_vision(tiny_clip_dir)(pixel_values=pixels).last_hidden_state
+    assert torch.allclose(torch.tensor(feats.astype(np.float32)), expected, atol=2e-3)
+    tokens = np.fromfile(tmp_path / 'out' / 'train_tokens.bin', dtype=np.uint16)
+    index = np.load(tmp_path / 'out' / 'train_captions.npy')
+    assert index.shape == (26, 3)
+    assert index[:, 2].tolist() == [0] * 6 + [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5
+    encoder = tiktoken.get_encoding('gpt2')
+    offset, length, image = index[7]
+    assert encoder.decode(tokens[offset:offset + length].tolist()) == records[image]['captions'][1]
+    assert not any(name.endswith(('.tmp', '.partial', '.progress')) for name in os.listdir(tmp_path / 'out'))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_extraction_resumes(tmp_path, dataset, tiny_clip_dir, monkeypatch):
+    run_prepare(dataset, tmp_path / 'clean', tiny_clip_dir)
+    real_model_call = type(load_vision(tiny_clip_dir)).forward
+    calls, crash = [], [True]
+
+    def crash_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and crash[0]:
+            raise Interrupted
+        return real_model_call(self, *args, **kwargs)
+    monkeypatch.setattr(type(load_vision(tiny_clip_dir)), 'forward', crash_on_second_batch)
+    with pytest.raises(Interrupted):
+        run_prepare(dataset, tmp_path / 'resumed', tiny_clip_dir)
+    assert not os.path.exists(tmp_path / 'resumed' / 'train_feats.bin')  # nothing half-written in place
+    calls.clear()
+    crash[0] = False
+    run_prepare(dataset, tmp_path / 'resumed', tiny_clip_dir)
+    assert len(calls) == 2  # images 3-4 and 5: the first batch was not redone
+    clean = (tmp_path / 'clean' / 'train_feats.bin').read_bytes()
+    assert (tmp_path / 'resumed' / 'train_feats.bin').read_bytes() == clean
+
+
+def test_bad_images_are_named_or_skipped(tmp_path, dataset, tiny_clip_dir):
+    captions_path, folder = dataset
+    os.remove(os.path.join(folder, '0.jpg'))  # missing
+    open(os.path.join(folder, '1.jpg'), 'w').close()  # empty
+    data = open(os.path.join(folder, '2.jpg'), 'rb').read()
+    open(os.path.join(folder, '2.jpg'), 'wb').write(data[:len(data) // 2])  # truncated
+    open(os.path.join(folder, '3.jpg'), 'w').write('not an image')
+    with pytest.raises(ValueError) as e:
+        run_prepare(dataset, tmp_path / 'out', tiny_clip_dir)
+    message = str(e.value)
+    assert message.startswith('4 unusable image(s) in split train')
+    for name, why in [('0.jpg', 'missing'), ('1.jpg', 'empty file'), ('2.jpg', 'not a readable image'),
+                      ('3.jpg', 'not a readable image')]:
+        assert f'{os.path.join(folder, name)}: {why}' in message
+    meta = run_prepare(dataset, tmp_path / 'out', tiny_clip_dir, skip_bad=True)
+    assert meta['splits'] == {'train': dict(images=1, captions=5)}
