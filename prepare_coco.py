@@ -14,6 +14,8 @@ Writes per split, each file atomically (temp file + rename):
   meta.json              vision model, shapes, dtypes, counts, tokenizer, sources, format version
 An interrupted run resumes where it stopped.
 """
+import glob
+import hashlib
 import json
 import os
 import sys
@@ -165,45 +167,68 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
-def extract_features(model, paths, out_path, batch_size, workers, device, dtype):
+def extract_features(model, paths, out_path, batch_size, workers, device, dtype, rank=0, world=1):
     """CLIP features of every image into the float16 memmap `out_path`, streamed batch by batch so that
-    memory stays flat. Progress is saved after every batch; a rerun continues from there."""
+    memory stays flat. Under torchrun, rank r fills its own contiguous slice of the same file. Each
+    rank saves its progress after every batch; a rerun continues from there."""
     import torch
     from tqdm import tqdm
     config = model.config
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     shape = (len(paths), tokens, config.hidden_size)
-    partial, progress_path = out_path + '.partial', out_path + '.progress'
-    fingerprint = dict(paths=len(paths), first=paths[0], last=paths[-1], shape=list(shape),
-                       vision_model=config.name_or_path)
-    done = 0
-    if os.path.exists(partial) and os.path.exists(progress_path):
-        with open(progress_path) as f:
-            progress = json.load(f)
-        if progress['fingerprint'] == fingerprint:
-            done = progress['done']
-    feats = np.memmap(partial, dtype=np.float16, mode='r+' if done else 'w+', shape=shape)
-    if done:
-        print(f'{out_path}: resuming after {done:,} of {len(paths):,} images')
-    loader = torch.utils.data.DataLoader(ImageFiles(paths[done:], config.image_size), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=device == 'cuda')
-    with tqdm(total=len(paths), initial=done, unit='img', desc=os.path.basename(out_path)) as bar:
+    partial = out_path + '.partial'
+    identity = dict(shape=list(shape), vision_model=config.name_or_path, world=world,
+                    paths=hashlib.sha1('\n'.join(paths).encode()).hexdigest())
+    if rank == 0 and read_json(partial + '.json') != identity:  # start afresh
+        for stale in glob.glob(out_path + '.progress*'):
+            os.remove(stale)
+        np.memmap(partial, dtype=np.float16, mode='w+', shape=shape).flush()
+        write_json(partial + '.json', identity)
+    barrier()
+    start, end = len(paths) * rank // world, len(paths) * (rank + 1) // world
+    progress_path = f'{out_path}.progress{rank}'
+    done = (read_json(progress_path) or {}).get('done', start)
+    if done > start:
+        print(f'{out_path}: rank {rank} resuming after {done - start:,} of {end - start:,} images')
+    feats = np.memmap(partial, dtype=np.float16, mode='r+', shape=shape)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths[done:end], config.image_size),
+                                         batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device == 'cuda')
+    with tqdm(total=end - start, initial=done - start, unit='img', disable=rank != 0,
+              desc=os.path.basename(out_path)) as bar:
         for pixels in loader:
             with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 hidden = model(pixel_values=pixels.to(device)).last_hidden_state
             feats[done:done + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
             done += len(pixels)
-            feats.flush()
-            write_json(progress_path, dict(fingerprint=fingerprint, done=done))
+            feats.flush()  # the features first, then the claim that they are there
+            write_json(progress_path, dict(done=done))
             bar.update(len(pixels))
     del feats
-    os.replace(partial, out_path)
-    os.remove(progress_path)
+    barrier()
+    if rank == 0:
+        os.replace(partial, out_path)
+        for leftover in [partial + '.json'] + glob.glob(out_path + '.progress*'):
+            os.remove(leftover)
     return shape
 
 
+def read_json(path):
+    """The JSON in `path`, or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def write_captions(records, out_dir, split_name, encoder):
-    """The tokenised captions of a split and its image list; returns the number of captions."""
+    """The tokenised captions of a split, with each one's offset and image, and its image list."""
     token_lists = [encoder.encode_ordinary(c) for r in records for c in r['captions']]
     image_index = [i for i, r in enumerate(records) for _ in r['captions']]
     lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
@@ -215,26 +240,38 @@ def write_captions(records, out_dir, split_name, encoder):
     atomic_write(base + '_captions.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
     write_json(base + '_images.json', [dict(file=r['file'], id=r['id'], captions=r['captions'])
                                        for r in records])
-    return len(token_lists)
 
 
-def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad):
+def drop_bad_images(name, records, workers, skip_bad, rank=0, world=1):
+    """Check every image first (each rank a share): fail with the list, or drop them if skip_bad."""
+    mine = records[len(records) * rank // world:len(records) * (rank + 1) // world]
+    bad = check_images(mine, workers)
+    if world > 1:
+        import torch.distributed as dist
+        every_rank = [None] * world
+        dist.all_gather_object(every_rank, bad)
+        bad = [item for share in every_rank for item in share]
+    if bad and not skip_bad:
+        listing = '; '.join(f'{path}: {why}' for path, why in bad[:20])
+        raise ValueError(f'{len(bad)} unusable image(s) in split {name} (use --skip_bad_images=True '
+                         f'to drop them): {listing}')
+    if not bad:
+        return records
+    bad_paths = {path for path, _ in bad}
+    dropped = sum(len(r['captions']) for r in records if r['file'] in bad_paths)
+    if rank == 0:
+        print(f'split {name}: skipped {len(bad)} unusable image(s) and their {dropped} caption(s)',
+              file=sys.stderr)
+    return [r for r in records if r['file'] not in bad_paths]
+
+
+def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad, rank=0, world=1):
+    """Features and tokens of every split; returns meta.json's content (rank 0 writes the captions)."""
     import tiktoken
     import torch
     from model import load_vision
-    for name, records in splits.items():
-        bad = check_images(records, workers)
-        if bad and not skip_bad:
-            listing = '; '.join(f'{path}: {why}' for path, why in bad[:20])
-            raise ValueError(f'{len(bad)} unusable image(s) in split {name} (use --skip_bad_images=True '
-                             f'to drop them): {listing}')
-        if bad:
-            bad_paths = {p for p, _ in bad}
-            dropped = sum(len(r['captions']) for r in records if r['file'] in bad_paths)
-            splits[name] = [r for r in records if r['file'] not in bad_paths]
-            print(f'split {name}: skipped {len(bad)} unusable image(s) and their {dropped} caption(s)',
-                  file=sys.stderr)
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    splits = {name: drop_bad_images(name, records, workers, skip_bad, rank, world)
+              for name, records in splits.items()}
     dtype = torch.float16 if device.startswith('cuda') else torch.float32
     model = load_vision(vision_model).to(device).eval()
     encoder = tiktoken.get_encoding('gpt2')
@@ -244,10 +281,11 @@ def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
         shape = extract_features(model, [r['file'] for r in records], base + '_feats.bin', batch_size,
-                                 workers, device.split(':')[0], dtype)
-        n_captions = write_captions(records, out_dir, name, encoder)
-        meta['splits'][name] = dict(images=shape[0], captions=n_captions)
+                                 workers, device.split(':')[0], dtype, rank, world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
+        meta['splits'][name] = dict(images=shape[0], captions=sum(len(r['captions']) for r in records))
+        if rank == 0:
+            write_captions(records, out_dir, name, encoder)
     return meta
 
 
@@ -256,11 +294,20 @@ if __name__ == '__main__':
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     if not captions or not images:
         raise SystemExit('prepare_coco.py: give --captions=FILE and --images=FOLDER')
+    import torch
+    # under torchrun, every rank extracts its own slice of each split
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1:
+        torch.distributed.init_process_group('gloo')  # only to coordinate: barriers and the bad list
+    cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
     try:
         splits = load_captions(captions, images, split)
-        meta = prepare(splits, out_dir, vision_model, batch_size, num_workers, device, skip_bad_images)
+        meta = prepare(splits, out_dir, vision_model, batch_size, num_workers, device or cuda,
+                       skip_bad_images, rank, world)
     except (OSError, ValueError) as e:
         raise SystemExit(f'prepare_coco.py: {e}')
+    if rank != 0:
+        sys.exit(0)
     meta['sources'] = dict(captions=os.path.abspath(captions), images=os.path.abspath(images))
     write_json(os.path.join(out_dir, 'meta.json'), meta)
     print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['images']:,} images / {v['captions']:,} captions"

@@ -176,3 +176,25 @@ def test_bad_images_are_named_or_skipped(tmp_path, dataset, tiny_clip_dir):
         assert f'{os.path.join(folder, name)}: {why}' in message
     meta = run_prepare(dataset, tmp_path / 'out', tiny_clip_dir, skip_bad=True)
     assert meta['splits'] == {'train': dict(images=1, captions=5)}
+
+
+def test_torchrun_ranks_share_the_work(tmp_path, dataset, tiny_clip_dir):
+    """Two gloo ranks, each extracting a slice into the same files, write what one process writes
+    (the features up to float rounding: the ranks batch the images differently)."""
+    import subprocess
+    import sys
+    captions_path, folder = dataset
+    outputs = {}
+    for ranks in (1, 2):
+        out_dir = tmp_path / f'ranks{ranks}'
+        subprocess.run([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={ranks}',
+                        'prepare_coco.py', f'--captions={captions_path}', f'--images={folder}',
+                        f'--out_dir={out_dir}', f'--vision_model={tiny_clip_dir}', '--num_workers=0',
+                        '--batch_size=2', '--device=cpu'], check=True, capture_output=True)
+        outputs[ranks] = {name: (out_dir / name).read_bytes() for name in
+                          ('train_tokens.bin', 'train_captions.npy', 'train_images.json')}
+        outputs[ranks]['feats'] = np.fromfile(out_dir / 'train_feats.bin', dtype=np.float16)
+    feats1, feats2 = outputs[1].pop('feats'), outputs[2].pop('feats')
+    assert outputs[1] == outputs[2]
+    assert (np.abs(feats2.reshape(5, -1)).sum(1) > 0).all()  # every rank wrote its slice
+    assert np.allclose(feats1, feats2, atol=2e-3)
