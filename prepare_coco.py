@@ -300,15 +300,23 @@ if __name__ == '__main__':
     if world > 1:
         torch.distributed.init_process_group('gloo')  # only to coordinate: barriers and the bad list
     cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    meta_path = os.path.join(out_dir, 'meta.json')
     try:
+        # splits prepared by earlier runs into the same folder stay listed, if they are compatible
+        meta = read_json(meta_path) or {}
+        if meta and (meta.get('format_version'), meta.get('vision_model')) != (FORMAT_VERSION, vision_model):
+            raise ValueError(f"{meta_path} holds features of {meta.get('vision_model')!r} (format "
+                             f"{meta.get('format_version')}); use another --out_dir for {vision_model!r}")
         splits = load_captions(captions, images, split)
-        meta = prepare(splits, out_dir, vision_model, batch_size, num_workers, device or cuda,
-                       skip_bad_images, rank, world)
+        prepared = prepare(splits, out_dir, vision_model, batch_size, num_workers, device or cuda,
+                           skip_bad_images, rank, world)
     except (OSError, ValueError) as e:
         raise SystemExit(f'prepare_coco.py: {e}')
     if rank != 0:
         sys.exit(0)
-    meta['sources'] = dict(captions=os.path.abspath(captions), images=os.path.abspath(images))
-    write_json(os.path.join(out_dir, 'meta.json'), meta)
+    for entry in prepared['splits'].values():
+        entry['source'] = dict(captions=os.path.abspath(captions), images=os.path.abspath(images))
+    prepared['splits'] = {**meta.get('splits', {}), **prepared['splits']}
+    write_json(meta_path, prepared)
     print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['images']:,} images / {v['captions']:,} captions"
-                                           for k, v in meta['splits'].items()))
+                                           for k, v in prepared['splits'].items()))

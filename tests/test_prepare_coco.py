@@ -198,3 +198,27 @@ def test_torchrun_ranks_share_the_work(tmp_path, dataset, tiny_clip_dir):
     assert outputs[1] == outputs[2]
     assert (np.abs(feats2.reshape(5, -1)).sum(1) > 0).all()  # every rank wrote its slice
     assert np.allclose(feats1, feats2, atol=2e-3)
+
+
+def test_splits_from_separate_runs_share_meta_json(tmp_path, dataset, tiny_clip_dir):
+    import subprocess
+    import sys
+    train_captions, folder = dataset
+    val_captions = coco_file(tmp_path, ['0.jpg', '1.jpg'], 'captions_val2017.json')
+    out_dir = tmp_path / 'out'
+
+    def run(captions_path, vision_model):
+        return subprocess.run([sys.executable, 'prepare_coco.py', f'--captions={captions_path}',
+                               f'--images={folder}', f'--out_dir={out_dir}', f'--vision_model={vision_model}',
+                               '--num_workers=0'], capture_output=True, text=True)
+    assert run(train_captions, tiny_clip_dir).returncode == 0
+    assert run(val_captions, tiny_clip_dir).returncode == 0
+    meta = json.loads((out_dir / 'meta.json').read_text())
+    assert {k: (v['images'], v['captions']) for k, v in meta['splits'].items()} == \
+        {'train': (5, 26), 'val': (2, 11)}
+    assert (meta['tokens_per_image'], meta['feature_dim'], meta['vision_model']) == (17, 32, tiny_clip_dir)
+    other = run(val_captions, str(tmp_path / 'other_clip'))
+    assert other.returncode != 0
+    assert other.stderr.strip() == (f"prepare_coco.py: {out_dir / 'meta.json'} holds features of "
+                                    f"{tiny_clip_dir!r} (format 1); use another --out_dir for "
+                                    f"{str(tmp_path / 'other_clip')!r}")

@@ -1,0 +1,181 @@
+"""
+The offline demo dataset: pictures of 1 to 3 coloured shapes, each with 5 captions a person might write,
+in the official COCO captions format so that prepare_coco.py reads it unchanged.
+
+    python prepare_shapes.py --out_dir=data/shapes
+
+writes data/shapes/{train,val,test}/*.png, data/shapes/captions_{train,val,test}.json, and two tiny
+randomly initialised checkpoints, data/shapes/clip (a full CLIPModel) and data/shapes/gpt2 (a
+GPT2LMHeadModel), saved with save_pretrained: the demo's stand-ins for the pretrained models, loaded by
+the same from_pretrained code. Seeded: the same settings give the same files.
+"""
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+from prepare_coco import write_json
+
+# -----------------------------------------------------------------------------
+out_dir = 'data/shapes'
+num_train = 3000
+num_val = 250
+num_test = 250
+image_size = 224
+seed = 1337
+# -----------------------------------------------------------------------------
+
+COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (240, 200, 30),
+           'purple': (140, 60, 180)}
+KINDS = {'circle': ['circle', 'disc', 'round shape'], 'square': ['square', 'box'],
+         'triangle': ['triangle']}
+SIZES = {'small': ['small', 'little', 'tiny'], 'large': ['large', 'big']}
+# a 3 x 3 grid of cells: (row, column) -> ways to say where a shape is
+PLACES = {
+    (0, 0): ['in the top left corner', 'at the top left', 'in the upper left'],
+    (0, 1): ['at the top', 'near the top', 'in the top middle'],
+    (0, 2): ['in the top right corner', 'at the top right', 'in the upper right'],
+    (1, 0): ['on the left', 'on the left side', 'at the left'],
+    (1, 1): ['in the middle', 'in the center', 'in the centre'],
+    (1, 2): ['on the right', 'on the right side', 'at the right'],
+    (2, 0): ['in the bottom left corner', 'at the bottom left', 'in the lower left'],
+    (2, 1): ['at the bottom', 'near the bottom', 'in the bottom middle'],
+    (2, 2): ['in the bottom right corner', 'at the bottom right', 'in the lower right'],
+}
+NUMBER_WORDS = {1: 'one', 2: 'two', 3: 'three'}
+
+
+def random_scene(rng):
+    """1 to 3 shapes, each a dict of kind, colour, size and grid cell (no two in one cell)."""
+    cells = rng.sample(sorted(PLACES), rng.randint(1, 3))
+    return [dict(kind=rng.choice(sorted(KINDS)), colour=rng.choice(sorted(COLOURS)),
+                 size=rng.choice(sorted(SIZES)), cell=cell) for cell in sorted(cells)]
+
+
+def draw(scene, size):
+    image = Image.new('RGB', (size, size), 'white')
+    pen = ImageDraw.Draw(image)
+    cell = size / 3
+    for shape in scene:
+        row, col = shape['cell']
+        cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+        r = cell * (0.42 if shape['size'] == 'large' else 0.22)
+        fill = COLOURS[shape['colour']]
+        if shape['kind'] == 'circle':
+            pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape['kind'] == 'square':
+            pen.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def noun(shape, rng, article=True):
+    """'a small red circle', with a random synonym for the size and the kind."""
+    words = f"{rng.choice(SIZES[shape['size']])} {shape['colour']} {rng.choice(KINDS[shape['kind']])}"
+    return f'a {words}' if article else words
+
+
+def place(shape, rng):
+    return rng.choice(PLACES[shape['cell']])
+
+
+def relation(a, b):
+    """Where shape a is relative to shape b, in words."""
+    (ra, ca), (rb, cb) = a['cell'], b['cell']
+    if ca != cb:
+        return 'to the left of' if ca < cb else 'to the right of'
+    return 'above' if ra < rb else 'below'
+
+
+def count_phrase(scene):
+    """'two circles and a triangle': the shapes counted by kind."""
+    counts = {}
+    for shape in scene:
+        counts[shape['kind']] = counts.get(shape['kind'], 0) + 1
+    parts = [f"{NUMBER_WORDS[n]} {kind}s" if n > 1 else f'a {kind}' for kind, n in counts.items()]
+    return ' and '.join(parts) if len(parts) <= 2 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def captions_for(scene, rng):
+    """Five different captions: paraphrases over colour, shape, size, count and position."""
+    if len(scene) == 1:
+        s = scene[0]
+        options = [
+            lambda: f'{noun(s, rng)} {place(s, rng)}',
+            lambda: f'there is {noun(s, rng)} {place(s, rng)}',
+            lambda: f'{noun(s, rng)} on a white background',
+            lambda: f'the picture shows {noun(s, rng)} {place(s, rng)}',
+            lambda: f"a single {s['colour']} {rng.choice(KINDS[s['kind']])} {place(s, rng)}",
+            lambda: f'{place(s, rng)} of the image is {noun(s, rng)}',
+            lambda: f"one {noun(s, rng, article=False)}",
+        ]
+    elif len(scene) == 2:
+        a, b = rng.sample(scene, 2)
+        options = [
+            lambda: f'{noun(a, rng)} {relation(a, b)} {noun(b, rng)}',
+            lambda: f'{noun(b, rng)} {relation(b, a)} {noun(a, rng)}',
+            lambda: f'two shapes: {noun(a, rng)} and {noun(b, rng)}',
+            lambda: f'{noun(a, rng)} {place(a, rng)} and {noun(b, rng)} {place(b, rng)}',
+            lambda: f'there are two shapes, {noun(b, rng)} and {noun(a, rng)}',
+            lambda: f'{count_phrase(scene)} on a white background',
+            lambda: f'a picture of {noun(a, rng)} and {noun(b, rng)}',
+        ]
+    else:
+        a, b, c = rng.sample(scene, 3)
+        options = [
+            lambda: f'{noun(a, rng)}, {noun(b, rng)} and {noun(c, rng)}',
+            lambda: f'three shapes: {noun(c, rng)}, {noun(a, rng)} and {noun(b, rng)}',
+            lambda: f'{count_phrase(scene)}',
+            lambda: f'there are three shapes, including {noun(a, rng)} {place(a, rng)}',
+            lambda: f'{noun(a, rng)} {relation(a, b)} {noun(b, rng)}, and {noun(c, rng)}',
+            lambda: f'three shapes on a white background: {count_phrase(scene)}',
+            lambda: f'a picture with {noun(b, rng)}, {noun(c, rng)} and {noun(a, rng)}',
+        ]
+    chosen = rng.sample(options, 5)
+    return [sentence[0].upper() + sentence[1:] + '.' for sentence in (make() for make in chosen)]
+
+
+def write_split(name, count, rng, root, size):
+    """Images and an official-format captions file for one split."""
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(count):
+        scene = random_scene(rng)
+        file_name = f'{image_id:06d}.png'
+        draw(scene, size).save(os.path.join(folder, file_name))
+        images.append(dict(id=image_id, file_name=file_name, width=size, height=size))
+        for caption in captions_for(scene, rng):
+            annotations.append(dict(id=len(annotations), image_id=image_id, caption=caption))
+    write_json(os.path.join(root, f'captions_{name}.json'),
+               dict(info=dict(description='nanocap shapes demo'), licenses=[], images=images,
+                    annotations=annotations))
+
+
+def save_tiny_models(root, size, seed):
+    """Random stand-ins for CLIP and GPT-2, in the layouts of the real checkpoints."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
+    from model import _quiet_transformers
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=size, patch_size=32)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64)).save_pretrained(
+        os.path.join(root, 'clip'))
+    gpt2 = GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=128)  # GPT-2's real vocabulary
+    GPT2LMHeadModel(gpt2).save_pretrained(os.path.join(root, 'gpt2'))
+
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    rng = random.Random(seed)
+    for split_name, count in (('train', num_train), ('val', num_val), ('test', num_test)):
+        write_split(split_name, count, rng, out_dir, image_size)
+    save_tiny_models(out_dir, image_size, seed)
+    print(f'wrote {out_dir}: {num_train} / {num_val} / {num_test} images (train / val / test), '
+          f'5 captions each, and tiny random clip/ and gpt2/ checkpoints')

@@ -1,0 +1,65 @@
+import random
+import subprocess
+import sys
+
+import numpy as np
+
+import prepare_coco
+import prepare_shapes
+from model import load_gpt2, load_vision
+
+
+def test_every_shape_is_drawn_in_its_colour_and_cell():
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = prepare_shapes.random_scene(rng)
+        assert 1 <= len(scene) <= 3 and len({s['cell'] for s in scene}) == len(scene)
+        pixels = np.asarray(prepare_shapes.draw(scene, 224))
+        cell = 224 / 3
+        for shape in scene:
+            row, col = shape['cell']
+            centre = pixels[int((row + 0.5) * cell), int((col + 0.5) * cell)]
+            assert tuple(centre) == prepare_shapes.COLOURS[shape['colour']]
+        assert (pixels == 255).all(axis=2).mean() > 0.3  # a white background around them
+
+
+def test_captions_are_five_different_paraphrases_that_describe_the_scene():
+    rng = random.Random(1)
+    scene = [dict(kind='circle', colour='red', size='large', cell=(0, 0)),
+             dict(kind='square', colour='blue', size='small', cell=(2, 2))]
+    captions = prepare_shapes.captions_for(scene, rng)
+    assert len(set(captions)) == 5
+    for caption in captions:
+        assert caption[0].isupper() and caption.endswith('.')
+        assert 'green' not in caption and 'triangle' not in caption
+    one = [dict(kind='triangle', colour='yellow', size='small', cell=(1, 1))]
+    for caption in prepare_shapes.captions_for(one, rng):
+        assert 'yellow' in caption and 'triangle' in caption
+
+
+def test_relations_and_counts():
+    a = dict(kind='circle', cell=(0, 0))
+    b = dict(kind='circle', cell=(2, 0))
+    c = dict(kind='square', cell=(1, 2))
+    assert prepare_shapes.relation(a, c) == 'to the left of'
+    assert prepare_shapes.relation(a, b) == 'above' and prepare_shapes.relation(b, a) == 'below'
+    assert prepare_shapes.count_phrase([a, b, c]) == 'two circles and a square'
+
+
+def test_script_is_deterministic_and_prepare_coco_reads_it(tmp_path):
+    outputs = []
+    for run in ('first', 'second'):
+        out = tmp_path / run
+        subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={out}', '--num_train=6',
+                        '--num_val=2', '--num_test=2'], check=True, capture_output=True)
+        outputs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob('*'))
+                        if p.is_file() and p.parent.name in ('train', 'val', 'test', run)})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6 + 2 + 2 + 3
+    out = tmp_path / 'first'
+    for name, count in (('train', 6), ('val', 2), ('test', 2)):
+        splits = prepare_coco.load_captions(str(out / f'captions_{name}.json'), str(out / name))
+        assert list(splits) == [name] and len(splits[name]) == count
+        assert all(len(r['captions']) == 5 for r in splits[name])
+        assert prepare_coco.find_bad_image(splits[name][0]['file']) is None
+    assert load_vision(str(out / 'clip')).config.image_size == 224
+    assert load_gpt2(str(out / 'gpt2')).config.vocab_size == 50257
