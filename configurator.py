@@ -18,8 +18,9 @@ SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def is_setting(name, value):
-    """The module globals that count as settings: public names with plain values."""
-    return not name.startswith('_') and isinstance(value, SETTING_TYPES)
+    """The module globals that count as settings: public lower-case names (upper case is for constants)
+    with plain values."""
+    return not name.startswith('_') and not name.isupper() and isinstance(value, SETTING_TYPES)
 
 
 def configure(defaults, argv=None):

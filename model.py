@@ -16,6 +16,7 @@ from transformers so that the cross-attention is called explicitly and the KV ca
 weights come from transformers.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,10 @@ class CaptionerConfig:
     dim_head: int = 64
     ff_mult: int = 1  # feed-forward width = ff_mult * model width
     xattn_every: int = 1  # a gated cross-attention block before every xattn_every-th GPT-2 block
-    # fine-tuning the language model too (ClipCap, CLIPxGPT): train the top N GPT-2 blocks
+    # fine-tuning the language model too (ClipCap, CLIPxGPT): train the top N GPT-2 blocks and the final
+    # LayerNorm; train_embeddings also trains the token and position embeddings (and so the tied LM head)
     unfreeze_layers: int = 0
+    train_embeddings: bool = False
 
 
 # -----------------------------------------------------------------------------
@@ -345,8 +348,13 @@ class Captioner(nn.Module):
             raise ValueError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {c.unfreeze_layers}')
         self.vision.requires_grad_(False)
         self.gpt.requires_grad_(False)
-        for block in self.gpt.h[gpt.config.n_layer - c.unfreeze_layers:]:
-            block.requires_grad_(True)
+        if c.unfreeze_layers:
+            for block in self.gpt.h[gpt.config.n_layer - c.unfreeze_layers:]:
+                block.requires_grad_(True)
+            self.gpt.ln_f.requires_grad_(True)
+        if c.train_embeddings:
+            self.gpt.wte.requires_grad_(True)
+            self.gpt.wpe.requires_grad_(True)
 
     @property
     def prefix_len(self):
@@ -407,6 +415,37 @@ class Captioner(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def training_flops(self, caption_len, frames=1):
+        """
+        Matrix-product FLOPs of one training step on one caption of caption_len tokens (the PaLM / nanoGPT
+        model-FLOPs convention). Forward: 2 per weight per token it touches, plus attention scores and
+        weighted sums. Backward: twice the forward for trained parts (input and weight gradients), once
+        for frozen parts that still pass gradients back (the GPT-2 blocks and the LM head need input
+        gradients only), none for CLIP (its features are precomputed).
+        """
+        n = lambda module: count_params(module)[0]
+        vision = self.vision.config
+        M = frames * ((vision.image_size // vision.patch_size) ** 2 + 1)  # media tokens
+        P, T, D = self.prefix_len, self.prefix_len + caption_len, self.gpt.config.n_embd
+        parts = []  # (forward FLOPs, trained?)
+        for block in self.gpt.h:
+            parts.append((2 * n(block) * T + 4 * T * T * D, block.ln_1.weight.requires_grad))
+        parts.append((2 * self.gpt.wte.weight.numel() * caption_len, self.gpt.wte.weight.requires_grad))
+        if self.resampler is not None:
+            L = self.resampler.latents.shape[0]
+            for attn, ff in self.resampler.layers:
+                parts.append((2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * (M + L)
+                              + 4 * L * (M + L) * attn.to_q.out_features, True))
+            for block in self.xattn.values():
+                parts.append((2 * (n(block.to_q) + n(block.to_out) + n(block.ff)) * T + 2 * n(block.to_kv) * L
+                              + 4 * T * L * block.to_q.out_features, True))
+        if isinstance(self.mapper, MLPMapper):
+            parts.append((2 * n(self.mapper), True))
+        elif self.mapper is not None:
+            depth = len(self.mapper.blocks)
+            parts.append((2 * n(self.mapper) * (M + P) + 4 * depth * (M + P) ** 2 * D, True))
+        return sum(flops * (3 if trained else 2) for flops, trained in parts)
 
     # -------------------------------------------------------------------------
     # generation
@@ -594,6 +633,28 @@ def build_captioner(config: CaptionerConfig, init_from='pretrained'):
 
 
 # -----------------------------------------------------------------------------
+# checkpoints: only the trained weights, plus what it takes to rebuild the rest
+
+def trainable_state(model):
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_captioner(checkpoint_path, device='cpu'):
+    """Rebuild a trained captioner from a checkpoint of train.py: the frozen parts are loaded from the
+    pretrained weights named in its config, the trained ones from the file. Checkpoints are loaded with
+    weights_only=True, so a checkpoint file cannot run code."""
+    if not os.path.isfile(checkpoint_path):
+        raise ValueError(f'{checkpoint_path}: no such checkpoint')
+    checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+    model = build_captioner(CaptionerConfig(**checkpoint['model_config']))
+    expected = set(trainable_state(model))
+    if set(checkpoint['model']) != expected:
+        raise ValueError(f'{checkpoint_path}: its weights do not fit the model its config describes')
+    model.load_state_dict(checkpoint['model'], strict=False)
+    return model.to(device).eval(), checkpoint
+
+
+# -----------------------------------------------------------------------------
 # parameter counts
 
 def count_params(module):
@@ -619,7 +680,7 @@ if __name__ == '__main__':
     try:
         model = build_captioner(CaptionerConfig(**settings), init_from)
     except (OSError, ValueError) as e:
-        raise SystemExit(f'model.py: {e}'.splitlines()[0])
+        raise SystemExit(f'model.py: {str(e).splitlines()[0]}')
     for name, total, trainable in param_table(model):
         print(f'{name:<20} {total:>14,} total {trainable:>14,} trainable')
     total, trainable = count_params(model)

@@ -311,7 +311,7 @@ if __name__ == '__main__':
         prepared = prepare(splits, out_dir, vision_model, batch_size, num_workers, device or cuda,
                            skip_bad_images, rank, world)
     except (OSError, ValueError) as e:
-        raise SystemExit(f'prepare_coco.py: {e}')
+        raise SystemExit(f'prepare_coco.py: {str(e).splitlines()[0]}')
     if rank != 0:
         sys.exit(0)
     for entry in prepared['splits'].values():

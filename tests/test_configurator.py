@@ -50,3 +50,4 @@ def test_unknown_key_in_a_config_file(tmp_path):
 def test_is_setting():
     assert is_setting('batch_size', 4) and is_setting('device', None)
     assert not is_setting('_private', 4) and not is_setting('torch', pytest)
+    assert not is_setting('EOT', 50256)  # a constant

@@ -118,11 +118,13 @@ def test_parameter_counts_when_vision_and_text_widths_differ():
 def test_xattn_every_and_unfreeze_layers():
     model = meta_captioner(xattn_every=4, unfreeze_layers=2)
     assert list(model.xattn) == ['0', '4', '8']
-    block = 7_087_872  # one GPT-2 small block
-    assert count_params(model.gpt)[1] == 2 * block
+    block, ln_f = 7_087_872, 2 * 768  # one GPT-2 small block, the final LayerNorm
+    assert count_params(model.gpt)[1] == 2 * block + ln_f
     assert all(p.requires_grad for p in model.gpt.h[-1].parameters())
     assert not any(p.requires_grad for p in model.gpt.h[-3].parameters())
     assert not model.gpt.wte.weight.requires_grad  # the tied LM head stays frozen
+    embeddings = 50257 * 768 + 1024 * 768
+    assert count_params(meta_captioner(train_embeddings=True).gpt)[1] == embeddings
 
 
 def test_model_script_prints_exact_counts():
@@ -182,7 +184,7 @@ def test_only_trainable_parameters_get_gradients(tiny_config):
             assert p.grad is None, name
     trainable = {n.split('.')[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {'gpt', 'mapper', 'resampler', 'xattn'}
-    assert all(n.startswith('gpt.h.2.') for n, p in model.named_parameters()
+    assert all(n.startswith(('gpt.h.2.', 'gpt.ln_f.')) for n, p in model.named_parameters()
                if p.requires_grad and n.startswith('gpt'))
 
 
@@ -355,3 +357,16 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert seen(top_p=0.85) == {0, 1}  # 0.636 < 0.85 <= 0.636 + 0.234
     assert seen(top_p=float(probs[:3].sum()) + 1e-3) == {0, 1, 2, 3}
     assert seen(top_k=3, temperature=1e-6) == {0}
+
+
+def test_training_flops():
+    # mapping network only, 15 caption tokens + 1 prefix token, by hand: frozen parts count forward +
+    # input gradients (2x), trained parts forward + input and weight gradients (3x)
+    T, D, V = 16, 768, 50257
+    blocks = 12 * (2 * 7_087_872 * T + 4 * T * T * D)
+    lm_head = 2 * V * D * 15
+    mapper = 2 * 787_712
+    expected = 2 * (blocks + lm_head) + 3 * mapper
+    assert meta_captioner(enable_resampler_xattn=False).training_flops(15) == expected
+    # the reference configuration: about 17 GFLOP per caption (7 forward, 10 backward)
+    assert 16.5e9 < meta_captioner().training_flops(15) < 17.5e9

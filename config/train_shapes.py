@@ -1,0 +1,21 @@
+# The offline demo: prepare_shapes.py's pictures of coloured shapes, a few minutes on a laptop CPU.
+# python prepare_shapes.py, then prepare_coco.py on each split (see README), then:
+# python train.py config/train_shapes.py
+out_dir = 'out-shapes'
+data_dir = 'data/shapes_clip'
+vision_model = 'data/shapes/clip'  # tiny random stand-ins saved by prepare_shapes.py
+text_model = 'data/shapes/gpt2'
+# With real GPT-2 the language model stays frozen: it already knows English. The demo's GPT-2 is random
+# (nothing can be downloaded), so it has to learn the captions' language too: all of it trains, the
+# embeddings included. (Frozen random embeddings are too small for the tied LM head to ever be sure
+# of a word: with them the loss cannot fall far below that of a uniform guess.)
+unfreeze_layers = 4
+train_embeddings = True
+num_latents = 16
+resampler_depth = 2
+batch_size = 32
+epochs = 1
+learning_rate = 3e-3
+eval_interval = 100
+eval_captions = 500
+log_interval = 20

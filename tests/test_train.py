@@ -1,0 +1,143 @@
+"""train.py, run as users run it: python train.py / torchrun train.py, on tiny prepared data."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import load_captioner
+
+COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220), 'yellow': (230, 220, 20)}
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory, tiny_clip_dir):
+    """prepare_coco.py's output for 8 training and 4 validation images, one colour each."""
+    root = tmp_path_factory.mktemp('tiny_data')
+    for split, count in (('train', 8), ('val', 4)):
+        (root / split).mkdir()
+        images, annotations = [], []
+        for i in range(count):
+            name = list(COLOURS)[i % 4]
+            Image.new('RGB', (32, 32), COLOURS[name]).save(root / split / f'{i}.png')
+            images.append(dict(id=i, file_name=f'{i}.png'))
+            for j, template in enumerate(['a {} picture', 'everything is {}', 'the colour {}']):
+                annotations.append(dict(id=len(annotations), image_id=i, caption=template.format(name)))
+        (root / f'captions_{split}.json').write_text(json.dumps(dict(images=images, annotations=annotations)))
+        subprocess.run([sys.executable, 'prepare_coco.py', f'--captions={root}/captions_{split}.json',
+                        f'--images={root}/{split}', f'--out_dir={root}/prepared',
+                        f'--vision_model={tiny_clip_dir}', '--num_workers=0'], check=True, capture_output=True)
+    return str(root / 'prepared')
+
+
+def train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options):
+    return [f'--out_dir={out_dir}', f'--data_dir={data_dir}', f'--vision_model={tiny_clip_dir}',
+            f'--text_model={tiny_gpt2_dir}', '--num_latents=8', '--resampler_depth=1', '--heads=2',
+            '--dim_head=16', '--mapper_hidden=32', '--eval_captions=12', '--log_interval=1', '--device=cpu',
+            *options]
+
+
+def train(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options, ranks=1):
+    """Run train.py with a tiny model; returns its log records."""
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={ranks}']
+    args = train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options)
+    result = subprocess.run(launcher + ['train.py', *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(f'{out_dir}/log.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(records):
+    return {r['iter']: r['loss'] for r in records if 'loss' in r}
+
+
+def test_tiny_model_overfits(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    records = train(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir, '--batch_size=8', '--max_iters=150',
+                    '--learning_rate=3e-3', '--unfreeze_layers=3', '--train_embeddings=True',
+                    '--warmup_frac=0.05', '--eval_interval=150')
+    losses = train_losses(records)
+    assert losses[1] > 9.0  # a random GPT-2 over 50,257 tokens
+    assert losses[150] < 0.8  # 24 captions of 3 templates x 4 colours: learnt
+    val_loss = [r['val_loss'] for r in records if 'val_loss' in r][-1]
+    assert val_loss < 1.0  # the same colours and templates in unseen images
+
+
+def test_resume_continues_exactly(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    import os
+    import signal
+    import time
+    common = ['--batch_size=4', '--max_iters=40', '--eval_interval=5', '--learning_rate=2e-3',
+              '--unfreeze_layers=1']
+    straight = train_losses(train(tmp_path / 'a', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common))
+    # the same run, killed once it has written a checkpoint, then resumed
+    args = train_args(tmp_path / 'b', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common)
+    run = subprocess.Popen([sys.executable, 'train.py', *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    while not (tmp_path / 'b' / 'ckpt.pt').exists() and run.poll() is None:
+        time.sleep(0.02)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    stopped_at = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['iter_num']
+    assert stopped_at < 40
+    resumed = train_losses(train(tmp_path / 'b', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common,
+                                 '--init_from=resume'))
+    after = range(stopped_at + 1, 41)
+    assert [resumed[i] for i in after] == [straight[i] for i in after]
+
+
+def test_two_ddp_processes_equal_one(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    common = ['--max_iters=4', '--eval_interval=4', '--learning_rate=2e-3', '--warmup_frac=0']
+    one = train_losses(train(tmp_path / 'one', data_dir, tiny_clip_dir, tiny_gpt2_dir, '--batch_size=6',
+                             *common))
+    two = train_losses(train(tmp_path / 'two', data_dir, tiny_clip_dir, tiny_gpt2_dir, '--batch_size=3',
+                             *common, ranks=2))
+    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    assert np.allclose([one[i] for i in one], [two[i] for i in one], rtol=1e-5)
+    weights_one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
+    weights_two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
+    assert all(torch.allclose(weights_one[k], weights_two[k], atol=1e-6) for k in weights_one)
+
+
+def test_checkpoint_holds_only_trained_weights_and_loads_alone(tmp_path, data_dir, tiny_clip_dir,
+                                                               tiny_gpt2_dir):
+    train(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir, '--batch_size=4', '--max_iters=2',
+          '--eval_interval=2')
+    checkpoint = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert {name.split('.')[0] for name in checkpoint['model']} == {'mapper', 'resampler', 'xattn'}
+    assert (tmp_path / 'best.pt').exists()
+    model, _ = load_captioner(str(tmp_path / 'ckpt.pt'))
+    assert torch.equal(model.xattn['0'].attn_gate, checkpoint['model']['xattn.0.attn_gate'])
+    assert model.generate(torch.zeros(1, 17, 32), max_new_tokens=3)  # ready to caption
+
+
+@pytest.mark.parametrize('option, message', [
+    ('--lerning_rate=1e-3', "config error: unknown config key 'lerning_rate' (in --lerning_rate=1e-3); "
+                            "did you mean learning_rate?"),
+    ('--batch_size=big', "config error: --batch_size=big: expected int, got 'big'"),
+])
+def test_bad_settings_fail_in_one_line(option, message):
+    result = subprocess.run([sys.executable, 'train.py', option], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip() == message
+
+
+def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny_gpt2_dir):
+    from transformers import CLIPConfig, CLIPModel
+    other = CLIPConfig(vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=32, patch_size=8),
+                       text_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=100, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    CLIPModel(other).save_pretrained(tmp_path / 'other_clip')
+    result = subprocess.run([sys.executable, 'train.py', f'--data_dir={data_dir}', f'--text_model={tiny_gpt2_dir}',
+                             f"--vision_model={tmp_path / 'other_clip'}", '--device=cpu'],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    meta = json.load(open(f'{data_dir}/meta.json'))
+    assert result.stderr.strip() == (
+        f"train.py: {data_dir}/meta.json does not match the model: its features are from "
+        f"{meta['vision_model']!r}, the model's vision_model is {str(tmp_path / 'other_clip')!r}; "
+        f"feature_dim 32 != the vision width 24")
