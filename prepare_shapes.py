@@ -9,6 +9,7 @@ randomly initialised checkpoints, data/shapes/clip (a full CLIPModel) and data/s
 GPT2LMHeadModel), saved with save_pretrained: the demo's stand-ins for the pretrained models, loaded by
 the same from_pretrained code. Seeded: the same settings give the same files.
 """
+import glob
 import os
 import random
 
@@ -164,10 +165,33 @@ def save_tiny_models(root, size, seed):
                   image_size=size, patch_size=32)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64)).save_pretrained(
-        os.path.join(root, 'clip'))
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64))
+    clip_dir = os.path.join(root, 'clip')
+    clip.save_pretrained(clip_dir)
+    centre_vision_features(clip, clip_dir, sorted(glob.glob(os.path.join(root, 'train', '*.png')))[:256])
     gpt2 = GPT2Config(n_layer=4, n_head=4, n_embd=128, n_positions=128)  # GPT-2's real vocabulary
     GPT2LMHeadModel(gpt2).save_pretrained(os.path.join(root, 'gpt2'))
+
+
+def centre_vision_features(clip, clip_dir, image_paths):
+    """
+    A random ViT's features of every image share one large offset, which buries what differs between
+    images (the bridge then learns only the captions' language, never to look). Trained CLIP needs no
+    such help. Subtract the mean feature of some training images through the bias of the last layer's
+    output projection, which adds straight onto last_hidden_state, and save the stand-in again.
+    """
+    import numpy as np
+    import torch
+    from model import load_vision
+    from prepare_coco import clip_preprocess, load_rgb
+    vision = load_vision(clip_dir)
+    pixels = torch.tensor(np.stack([clip_preprocess(load_rgb(p), vision.config.image_size)
+                                    for p in image_paths]))
+    with torch.no_grad():
+        mean = vision(pixel_values=pixels).last_hidden_state.mean(dim=(0, 1))
+        last = vision.config.num_hidden_layers - 1
+        clip.state_dict()[f'vision_model.encoder.layers.{last}.mlp.fc2.bias'].sub_(mean)
+    clip.save_pretrained(clip_dir)
 
 
 if __name__ == '__main__':

@@ -63,3 +63,16 @@ def test_script_is_deterministic_and_prepare_coco_reads_it(tmp_path):
         assert prepare_coco.find_bad_image(splits[name][0]['file']) is None
     assert load_vision(str(out / 'clip')).config.image_size == 224
     assert load_gpt2(str(out / 'gpt2')).config.vocab_size == 50257
+
+
+def test_stand_in_vision_features_are_centred(tmp_path):
+    import torch
+    subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={tmp_path}', '--num_train=40',
+                    '--num_val=1', '--num_test=1'], check=True, capture_output=True)
+    vision = load_vision(str(tmp_path / 'clip'))
+    images = sorted((tmp_path / 'train').glob('*.png'))
+    pixels = torch.tensor(np.stack([prepare_coco.clip_preprocess(prepare_coco.load_rgb(p)) for p in images]))
+    with torch.no_grad():
+        features = vision(pixel_values=pixels).last_hidden_state
+    assert features.mean(dim=(0, 1)).abs().max() < 1e-4  # measured on these 40 images
+    assert features.std(dim=0).mean() > 0.1  # what differs between images is still there
