@@ -650,7 +650,11 @@ def load_captioner(checkpoint_path, device='cpu'):
     expected = set(trainable_state(model))
     if set(checkpoint['model']) != expected:
         raise ValueError(f'{checkpoint_path}: its weights do not fit the model its config describes')
-    model.load_state_dict(checkpoint['model'], strict=False)
+    try:
+        model.load_state_dict(checkpoint['model'], strict=False)
+    except RuntimeError as e:  # shapes that differ: other vision or text widths
+        raise ValueError(f'{checkpoint_path}: its weights do not fit the models it names '
+                         f'({str(e).splitlines()[-1].strip()})')
     return model.to(device).eval(), checkpoint
 
 

@@ -227,6 +227,11 @@ def barrier():
         dist.barrier()
 
 
+def decode_caption(encoder, tokens):
+    """The text of generated tokens on one line: GPT-2 can emit newlines and runs of spaces."""
+    return ' '.join(encoder.decode(tokens).split())
+
+
 def write_captions(records, out_dir, split_name, encoder):
     """The tokenised captions of a split, with each one's offset and image, and its image list."""
     token_lists = [encoder.encode_ordinary(c) for r in records for c in r['captions']]

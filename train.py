@@ -43,6 +43,7 @@ grad_clip = 1.0  # 0: off
 # evaluation, checkpoints and logging
 eval_interval = 1000
 eval_captions = 2000  # a fixed set of validation captions, the same at every evaluation
+eval_bleu_images = 0  # > 0: also BLEU-4 of greedy captions of the first this many validation images
 log_interval = 10
 wandb_log = False
 wandb_project = 'nanocap'
@@ -173,7 +174,10 @@ def main(config):
     master = rank == 0
     amp_dtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported()
                           else 'float16' if device_type == 'cuda' else 'float32')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[amp_dtype]
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if amp_dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {amp_dtype!r}")
+    ptdtype = dtypes[amp_dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 
@@ -233,6 +237,13 @@ def main(config):
             dist.all_reduce(totals)
         model.train()
         return (totals[0] / totals[1]).item()
+
+    def caption_bleu4():
+        import eval_bleu
+        with autocast:
+            captions, images = eval_bleu.caption_split(raw_model, data_dir, 'val', eval_bleu_images,
+                                                       batch_size, dict(max_new_tokens=30), dev)
+        return eval_bleu.score(captions, [im['captions'] for im in images])['BLEU-4']
 
     # ------------------------------------------------------------------ logging
     if master:
@@ -319,8 +330,12 @@ def main(config):
             improved = val_loss < best_val_loss
             best_val_loss = min(best_val_loss, val_loss)
             if master:
-                print(f'iter {iter_num}: val loss {val_loss:.4f}' + (' (best)' if improved else ''))
-                log(dict(iter=iter_num, val_loss=val_loss))
+                scores = dict(val_loss=val_loss)
+                if eval_bleu_images:
+                    scores['val_bleu4'] = caption_bleu4()
+                print(f'iter {iter_num}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items())
+                      + (' (best)' if improved else ''))
+                log(dict(iter=iter_num, **scores))
                 state = checkpoint_state()
                 save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
                 if improved:

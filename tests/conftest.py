@@ -1,6 +1,12 @@
-"""Tiny stand-ins for the pretrained checkpoints, saved in the real layout (nothing is downloaded)."""
+"""Tiny stand-ins for the pretrained checkpoints, saved in the real layout (nothing is downloaded),
+and tiny prepared data."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+from PIL import Image
 
 VISION_DIM, TEXT_DIM = 32, 48  # different on purpose: the bridge must project between them
 TOKENS_PER_FRAME = 17  # CLS + (32 / 8) ** 2 patches
@@ -40,3 +46,27 @@ def tiny_config(tiny_clip_dir, tiny_gpt2_dir):
     return CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, mapper_hidden=24,
                            mapper_depth=2, mapper_heads=4, mapper_ffn=64, prefix_len=2,
                            resampler_depth=2, num_latents=8, max_frames=6, heads=2, dim_head=16)
+
+
+COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220), 'yellow': (230, 220, 20)}
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory, tiny_clip_dir):
+    """prepare_coco.py's output for 8 training and 4 validation images, one colour each."""
+    root = tmp_path_factory.mktemp('tiny_data')
+    for split, count in (('train', 8), ('val', 4)):
+        (root / split).mkdir()
+        images, annotations = [], []
+        for i in range(count):
+            name = list(COLOURS)[i % 4]
+            Image.new('RGB', (32, 32), COLOURS[name]).save(root / split / f'{i}.png')
+            images.append(dict(id=i, file_name=f'{i}.png'))
+            for j, template in enumerate(['a picture that is all {}', 'everything in it is {}',
+                                          'the only colour here is {}']):
+                annotations.append(dict(id=len(annotations), image_id=i, caption=template.format(name)))
+        (root / f'captions_{split}.json').write_text(json.dumps(dict(images=images, annotations=annotations)))
+        subprocess.run([sys.executable, 'prepare_coco.py', f'--captions={root}/captions_{split}.json',
+                        f'--images={root}/{split}', f'--out_dir={root}/prepared',
+                        f'--vision_model={tiny_clip_dir}', '--num_workers=0'], check=True, capture_output=True)
+    return str(root / 'prepared')

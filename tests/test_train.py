@@ -6,31 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from model import load_captioner
-
-COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220), 'yellow': (230, 220, 20)}
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory, tiny_clip_dir):
-    """prepare_coco.py's output for 8 training and 4 validation images, one colour each."""
-    root = tmp_path_factory.mktemp('tiny_data')
-    for split, count in (('train', 8), ('val', 4)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i in range(count):
-            name = list(COLOURS)[i % 4]
-            Image.new('RGB', (32, 32), COLOURS[name]).save(root / split / f'{i}.png')
-            images.append(dict(id=i, file_name=f'{i}.png'))
-            for j, template in enumerate(['a {} picture', 'everything is {}', 'the colour {}']):
-                annotations.append(dict(id=len(annotations), image_id=i, caption=template.format(name)))
-        (root / f'captions_{split}.json').write_text(json.dumps(dict(images=images, annotations=annotations)))
-        subprocess.run([sys.executable, 'prepare_coco.py', f'--captions={root}/captions_{split}.json',
-                        f'--images={root}/{split}', f'--out_dir={root}/prepared',
-                        f'--vision_model={tiny_clip_dir}', '--num_workers=0'], check=True, capture_output=True)
-    return str(root / 'prepared')
 
 
 def train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options):
@@ -58,12 +35,13 @@ def train_losses(records):
 def test_tiny_model_overfits(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
     records = train(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir, '--batch_size=8', '--max_iters=150',
                     '--learning_rate=3e-3', '--unfreeze_layers=3', '--train_embeddings=True',
-                    '--warmup_frac=0.05', '--eval_interval=150')
+                    '--warmup_frac=0.05', '--eval_interval=150', '--eval_bleu_images=4')
     losses = train_losses(records)
     assert losses[1] > 9.0  # a random GPT-2 over 50,257 tokens
     assert losses[150] < 0.8  # 24 captions of 3 templates x 4 colours: learnt
-    val_loss = [r['val_loss'] for r in records if 'val_loss' in r][-1]
-    assert val_loss < 1.0  # the same colours and templates in unseen images
+    evaluation = [r for r in records if 'val_loss' in r][-1]
+    assert evaluation['val_loss'] < 1.0  # the same colours and templates in unseen images
+    assert evaluation['val_bleu4'] > 0.5  # and greedy captions of unseen images say them
 
 
 def test_resume_continues_exactly(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
@@ -99,7 +77,9 @@ def test_two_ddp_processes_equal_one(tmp_path, data_dir, tiny_clip_dir, tiny_gpt
     assert np.allclose([one[i] for i in one], [two[i] for i in one], rtol=1e-5)
     weights_one = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
     weights_two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)['model']
-    assert all(torch.allclose(weights_one[k], weights_two[k], atol=1e-6) for k in weights_one)
+    # Adam divides by sqrt(v), so float rounding in the all-reduced gradients can move a weight by ~1e-6;
+    # a wrong shard or a wrong average moves weights by the learning rate's scale (1e-3)
+    assert all(torch.allclose(weights_one[k], weights_two[k], atol=1e-5) for k in weights_one)
 
 
 def test_checkpoint_holds_only_trained_weights_and_loads_alone(tmp_path, data_dir, tiny_clip_dir,
