@@ -1,0 +1,166 @@
+"""
+Caption images with a trained checkpoint, running CLIP on them as they come:
+
+    python sample.py --out_dir=out-coco --images=photos/
+    python sample.py --out_dir=out-coco --images='photos/*.jpg' --decoding=sample --num_samples=3 --seed=1
+    python sample.py --out_dir=out-coco --images=photos/ --json=captions.json --html=captions.html
+
+Prints `<path>\t<caption>` per image (sorted by path) to stdout. An unreadable image gets one line on
+stderr and the others are captioned; the exit status is 0 when at least one image was captioned.
+"""
+import base64
+import glob
+import io
+import os
+import sys
+import warnings
+from contextlib import nullcontext
+from html import escape
+
+import numpy as np
+from PIL import Image
+
+from prepare_coco import clip_preprocess, decode_caption, load_rgb, write_json
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the training run's folder
+checkpoint = 'best.pt'
+images = ''  # a folder (searched recursively), an image file, or a glob pattern
+json = ''  # also write the captions to this JSON file
+html = ''  # also write a self-contained page of thumbnails and captions
+decoding = 'beam'  # 'greedy', 'beam' or 'sample'
+beam_width = 5
+temperature = 1.0
+top_k = 0  # 0: off
+top_p = 1.0  # 1.0: off
+max_new_tokens = 30
+num_samples = 1  # captions per image (decoding='sample')
+seed = 1337
+batch_size = 32
+num_workers = 2  # image decoding processes
+device = ''  # default: cuda when available, else cpu
+# -----------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+# PIL warns above ~89M pixels and refuses above twice that; refuse at the warning: such a file is far more
+# likely a decompression bomb than a photo to caption
+warnings.simplefilter('error', Image.DecompressionBombWarning)
+
+
+def find_images(spec):
+    """Sorted image paths of a folder (recursively), a single file, or a glob pattern."""
+    if os.path.isdir(spec):
+        paths = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
+                 if name.lower().endswith(IMAGE_EXTENSIONS)]
+    elif os.path.isfile(spec):
+        paths = [spec]
+    else:
+        paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+    return sorted(paths)
+
+
+class PreprocessedImages:
+    """A torch Dataset: (path, CLIP pixels or None, why not)."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            if os.path.getsize(path) == 0:
+                return path, None, 'empty file'
+            return path, clip_preprocess(load_rgb(path), self.size), None
+        except Image.DecompressionBombWarning as e:
+            return path, None, f'too large to be a photo ({e})'.splitlines()[0]
+        except Exception as e:  # PIL raises many kinds for a broken file
+            return path, None, f'not a readable image ({type(e).__name__}: {e})'.splitlines()[0]
+
+
+def caption_images(model, paths, options, batch, workers, dev, samples=1):
+    """{path: [captions]} of every readable image, in the order of `paths`; reports the others."""
+    import tiktoken
+    import torch
+    from tqdm import tqdm
+    encoder = tiktoken.get_encoding('gpt2')
+    loader = torch.utils.data.DataLoader(PreprocessedImages(paths, model.vision.config.image_size),
+                                         batch_size=batch, num_workers=workers, collate_fn=list)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.startswith('cuda') else nullcontext()
+    results = {}
+    with tqdm(total=len(paths), unit='img', disable=len(paths) < 100, file=sys.stderr) as bar:
+        for items in loader:
+            for path, _, why in items:
+                if why:
+                    print(f'{path}: skipped, {why}', file=sys.stderr)
+            good = [(path, pixels) for path, pixels, why in items if not why]
+            if good:
+                pixels = torch.from_numpy(np.stack([p for _, p in good])).to(dev)
+                with torch.no_grad(), autocast:
+                    features = model.encode_images(pixels).repeat_interleave(samples, dim=0)
+                    tokens = model.generate(features, **options)
+                for i, (path, _) in enumerate(good):
+                    results[path] = [decode_caption(encoder, t) for t in tokens[i * samples:(i + 1) * samples]]
+            bar.update(len(items))
+    return results
+
+
+def thumbnail_uri(path, size=256):
+    """The image as a small inline JPEG, so the page needs no other file."""
+    image = load_rgb(path)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format='JPEG', quality=85)
+    return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_html(path, results):
+    rows = '\n'.join(
+        f'<figure><img src="{thumbnail_uri(image)}" alt=""><figcaption><b>{escape(os.path.basename(image))}'
+        f'</b>{"".join(f"<p>{escape(c)}</p>" for c in captions)}</figcaption></figure>'
+        for image, captions in results.items())
+    page = ('<!doctype html><meta charset="utf-8"><title>nanocap captions</title><style>'
+            'body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:16px;margin:16px}'
+            'figure{width:256px;margin:0}img{max-width:256px;max-height:256px}p{margin:4px 0}</style>\n'
+            f'{rows}\n')
+    with open(path + '.tmp', 'w') as f:
+        f.write(page)
+    os.replace(path + '.tmp', path)
+
+
+def main():
+    import torch
+    from model import load_captioner
+    if not images:
+        raise ValueError('give --images=FOLDER, FILE or GLOB')
+    if num_samples > 1 and decoding != 'sample':
+        raise ValueError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
+    paths = find_images(images)
+    if not paths:
+        raise ValueError(f'no image files found at {images!r}')
+    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
+    generator = torch.Generator(dev).manual_seed(seed)
+    options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k or None,
+                   top_p=top_p if top_p < 1 else None, max_new_tokens=max_new_tokens, generator=generator)
+    results = caption_images(model, paths, options, batch_size, num_workers, dev, num_samples)
+    for path, captions in results.items():
+        for caption in captions:
+            print(f'{path}\t{caption}')
+    if json:
+        write_json(json, [dict(image=p, captions=c) for p, c in results.items()])
+    if html:
+        write_html(html, results)
+    if not results:
+        raise ValueError(f'none of the {len(paths)} image file(s) could be read')
+
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'sample.py: {str(e).splitlines()[0]}')
