@@ -404,17 +404,18 @@ class Captioner(nn.Module):
         """
         features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
         tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
-        on padding. Returns logits [B, S, vocab] for the caption positions (the prefix needs no LM head)
-        and the mean cross-entropy over the targets that are not IGNORE_INDEX.
+        on padding. Without targets: logits [B, S, vocab] of the caption positions (the prefix needs no
+        LM head). With targets: logits [K, vocab] of the K positions that have a target, in order, and
+        their mean cross-entropy. Over GPT-2's 50,257 words the LM head and its softmax are most of a
+        small model's work, and a third of a batch padded to its longest caption is padding.
         """
         prefix, media_kv = self.encode(features, feature_mask)
-        h = self.run_text(self.embed(tokens, prefix), media_kv)
-        logits = self.gpt.lm_head(h[:, self.prefix_len:])
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        h = self.run_text(self.embed(tokens, prefix), media_kv)[:, self.prefix_len:]
+        if targets is None:
+            return self.gpt.lm_head(h), None
+        has_target = targets != IGNORE_INDEX  # on a GPU, counting these is one host sync per step
+        logits = self.gpt.lm_head(h[has_target])
+        return logits, F.cross_entropy(logits.float(), targets[has_target])
 
     def training_flops(self, caption_len, frames=1):
         """

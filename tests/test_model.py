@@ -160,11 +160,14 @@ def test_loss_is_cross_entropy_over_caption_tokens_only(tiny_config, mapper):
     tokens, targets = caption_batch()
     features = random_features(2)
     logits, loss = model(features, None, tokens, targets)
-    assert logits.shape == (2, tokens.shape[1], 50257)  # caption positions only, not the prefix
-    logprobs = logits.log_softmax(-1)
+    assert logits.shape == (6 + 3, 50257)  # only the positions with a target: no prefix, no padding
+    all_logits, _ = model(features, None, tokens)
+    assert all_logits.shape == (2, tokens.shape[1], 50257)  # every caption position, not the prefix
+    has_target = targets != IGNORE_INDEX
+    assert torch.allclose(logits, all_logits[has_target], atol=1e-5)
+    logprobs = all_logits.log_softmax(-1)
     picked = [-logprobs[b, s, targets[b, s]] for b in range(2) for s in range(tokens.shape[1])
-              if targets[b, s] != IGNORE_INDEX]
-    assert len(picked) == 6 + 3
+              if has_target[b, s]]
     assert torch.allclose(loss, torch.stack(picked).mean(), atol=1e-6)
     # whatever sits in the padded positions does not change the loss
     tokens[1, 3:] = torch.tensor([0, 123, 4567, 89][:tokens.shape[1] - 3])
