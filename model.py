@@ -268,7 +268,9 @@ class PerceiverResampler(nn.Module):
     def __init__(self, dim, depth, heads, dim_head, num_latents, max_frames, ff_mult):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
-        self.time_emb = nn.Parameter(torch.randn(max_frames, dim))
+        # small, like GPT-2's position embeddings: for an image (one frame) it is the same vector on every
+        # token, which tells nothing, and at std 1 it would drown weaker features after the LayerNorm
+        self.time_emb = nn.Parameter(0.02 * torch.randn(max_frames, dim))
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
             for _ in range(depth))
