@@ -30,7 +30,7 @@ out_dir = 'data/coco'
 split = ''  # official COCO files hold one split: its name (default: 'train' or 'val' from the file name)
 vision_model = 'openai/clip-vit-base-patch32'  # hub name or local directory
 batch_size = 64
-num_workers = 4  # image decoding processes
+num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
 device = ''  # default: cuda when available, else cpu
 skip_bad_images = False  # drop unreadable images (and their captions) instead of stopping
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ max_new_tokens = 30
 num_samples = 1  # captions per image (decoding='sample')
 seed = 1337
 batch_size = 32
-num_workers = 2  # image decoding processes
+num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
 device = ''  # default: cuda when available, else cpu
 # -----------------------------------------------------------------------------
 
