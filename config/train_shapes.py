@@ -11,10 +11,11 @@ text_model = 'data/shapes/gpt2'
 # of a word: with them the loss cannot fall far below that of a uniform guess.)
 unfreeze_layers = 4
 train_embeddings = True
-num_latents = 16
+num_latents = 16  # a smaller bridge for a small problem: 2 heads x 64 = the stand-in CLIP's width
 resampler_depth = 2
+heads = 2
 batch_size = 32
-epochs = 1
+epochs = 2
 learning_rate = 3e-3
 eval_interval = 100
 eval_captions = 500
