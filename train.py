@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import eval_bleu
 from model import EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, trainable_state
 
 # -----------------------------------------------------------------------------
@@ -239,7 +240,6 @@ def main(config):
         return (totals[0] / totals[1]).item()
 
     def caption_bleu4():
-        import eval_bleu
         with autocast:
             captions, images = eval_bleu.caption_split(raw_model, data_dir, 'val', eval_bleu_images,
                                                        batch_size, dict(max_new_tokens=30), dev)

@@ -11,9 +11,10 @@ text_model = 'data/shapes/gpt2'
 # of a word: with them the loss cannot fall far below that of a uniform guess.)
 unfreeze_layers = 4
 train_embeddings = True
-num_latents = 16  # a smaller bridge for a small problem: 2 heads x 64 = the stand-in CLIP's width
+# a smaller bridge for a small problem
+num_latents = 16
 resampler_depth = 2
-heads = 2
+heads = 2  # x 64 = the stand-in CLIP's width
 batch_size = 32
 epochs = 2
 learning_rate = 3e-3
