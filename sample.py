@@ -20,7 +20,7 @@ from html import escape
 import numpy as np
 from PIL import Image
 
-from prepare_coco import clip_preprocess, decode_caption, load_rgb, write_json
+from prepare_coco import ImageFiles, atomic_write, decode_caption, load_rgb, write_json
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -59,21 +59,15 @@ def find_images(spec):
     return sorted(paths)
 
 
-class PreprocessedImages:
-    """A torch Dataset: (path, CLIP pixels or None, why not)."""
-
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
+class PreprocessedImages(ImageFiles):
+    """ImageFiles that tolerates bad files: (path, CLIP pixels or None, why not)."""
 
     def __getitem__(self, i):
         path = self.paths[i]
         try:
             if os.path.getsize(path) == 0:
                 return path, None, 'empty file'
-            return path, clip_preprocess(load_rgb(path), self.size), None
+            return path, super().__getitem__(i), None
         except Image.DecompressionBombWarning as e:
             return path, None, f'too large to be a photo ({e})'.splitlines()[0]
         except Exception as e:  # PIL raises many kinds for a broken file
@@ -125,9 +119,11 @@ def write_html(path, results):
             'body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:16px;margin:16px}'
             'figure{width:256px;margin:0}img{max-width:256px;max-height:256px}p{margin:4px 0}</style>\n'
             f'{rows}\n')
-    with open(path + '.tmp', 'w') as f:
-        f.write(page)
-    os.replace(path + '.tmp', path)
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(page)
+    atomic_write(path, write)
 
 
 def main():
