@@ -19,7 +19,7 @@ out_dir = 'out'  # where train.py wrote its checkpoints; the results are written
 checkpoint = 'best.pt'
 data_dir = 'data/coco'
 split = 'test'
-max_images = 0  # 0: every image of the split
+max_items = 0  # 0: every image (or video) of the split
 batch_size = 64
 decoding = 'beam'  # 'greedy', 'beam' or 'sample'
 beam_width = 5
@@ -133,21 +133,22 @@ def score(captions, references):
 
 
 def caption_split(model, data_dir, split_name, count, batch, decode_options, dev):
-    """Captions of the first `count` images of a prepared split (all if 0), with their references."""
+    """Captions of the first `count` images or videos of a prepared split (all if 0), and their records
+    (file, id, reference captions)."""
     import tiktoken
     import torch
     from prepare_coco import decode_caption
     from train import Captions
-    feats = Captions(data_dir, split_name, max_tokens=1).feats
-    with open(os.path.join(data_dir, f'{split_name}_images.json')) as f:
-        images = json.load(f)
-    count = min(count or len(images), len(images))
+    data = Captions(data_dir, split_name, max_tokens=1)
+    records = data.records()
+    count = min(count or len(records), len(records))
     encoder = tiktoken.get_encoding('gpt2')
     captions = []
     for start in range(0, count, batch):
-        features = torch.from_numpy(np.array(feats[start:min(start + batch, count)])).to(dev)
-        captions += [decode_caption(encoder, t) for t in model.generate(features, **decode_options)]
-    return captions, images[:count]
+        ids = np.arange(start, min(start + batch, count))
+        features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
+        captions += [decode_caption(encoder, t) for t in model.generate(features, mask, **decode_options)]
+    return captions, records[:count]
 
 
 if __name__ == '__main__':
@@ -161,15 +162,15 @@ if __name__ == '__main__':
         model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
         check_data_fits_model(read_meta(data_dir), model, data_dir)
         options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
-        captions, images = caption_split(model, data_dir, split, max_images, batch_size, options, dev)
+        captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev)
     except (OSError, ValueError) as e:
         raise SystemExit(f'eval_bleu.py: {str(e).splitlines()[0]}')
-    metrics = score(captions, [im['captions'] for im in images])
+    metrics = score(captions, [r['captions'] for r in records])
     from prepare_coco import write_json
-    write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, images=len(images), decoding=decoding,
+    write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,
                                                            **metrics))
-    write_json(os.path.join(out_dir, 'captions.json'), [dict(file=im['file'], id=im['id'], caption=c)
-                                                        for im, c in zip(images, captions)])
-    print(f'{split}: {len(images):,} images, {decoding} decoding')
+    write_json(os.path.join(out_dir, 'captions.json'), [dict(file=r['file'], id=r['id'], caption=c)
+                                                        for r, c in zip(records, captions)])
+    print(f'{split}: {len(records):,} captioned, {decoding} decoding')
     for name, value in metrics.items():
         print(f'{name:<8} {100 * value:6.2f}')  # x100, as papers report them

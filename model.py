@@ -362,9 +362,14 @@ class Captioner(nn.Module):
     def prefix_len(self):
         return self.config.prefix_len if self.mapper is not None else 0
 
-    def encode_images(self, pixels):
-        """Preprocessed images [B, 3, H, W] -> CLIP features as one-frame videos [B, 1, N, Dv]."""
-        return self.vision(pixel_values=pixels).last_hidden_state[:, None]
+    def encode_pixels(self, clips):
+        """Run CLIP on preprocessed clips, each [frames, 3, H, W] (an image is a clip of one frame).
+        Returns features [B, T, N, Dv], zero-padded to the longest clip, and the mask of real frames [B, T]."""
+        counts = torch.tensor([len(clip) for clip in clips])
+        hidden = self.vision(pixel_values=torch.cat(clips)).last_hidden_state
+        features = nn.utils.rnn.pad_sequence(hidden.split(counts.tolist()), batch_first=True)
+        mask = torch.arange(features.shape[1]) < counts[:, None]
+        return features, mask.to(features.device)
 
     def encode(self, features, feature_mask=None):
         """CLIP features -> (prefix [B, P, Dt] or None, {block index: cross-attention keys/values})."""

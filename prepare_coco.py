@@ -126,29 +126,24 @@ def find_bad_image(path):
     return None
 
 
-def check_images(records, workers):
-    """[(path, reason)] for every record whose image cannot be used."""
-    from multiprocessing import Pool
-    paths = [r['file'] for r in records]
-    if workers > 1:
-        with Pool(workers) as pool:
-            reasons = pool.map(find_bad_image, paths, chunksize=64)
-    else:
-        reasons = [find_bad_image(p) for p in paths]
-    return [(p, why) for p, why in zip(paths, reasons) if why]
-
-
 class ImageFiles:
-    """A torch Dataset of preprocessed images, decoded in DataLoader workers."""
+    """A torch Dataset of preprocessed images, decoded in DataLoader workers: one frame each."""
 
     def __init__(self, paths, size):
         self.paths, self.size = paths, size
+        self.frame_counts = [1] * len(paths)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         return clip_preprocess(load_rgb(self.paths[i]), self.size)
+
+
+def stack_frames(items):
+    """Collate images [3, H, W] and videos [frames, 3, H, W] into one batch of frames [F, 3, H, W]."""
+    import torch
+    return torch.from_numpy(np.concatenate([item.reshape(-1, *item.shape[-3:]) for item in items]))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -167,43 +162,48 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
-def extract_features(model, paths, out_path, batch_size, workers, device, dtype, rank=0, world=1):
-    """CLIP features of every image into the float16 memmap `out_path`, streamed batch by batch so that
-    memory stays flat. Under torchrun, rank r fills its own contiguous slice of the same file. Each
-    rank saves its progress after every batch; a rerun continues from there."""
+def extract_features(model, files, out_path, batch_size, workers, device, dtype, rank=0, world=1):
+    """CLIP features of every frame of `files` (ImageFiles, or prepare_mlslt.py's VideoFiles), file after
+    file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so that
+    memory stays flat. Under torchrun, rank r fills the frames of its own contiguous share of the files.
+    Each rank saves its progress after every batch; a rerun continues from there."""
     import torch
     from tqdm import tqdm
     config = model.config
     tokens = (config.image_size // config.patch_size) ** 2 + 1
-    shape = (len(paths), tokens, config.hidden_size)
+    first_frame = np.concatenate([[0], np.cumsum(files.frame_counts)]).astype(np.int64)
+    shape = (int(first_frame[-1]), tokens, config.hidden_size)
     partial = out_path + '.partial'
+    listing = json.dumps([files.paths, [int(n) for n in files.frame_counts]])
     identity = dict(shape=list(shape), vision_model=config.name_or_path, world=world,
-                    paths=hashlib.sha1('\n'.join(paths).encode()).hexdigest())
+                    files=hashlib.sha1(listing.encode()).hexdigest())
     if rank == 0 and read_json(partial + '.json') != identity:  # start afresh
         for stale in glob.glob(out_path + '.progress*'):
             os.remove(stale)
         np.memmap(partial, dtype=np.float16, mode='w+', shape=shape).flush()
         write_json(partial + '.json', identity)
     barrier()
-    start, end = len(paths) * rank // world, len(paths) * (rank + 1) // world
+    start, end = len(files) * rank // world, len(files) * (rank + 1) // world
     progress_path = f'{out_path}.progress{rank}'
-    done = (read_json(progress_path) or {}).get('done', start)
+    done = (read_json(progress_path) or {}).get('done', start)  # files
     if done > start:
-        print(f'{out_path}: rank {rank} resuming after {done - start:,} of {end - start:,} images')
+        print(f'{out_path}: rank {rank} resuming after {done - start:,} of {end - start:,} files')
     feats = np.memmap(partial, dtype=np.float16, mode='r+', shape=shape)
-    loader = torch.utils.data.DataLoader(ImageFiles(paths[done:end], config.image_size),
-                                         batch_size=batch_size, num_workers=workers,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(files, range(done, end)),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=stack_frames,
                                          pin_memory=device == 'cuda')
-    with tqdm(total=end - start, initial=done - start, unit='img', disable=rank != 0,
+    with tqdm(total=end - start, initial=done - start, unit='file', disable=rank != 0,
               desc=os.path.basename(out_path)) as bar:
         for pixels in loader:
             with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
                 hidden = model(pixel_values=pixels.to(device)).last_hidden_state
-            feats[done:done + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
-            done += len(pixels)
+            row = first_frame[done]
+            feats[row:row + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
+            batch_files = int(np.searchsorted(first_frame, row + len(pixels))) - done
+            done += batch_files
             feats.flush()  # the features first, then the claim that they are there
             write_json(progress_path, dict(done=done))
-            bar.update(len(pixels))
+            bar.update(batch_files)
     del feats
     barrier()
     if rank == 0:
@@ -232,8 +232,9 @@ def decode_caption(encoder, tokens):
     return ' '.join(encoder.decode(tokens).split())
 
 
-def write_captions(records, out_dir, split_name, encoder):
-    """The tokenised captions of a split, with each one's offset and image, and its image list."""
+def write_captions(records, out_dir, split_name, encoder, media='image'):
+    """The tokenised captions of a split, with each one's offset and image (or video), and the list of
+    its images (or videos): <split>_images.json (or _videos.json)."""
     token_lists = [encoder.encode_ordinary(c) for r in records for c in r['captions']]
     image_index = [i for i, r in enumerate(records) for _ in r['captions']]
     lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
@@ -243,31 +244,43 @@ def write_captions(records, out_dir, split_name, encoder):
     atomic_write(base + '_tokens.bin', tokens.tofile)
     index = np.stack([offsets, lengths, np.array(image_index, dtype=np.int64)], axis=1)
     atomic_write(base + '_captions.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
-    write_json(base + '_images.json', [dict(file=r['file'], id=r['id'], captions=r['captions'])
-                                       for r in records])
+    write_json(f'{base}_{media}s.json', [dict(file=r['file'], id=r['id'], captions=r['captions'])
+                                         for r in records])
 
 
-def drop_bad_images(name, records, workers, skip_bad, rank=0, world=1):
-    """Check every image first (each rank a share): fail with the list, or drop them if skip_bad."""
-    mine = records[len(records) * rank // world:len(records) * (rank + 1) // world]
-    bad = check_images(mine, workers)
+def inspect_files(records, inspect, workers):
+    """inspect(file) of every record, in `workers` processes."""
+    from multiprocessing import Pool
+    paths = [r['file'] for r in records]
+    if workers > 1:
+        with Pool(workers) as pool:
+            return pool.map(inspect, paths, chunksize=16)
+    return [inspect(p) for p in paths]
+
+
+def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, world=1):
+    """Check every file (an image or video: `kind`) before any feature is computed, each rank a share.
+    inspect(file) returns why the file cannot be used (a str), or what it learnt of a good one (anything
+    else). Fails with the list of bad files, or, with skip_bad, drops them and their captions. Returns
+    the good records and what inspect returned for each."""
+    found = inspect_files(records[len(records) * rank // world:len(records) * (rank + 1) // world],
+                          inspect, workers)
     if world > 1:
         import torch.distributed as dist
         every_rank = [None] * world
-        dist.all_gather_object(every_rank, bad)
-        bad = [item for share in every_rank for item in share]
+        dist.all_gather_object(every_rank, found)
+        found = [item for share in every_rank for item in share]
+    bad = [(r['file'], why) for r, why in zip(records, found) if isinstance(why, str)]
     if bad and not skip_bad:
         listing = '; '.join(f'{path}: {why}' for path, why in bad[:20])
-        raise ValueError(f'{len(bad)} unusable image(s) in split {name} (use --skip_bad_images=True '
+        raise ValueError(f'{len(bad)} unusable {kind}(s) in split {name} (use --skip_bad_{kind}s=True '
                          f'to drop them): {listing}')
-    if not bad:
-        return records
-    bad_paths = {path for path, _ in bad}
-    dropped = sum(len(r['captions']) for r in records if r['file'] in bad_paths)
-    if rank == 0:
-        print(f'split {name}: skipped {len(bad)} unusable image(s) and their {dropped} caption(s)',
+    good = [i for i, why in enumerate(found) if not isinstance(why, str)]
+    if bad and rank == 0:
+        dropped = sum(len(r['captions']) for r, why in zip(records, found) if isinstance(why, str))
+        print(f'split {name}: skipped {len(bad)} unusable {kind}(s) and their {dropped} caption(s)',
               file=sys.stderr)
-    return [r for r in records if r['file'] not in bad_paths]
+    return [records[i] for i in good], [found[i] for i in good]
 
 
 def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad, rank=0, world=1):
@@ -275,7 +288,8 @@ def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad
     import tiktoken
     import torch
     from model import load_vision
-    splits = {name: drop_bad_images(name, records, workers, skip_bad, rank, world)
+    splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
+                                   world)[0]
               for name, records in splits.items()}
     dtype = torch.float16 if device.startswith('cuda') else torch.float32
     model = load_vision(vision_model).to(device).eval()
@@ -285,8 +299,9 @@ def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad
                 feature_dtype='float16', token_dtype='uint16', splits={})
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
-        shape = extract_features(model, [r['file'] for r in records], base + '_feats.bin', batch_size,
-                                 workers, device.split(':')[0], dtype, rank, world)
+        files = ImageFiles([r['file'] for r in records], model.config.image_size)
+        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers,
+                                 device.split(':')[0], dtype, rank, world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
         meta['splits'][name] = dict(images=shape[0], captions=sum(len(r['captions']) for r in records))
         if rank == 0:

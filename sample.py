@@ -1,12 +1,13 @@
 """
-Caption images with a trained checkpoint, running CLIP on them as they come:
+Caption images (or videos) with a trained checkpoint, running CLIP on them as they come:
 
     python sample.py --out_dir=out-coco --images=photos/
     python sample.py --out_dir=out-coco --images='photos/*.jpg' --decoding=sample --num_samples=3 --seed=1
     python sample.py --out_dir=out-coco --images=photos/ --json=captions.json --html=captions.html
+    python sample.py --out_dir=out-mlslt --videos=clips/     (needs PyAV: pip install av)
 
-Prints `<path>\t<caption>` per image (sorted by path) to stdout. An unreadable image gets one line on
-stderr and the others are captioned; the exit status is 0 when at least one image was captioned.
+Prints `<path>\t<caption>` per file (sorted by path) to stdout. An unreadable file gets one line on
+stderr and the others are captioned; the exit status is 0 when at least one file was captioned.
 """
 import base64
 import glob
@@ -26,6 +27,8 @@ from prepare_coco import ImageFiles, atomic_write, decode_caption, load_rgb, wri
 out_dir = 'out'  # the training run's folder
 checkpoint = 'best.pt'
 images = ''  # a folder (searched recursively), an image file, or a glob pattern
+videos = ''  # the same, of video files
+max_frames = 64  # frames per video, spread evenly over it (as prepare_mlslt.py samples them)
 json = ''  # also write the captions to this JSON file
 html = ''  # also write a self-contained page of thumbnails and captions
 decoding = 'beam'  # 'greedy', 'beam' or 'sample'
@@ -36,22 +39,24 @@ top_p = 1.0  # 1.0: off
 max_new_tokens = 30
 num_samples = 1  # captions per image (decoding='sample')
 seed = 1337
-batch_size = 32
-num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
+batch_size = 32  # files per batch
+num_workers = min(4, os.cpu_count() or 1)  # decoding processes
 device = ''  # default: cuda when available, else cpu
 # -----------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi')
 # PIL warns above ~89M pixels and refuses above twice that; refuse at the warning: such a file is far more
 # likely a decompression bomb than a photo to caption
 warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 
-def find_images(spec):
-    """Sorted image paths of a folder (recursively), a single file, or a glob pattern."""
+def find_files(spec, extensions):
+    """Sorted paths of the files with these extensions in a folder (recursively), of a single file, or
+    of a glob pattern."""
     if os.path.isdir(spec):
         paths = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                 if name.lower().endswith(IMAGE_EXTENSIONS)]
+                 if name.lower().endswith(extensions)]
     elif os.path.isfile(spec):
         paths = [spec]
     else:
@@ -60,41 +65,60 @@ def find_images(spec):
 
 
 class PreprocessedImages(ImageFiles):
-    """ImageFiles that tolerates bad files: (path, CLIP pixels or None, why not)."""
+    """ImageFiles that tolerates bad files: (path, CLIP pixels [1, 3, H, W] or None, why not)."""
 
     def __getitem__(self, i):
         path = self.paths[i]
         try:
             if os.path.getsize(path) == 0:
                 return path, None, 'empty file'
-            return path, super().__getitem__(i), None
+            return path, super().__getitem__(i)[None], None
         except Image.DecompressionBombWarning as e:
             return path, None, f'too large to be a photo ({e})'.splitlines()[0]
         except Exception as e:  # PIL raises many kinds for a broken file
             return path, None, f'not a readable image ({type(e).__name__}: {e})'.splitlines()[0]
 
 
-def caption_images(model, paths, options, batch, workers, dev, samples=1):
-    """{path: [captions]} of every readable image, in the order of `paths`; reports the others."""
+class PreprocessedVideos:
+    """Videos as (path, CLIP pixels [frames, 3, H, W] or None, why not)."""
+
+    def __init__(self, paths, size, most):
+        self.paths, self.size, self.most = paths, size, most
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from prepare_mlslt import count_frames, video_pixels
+        path = self.paths[i]
+        frame_count = count_frames(path)  # or why the video cannot be read
+        if isinstance(frame_count, str):
+            return path, None, frame_count
+        return path, video_pixels(path, self.most, frame_count, self.size), None
+
+
+def caption_files(model, files, options, batch, workers, dev, samples=1):
+    """{path: [captions]} of every readable image or video of `files` (PreprocessedImages or
+    PreprocessedVideos), in their order; reports the others."""
     import tiktoken
     import torch
     from tqdm import tqdm
     encoder = tiktoken.get_encoding('gpt2')
-    loader = torch.utils.data.DataLoader(PreprocessedImages(paths, model.vision.config.image_size),
-                                         batch_size=batch, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=list)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.startswith('cuda') else nullcontext()
     results = {}
-    with tqdm(total=len(paths), unit='img', disable=len(paths) < 100, file=sys.stderr) as bar:
+    with tqdm(total=len(files), unit='file', disable=len(files) < 100, file=sys.stderr) as bar:
         for items in loader:
             for path, _, why in items:
                 if why:
                     print(f'{path}: skipped, {why}', file=sys.stderr)
             good = [(path, pixels) for path, pixels, why in items if not why]
             if good:
-                pixels = torch.from_numpy(np.stack([p for _, p in good])).to(dev)
+                clips = [torch.from_numpy(pixels).to(dev) for _, pixels in good]
                 with torch.no_grad(), autocast:
-                    features = model.encode_images(pixels).repeat_interleave(samples, dim=0)
-                    tokens = model.generate(features, **options)
+                    features, mask = model.encode_pixels(clips)
+                    tokens = model.generate(features.repeat_interleave(samples, dim=0),
+                                            mask.repeat_interleave(samples, dim=0), **options)
                 for i, (path, _) in enumerate(good):
                     results[path] = [decode_caption(encoder, t) for t in tokens[i * samples:(i + 1) * samples]]
             bar.update(len(items))
@@ -102,8 +126,12 @@ def caption_images(model, paths, options, batch, workers, dev, samples=1):
 
 
 def thumbnail_uri(path, size=256):
-    """The image as a small inline JPEG, so the page needs no other file."""
-    image = load_rgb(path)
+    """The image (or a video's middle frame) as a small inline JPEG, so the page needs no other file."""
+    if path.lower().endswith(VIDEO_EXTENSIONS):
+        from prepare_mlslt import count_frames, read_frames
+        image = read_frames(path, 1, count_frames(path))[0]
+    else:
+        image = load_rgb(path)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=85)
@@ -129,28 +157,37 @@ def write_html(path, results):
 def main():
     import torch
     from model import load_captioner
-    if not images:
-        raise ValueError('give --images=FOLDER, FILE or GLOB')
+    if bool(images) == bool(videos):
+        raise ValueError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
     if num_samples > 1 and decoding != 'sample':
         raise ValueError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
-    paths = find_images(images)
+    kind, spec = ('image', images) if images else ('video', videos)
+    paths = find_files(spec, IMAGE_EXTENSIONS if images else VIDEO_EXTENSIONS)
     if not paths:
-        raise ValueError(f'no image files found at {images!r}')
+        raise ValueError(f'no {kind} files found at {spec!r}')
     dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
+    size = model.vision.config.image_size
+    if videos:
+        if model.resampler is not None and max_frames > model.config.max_frames:
+            raise ValueError(f'max_frames={max_frames}, but the checkpoint has time embeddings for '
+                             f'{model.config.max_frames} frames')
+        files = PreprocessedVideos(paths, size, max_frames)
+    else:
+        files = PreprocessedImages(paths, size)
     generator = torch.Generator(dev).manual_seed(seed)
     options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k or None,
                    top_p=top_p if top_p < 1 else None, max_new_tokens=max_new_tokens, generator=generator)
-    results = caption_images(model, paths, options, batch_size, num_workers, dev, num_samples)
+    results = caption_files(model, files, options, batch_size, num_workers, dev, num_samples)
     for path, captions in results.items():
         for caption in captions:
             print(f'{path}\t{caption}')
     if json:
-        write_json(json, [dict(image=p, captions=c) for p, c in results.items()])
+        write_json(json, [{kind: p, 'captions': c} for p, c in results.items()])
     if html:
         write_html(html, results)
     if not results:
-        raise ValueError(f'none of the {len(paths)} image file(s) could be read')
+        raise ValueError(f'none of the {len(paths)} {kind} file(s) could be read')
 
 
 if __name__ == '__main__':

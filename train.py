@@ -24,7 +24,8 @@ from model import EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, trainable
 # -----------------------------------------------------------------------------
 # defaults: the reference model and hyperparameters on COCO (Karpathy split)
 out_dir = 'out'
-data_dir = 'data/coco'  # written by prepare_coco.py
+data_dir = 'data/coco'  # written by prepare_coco.py or prepare_mlslt.py
+val_split = 'val'  # the split to evaluate on ('dev' in MLSLT)
 init_from = 'pretrained'  # 'pretrained' (a new bridge on pretrained CLIP and GPT-2) or 'resume'
 # data
 batch_size = 32  # captions per device per micro step
@@ -59,30 +60,54 @@ globals().update(asdict(CaptionerConfig()))
 
 
 class Captions:
-    """One split written by prepare_coco.py: every caption with the features of its image, memmapped."""
+    """One split written by prepare_coco.py or prepare_mlslt.py: every caption with the CLIP features of
+    its image or video, memmapped. An image is a video of one frame."""
 
     def __init__(self, data_dir, split, max_tokens):
         meta = read_meta(data_dir)
         if split not in meta['splits']:
             raise ValueError(f"{data_dir}/meta.json: no split '{split}' (it has {', '.join(meta['splits'])})")
-        images = meta['splits'][split]['images']
-        path = os.path.join(data_dir, split)
+        self.media = meta.get('media', 'image')
+        entry, path = meta['splits'][split], os.path.join(data_dir, split)
+        frames = entry['frames'] if self.media == 'video' else entry['images']
         self.feats = np.memmap(f'{path}_feats.bin', dtype=np.float16, mode='r',
-                               shape=(images, meta['tokens_per_image'], meta['feature_dim']))
+                               shape=(frames, meta['tokens_per_image'], meta['feature_dim']))
+        if self.media == 'video':  # each video's frames are consecutive rows of the features
+            self.first_frame, self.frame_count = np.load(f'{path}_frames.npy').T
+        else:
+            self.first_frame, self.frame_count = np.arange(frames), np.ones(frames, dtype=np.int64)
+        self.max_frames = int(self.frame_count.max())
+        self.records_path = f'{path}_{self.media}s.json'
         self.tokens = np.memmap(f'{path}_tokens.bin', dtype=np.uint16, mode='r')
-        self.offsets, lengths, self.images = np.load(f'{path}_captions.npy').T
+        self.offsets, lengths, self.media_index = np.load(f'{path}_captions.npy').T
         self.lengths = np.minimum(lengths, max_tokens - 1)  # room for the closing <|endoftext|>
 
     def __len__(self):
         return len(self.offsets)
+
+    def records(self):
+        """Each image's (or video's) file, id and reference captions, in feature order."""
+        with open(self.records_path) as f:
+            return json.load(f)
+
+    def features(self, media_ids):
+        """Frames [B, T, N, D] (float16) of images or videos, zero-padded to the split's longest video so
+        that every batch has the same shape, and the mask of real frames [B, T]."""
+        column = np.arange(self.max_frames)
+        mask = column < self.frame_count[media_ids, None]
+        rows = np.where(mask, self.first_frame[media_ids, None] + column, 0)
+        frames = self.feats[rows.ravel()].reshape(*rows.shape, *self.feats.shape[1:])
+        frames[~mask] = 0
+        return frames, mask
 
     def target_count(self, ids):
         """How many target tokens the captions `ids` have (each caption's tokens + <|endoftext|>)."""
         return int((self.lengths[ids] + 1).sum())
 
     def batch(self, ids):
-        """Features [B, N, D] (float16), tokens and targets [B, S] of the captions `ids`, padded to the
-        longest: tokens = <|endoftext|> + caption, targets = caption + <|endoftext|>, then IGNORE_INDEX."""
+        """Features [B, T, N, D] (float16) and frame mask [B, T] (see features), tokens and targets [B, S]
+        of the captions `ids`, padded to the longest: tokens = <|endoftext|> + caption, targets = caption
+        + <|endoftext|>, then IGNORE_INDEX."""
         lengths = self.lengths[ids]
         S = int(lengths.max()) + 1
         column = np.arange(S)
@@ -92,13 +117,13 @@ class Captions:
         tokens = np.concatenate([bos, caption], axis=1)
         targets = np.concatenate([caption, bos], axis=1)
         targets[column > lengths[:, None]] = IGNORE_INDEX
-        return self.feats[self.images[ids]], tokens, targets
+        return *self.features(self.media_index[ids]), tokens, targets
 
 
 def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        raise ValueError(f'{path}: not found; prepare the data with prepare_coco.py first')
+        raise ValueError(f'{path}: not found; prepare the data with prepare_coco.py or prepare_mlslt.py')
     with open(path) as f:
         return json.load(f)
 
@@ -114,6 +139,10 @@ def check_data_fits_model(meta, model, data_dir):
         problems.append(f"feature_dim {meta['feature_dim']} != the vision width {vision.hidden_size}")
     if meta['tokenizer'] != 'gpt2' or vocab < 50257:
         problems.append(f"tokenizer {meta['tokenizer']!r} does not fit GPT-2's vocabulary of {vocab}")
+    frames, time_embeddings = meta.get('max_frames', 1), model.config.max_frames
+    if model.resampler is not None and frames > time_embeddings:
+        problems.append(f'its videos have up to {frames} frames, the resampler time embeddings for '
+                        f'{time_embeddings} (max_frames)')
     if problems:
         raise ValueError(f"{data_dir}/meta.json does not match the model: {'; '.join(problems)}")
 
@@ -197,7 +226,7 @@ def main(config):
     model = build_captioner(model_config)
     check_data_fits_model(read_meta(data_dir), model, data_dir)
     train_data = Captions(data_dir, 'train', max_caption_tokens)
-    val_data = Captions(data_dir, 'val', max_caption_tokens)
+    val_data = Captions(data_dir, val_split, max_caption_tokens)
     global_batch = batch_size * gradient_accumulation_steps * world
     iters_per_epoch = len(train_data) // global_batch
     if iters_per_epoch == 0:
@@ -229,9 +258,9 @@ def main(config):
         totals = torch.zeros(2, device=dev)  # loss sum, token count
         for start in range(rank * batch_size, len(ids), world * batch_size):
             batch_ids = ids[start:start + batch_size]
-            features, tokens, targets = (to_device(a) for a in val_data.batch(batch_ids))
+            features, mask, tokens, targets = (to_device(a) for a in val_data.batch(batch_ids))
             with autocast:
-                _, loss = raw_model(features, None, tokens, targets)
+                _, loss = raw_model(features, mask, tokens, targets)
             count = val_data.target_count(batch_ids)
             totals += torch.tensor([loss.item() * count, count], device=dev)
         if ddp:
@@ -241,9 +270,9 @@ def main(config):
 
     def caption_bleu4():
         with autocast:
-            captions, images = eval_bleu.caption_split(raw_model, data_dir, 'val', eval_bleu_images,
+            captions, records = eval_bleu.caption_split(raw_model, data_dir, val_split, eval_bleu_images,
                                                        batch_size, dict(max_new_tokens=30), dev)
-        return eval_bleu.score(captions, [im['captions'] for im in images])['BLEU-4']
+        return eval_bleu.score(captions, [r['captions'] for r in records])['BLEU-4']
 
     # ------------------------------------------------------------------ logging
     if master:
@@ -287,15 +316,15 @@ def main(config):
         for micro in range(gradient_accumulation_steps):
             start = (micro * world + rank) * batch_size
             micro_ids = ids[start:start + batch_size]
-            features, tokens, targets = (to_device(a) for a in train_data.batch(micro_ids))
+            features, mask, tokens, targets = (to_device(a) for a in train_data.batch(micro_ids))
             if ddp:  # synchronise gradients only on the last micro step
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with autocast:
-                _, loss = model(features, None, tokens, targets)
+                _, loss = model(features, mask, tokens, targets)
             share = train_data.target_count(micro_ids) / all_targets
             scaler.scale(loss * share * world).backward()  # DDP averages over ranks: undo it
             window_loss += loss.detach() * share
-            window_flops += raw_model.training_flops(tokens.shape[1]) * len(micro_ids)
+            window_flops += raw_model.training_flops(tokens.shape[1], mask.shape[1]) * len(micro_ids)
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)

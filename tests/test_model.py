@@ -67,12 +67,15 @@ def test_zero_gates_give_exactly_gpt2(tiny_config, tiny_gpt2_dir):
 def test_vision_tower_loads_from_full_clip_checkpoint(tiny_config, tiny_clip_dir):
     model = build(tiny_config)
     clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
-    pixels = torch.randn(2, 3, 32, 32)
+    clips = [torch.randn(1, 3, 32, 32), torch.randn(3, 3, 32, 32)]  # an image and a 3-frame video
     with torch.no_grad():
-        expected = clip.vision_model(pixel_values=pixels).last_hidden_state
-        features = model.encode_images(pixels)
-    assert features.shape == (2, 1, TOKENS_PER_FRAME, VISION_DIM)
-    assert torch.allclose(features[:, 0], expected, atol=1e-5)
+        expected = [clip.vision_model(pixel_values=c).last_hidden_state for c in clips]
+        features, mask = model.encode_pixels(clips)
+    assert features.shape == (2, 3, TOKENS_PER_FRAME, VISION_DIM)
+    assert mask.tolist() == [[True, False, False], [True, True, True]]
+    assert torch.allclose(features[0, :1], expected[0], atol=1e-5)
+    assert torch.allclose(features[1], expected[1], atol=1e-5)
+    assert features[0, 1:].abs().max() == 0  # padding
 
 
 # ----------------------------------------------------------------------------- parameter counts

@@ -69,7 +69,7 @@ def test_captions_every_readable_image_and_reports_the_rest(run_dir, folder, tmp
     encoder = tiktoken.get_encoding('gpt2')
     for image, line in zip(good, lines):
         pixels = torch.tensor(clip_preprocess(load_rgb(image), 32))[None]
-        tokens = model.generate(model.encode_images(pixels), max_new_tokens=8)[0]
+        tokens = model.generate(*model.encode_pixels([pixels]), max_new_tokens=8)[0]
         assert line.split('\t')[1] == ' '.join(encoder.decode(tokens).split())
 
 
@@ -88,6 +88,7 @@ def test_sampling_options(run_dir, folder):
     (['--images=NOWHERE/*.jpg'], "sample.py: no image files found at 'NOWHERE/*.jpg'"),
     (['--checkpoint=missing.pt'], 'sample.py: {run}/missing.pt: no such checkpoint'),
     (['--num_samples=2'], 'sample.py: num_samples=2 needs decoding=sample (beam gives one caption)'),
+    (['--videos=clips'], 'sample.py: give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB'),
 ])
 def test_bad_arguments_fail_in_one_line(run_dir, folder, options, message):
     path, _ = folder

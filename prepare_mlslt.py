@@ -1,0 +1,220 @@
+"""
+Precompute the frozen CLIP features of MLSLT's sign-language videos (the SP-10 data: a signer in one of
+10 sign languages, and the sentence in several spoken languages), as it ships:
+
+    <root>/<split>/<id>/<sign language>.mp4     for split in train, dev, test
+    <root>/<split>.json                         [{"id": ..., "sign_list": [{"lang": ..., "text": ...}]}]
+
+    python prepare_mlslt.py --root=SP-10 --out_dir=data/mlslt
+    python prepare_mlslt.py --root=SP-10 --sign_langs=de,en --text_lang=de --out_dir=data/mlslt_de
+
+Every (id, sign language) pair with a video is a sample; its target is the sentence in text_lang. Up to
+max_frames frames, spread evenly over the video, go through CLIP, one by one. Writes per split, each
+file atomically (temp file + rename), what prepare_coco.py writes with frames for images:
+  <split>_feats.bin      float16 [frames, tokens, width]: every video's frames, one video after another
+  <split>_frames.npy     int64 [videos, 2]: (first frame, frame count) of each video
+  <split>_tokens.bin, <split>_captions.npy (its third column: the video), <split>_videos.json, meta.json
+An interrupted run resumes where it stopped. Needs PyAV (pip install av).
+"""
+import json
+import os
+
+import numpy as np
+
+from prepare_coco import (FORMAT_VERSION, atomic_write, clip_preprocess, drop_bad_files, extract_features,
+                          read_json, write_captions, write_json)
+
+# -----------------------------------------------------------------------------
+root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4
+out_dir = 'data/mlslt'
+splits = 'train,dev,test'
+sign_langs = ''  # the sign languages to use, e.g. 'de,en' (default: all present)
+text_lang = 'en'  # the spoken language of the targets
+max_frames = 64  # frames per video, spread evenly over it (at most the resampler's time embeddings)
+vision_model = 'openai/clip-vit-base-patch32'  # hub name or local directory
+batch_size = 4  # videos per CLIP batch (up to batch_size * max_frames frames)
+num_workers = min(4, os.cpu_count() or 1)  # video decoding processes
+device = ''  # default: cuda when available, else cpu
+skip_bad_videos = False  # drop unreadable videos (and their captions) instead of stopping
+# -----------------------------------------------------------------------------
+
+SIGN_LANGUAGES = ('zh', 'uk', 'ru', 'bg', 'is', 'de', 'it', 'sv', 'lt', 'en')
+MAX_TIME_EMBEDDINGS = 500  # model.py's CaptionerConfig.max_frames
+
+
+# ----------------------------------------------------------------------------- the split files
+
+def load_split(root_dir, split_name, languages, target_lang):
+    """[{'file': video, 'id': '<id>/<sign language>', 'captions': [text]}] of every (id, sign language)
+    pair whose video exists, for the sign languages `languages`."""
+    path = os.path.join(root_dir, f'{split_name}.json')
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        texts = [{s['lang']: s['text'].strip() for s in entry['sign_list']} for entry in entries]
+        ids = [str(entry['id']) for entry in entries]
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: cannot read it ({e})')
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'{path}: expected a list of {{"id", "sign_list": [{{"lang", "text"}}]}} ({e!r})')
+    records = []
+    for sample_id, text in zip(ids, texts):
+        if target_lang not in text:
+            raise ValueError(f'{path}: id {sample_id} has no {target_lang!r} text (its languages: '
+                             f'{", ".join(text)})')
+        for lang in languages:
+            video = os.path.join(root_dir, split_name, sample_id, f'{lang}.mp4')
+            if os.path.exists(video):
+                records.append(dict(file=video, id=f'{sample_id}/{lang}', captions=[text[target_lang]]))
+    if not records:
+        raise ValueError(f'{os.path.join(root_dir, split_name)}: no video of the sign languages '
+                         f'{",".join(languages)} for the {len(ids)} ids of {path}')
+    return records
+
+
+# ----------------------------------------------------------------------------- videos
+
+def open_video(path):
+    """(container, its first video stream) of a video file; PyAV is needed only for videos."""
+    import av
+    container = av.open(path)
+    if not container.streams.video:
+        container.close()
+        raise ValueError('no video stream')
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'  # decode on several threads
+    return container, stream
+
+
+def count_frames(path):
+    """How many frames the video decodes to, or why it cannot be used (a str). Decoding every frame
+    is the only count that cannot disagree with the decoding that follows (headers can be wrong)."""
+    if not os.path.exists(path):
+        return 'missing'
+    if os.path.getsize(path) == 0:
+        return 'empty file'
+    try:
+        container, stream = open_video(path)
+        with container:
+            frames = sum(1 for _ in container.decode(stream))
+    except Exception as e:  # PyAV raises many kinds for a broken file
+        return f'not a readable video ({type(e).__name__}: {e})'.splitlines()[0]
+    return frames if frames else 'no frames'
+
+
+def frame_indices(frame_count, wanted):
+    """`wanted` frame indices spread evenly over frame_count frames: the middle of equal segments."""
+    return ((np.arange(wanted) + 0.5) * frame_count / wanted).astype(np.int64)
+
+
+def read_frames(path, most, frame_count):
+    """RGB PIL images of min(frame_count, most) frames spread evenly over the video's frame_count."""
+    wanted = set(frame_indices(frame_count, min(frame_count, most)).tolist())
+    container, stream = open_video(path)
+    with container:
+        frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in wanted]
+    if len(frames) != len(wanted):
+        raise ValueError(f'{path}: {len(frames)} of its frames {sorted(wanted)} decoded')
+    return frames
+
+
+def video_pixels(path, most, frame_count, size):
+    """CLIP's input for up to `most` frames of a video: float32 [frames, 3, size, size]."""
+    return np.stack([clip_preprocess(frame, size) for frame in read_frames(path, most, frame_count)])
+
+
+class VideoFiles:
+    """A torch Dataset of preprocessed videos [frames, 3, H, W], decoded in DataLoader workers."""
+
+    def __init__(self, paths, decoded_counts, most, size):
+        self.paths, self.decoded_counts, self.most, self.size = paths, decoded_counts, most, size
+        self.frame_counts = [min(n, most) for n in decoded_counts]  # the frames kept of each video
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return video_pixels(self.paths[i], self.most, self.decoded_counts[i], self.size)
+
+
+# ----------------------------------------------------------------------------- preparing
+
+def prepare(split_records, out_dir, vision_model, most, batch_size, workers, device, skip_bad, rank=0,
+            world=1):
+    """Features and tokens of every split, at most `most` frames per video; returns meta.json's content
+    (rank 0 writes the captions)."""
+    import tiktoken
+    import torch
+    from model import load_vision
+    checked = {name: drop_bad_files(name, records, count_frames, 'video', workers, skip_bad, rank, world)
+               for name, records in split_records.items()}
+    dtype = torch.float16 if device.startswith('cuda') else torch.float32
+    model = load_vision(vision_model).to(device).eval()
+    encoder = tiktoken.get_encoding('gpt2')
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
+                feature_dtype='float16', token_dtype='uint16', media='video', max_frames=most, splits={})
+    for name, (records, decoded_counts) in checked.items():
+        base = os.path.join(out_dir, name)
+        files = VideoFiles([r['file'] for r in records], decoded_counts, most, model.config.image_size)
+        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers, device.split(':')[0],
+                                 dtype, rank, world)
+        meta.update(tokens_per_image=shape[1], feature_dim=shape[2])  # tokens per frame
+        meta['splits'][name] = dict(videos=len(records), frames=shape[0], captions=len(records))
+        if rank == 0:
+            counts = np.array(files.frame_counts, dtype=np.int64)
+            index = np.stack([np.cumsum(counts) - counts, counts], axis=1)
+            atomic_write(base + '_frames.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
+            write_captions(records, out_dir, name, encoder, media='video')
+    return meta
+
+
+def main(rank, world):
+    if not root:
+        raise ValueError('give --root=FOLDER (the one with train.json, dev.json, test.json)')
+    if not 1 <= max_frames <= MAX_TIME_EMBEDDINGS:
+        raise ValueError(f'max_frames must be in 1..{MAX_TIME_EMBEDDINGS} (the resampler has '
+                         f'{MAX_TIME_EMBEDDINGS} time embeddings), not {max_frames}')
+    languages = sign_langs.split(',') if sign_langs else SIGN_LANGUAGES
+    unknown = [lang for lang in languages if lang not in SIGN_LANGUAGES]
+    if unknown:
+        raise ValueError(f"sign_langs: unknown {','.join(unknown)} (MLSLT has {','.join(SIGN_LANGUAGES)})")
+    try:
+        import av  # noqa: F401  (fail before any work, not in a decoding worker)
+    except ImportError:
+        raise ValueError('PyAV is needed to decode videos: pip install av')
+    meta_path = os.path.join(out_dir, 'meta.json')
+    # splits prepared by earlier runs into the same folder stay listed, if they are compatible
+    meta = read_json(meta_path) or {}
+    same = (FORMAT_VERSION, vision_model, 'video', max_frames, text_lang)
+    if meta and tuple(meta.get(k) for k in ('format_version', 'vision_model', 'media', 'max_frames',
+                                            'text_lang')) != same:
+        raise ValueError(f"{meta_path} holds other features ({meta.get('vision_model')!r}, up to "
+                         f"{meta.get('max_frames')} frames, text {meta.get('text_lang')!r}); use another "
+                         f"--out_dir")
+    import torch
+    cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    split_records = {name: load_split(root, name, languages, text_lang) for name in splits.split(',')}
+    prepared = prepare(split_records, out_dir, vision_model, max_frames, batch_size, num_workers,
+                       device or cuda, skip_bad_videos, rank, world)
+    prepared['text_lang'] = text_lang
+    if rank != 0:
+        return
+    prepared['splits'] = {**meta.get('splits', {}), **prepared['splits']}
+    write_json(meta_path, prepared)
+    print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['videos']:,} videos / {v['frames']:,} frames"
+                                           for k, v in prepared['splits'].items()))
+
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    import torch
+    # under torchrun, every rank extracts its own share of each split
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1:
+        torch.distributed.init_process_group('gloo')  # only to coordinate: barriers and the bad list
+    try:
+        main(rank, world)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'prepare_mlslt.py: {str(e).splitlines()[0]}')
