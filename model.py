@@ -97,28 +97,37 @@ def merge_heads(x):
 
 
 class KVCache:
-    """The keys and values of one attention layer for every position decoded so far."""
+    """
+    The keys and values of one attention layer, for all max_len positions of a caption from the start.
+    A decoding step writes its position in place and attends to all max_len positions, masking the
+    ones not written yet: every step then has the same shapes and reads the same memory, which is what
+    lets a GPU replay one captured step (a CUDA graph) instead of launching ~400 kernels per token.
+    """
 
     def __init__(self, max_len):
         self.max_len = max_len
         self.k = self.v = None
-        self.len = 0
 
-    def update(self, k, v):
-        """Append the new positions' keys/values; return those of all positions so far."""
-        if self.k is None:  # allocate on first use, when batch, heads and dtype are known
-            B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, self.max_len, D)
-            self.v = v.new_empty(B, H, self.max_len, D)
-        t = k.shape[2]
-        self.k[:, :, self.len:self.len + t] = k
-        self.v[:, :, self.len:self.len + t] = v
-        self.len += t
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+    def prefill(self, k, v):
+        """Store the prompt's keys/values [B, H, t, D] at positions 0..t-1."""
+        B, H, t, D = k.shape
+        self.k, self.v = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
+        self.k[:, :, :t], self.v[:, :, :t] = k, v
+
+    def write(self, k, v, pos):
+        """Store one position's keys/values [B, H, 1, D] at position pos (a 1-element tensor)."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
 
     def reorder(self, index):
-        """Keep the batch rows `index` (beam search moves and copies hypotheses)."""
-        self.k, self.v = self.k[index], self.v[index]
+        """Keep the batch rows `index` (beam search moves and copies hypotheses): in place, unless the
+        number of rows changes."""
+        if len(index) == self.k.shape[0]:
+            self.k.copy_(self.k[index])
+            self.v.copy_(self.v[index])
+        else:
+            self.k, self.v = self.k[index], self.v[index]
 
 
 class SelfAttention(nn.Module):
@@ -130,14 +139,15 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(dim, 3 * dim)  # q, k, v in one matrix product (GPT-2's layout)
         self.c_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cache=None, mask=None):
+    def forward(self, x, cache=None, mask=None, pos=None):
+        """x [B, T, C]. With a cache: the prompt (pos None) fills it, a decoding step (T = 1) writes
+        position `pos` and attends where `mask` [1, max_len] is True, positions 0..pos."""
         q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(x.shape[-1], dim=2))
-        new_positions = q.shape[2]
-        if cache is not None:
-            # a decoding step after the prompt sees every earlier position, so it needs no causal mask
-            assert cache.len == 0 or new_positions == 1, 'after the prompt, decode one token at a time'
-            k, v = cache.update(k, v)
-        is_causal = self.causal and new_positions > 1
+        if cache is not None and pos is not None:
+            k, v = cache.write(k, v, pos)
+        elif cache is not None:
+            cache.prefill(k, v)
+        is_causal = self.causal and q.shape[2] > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.c_proj(merge_heads(y))
 
@@ -162,8 +172,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_hidden)
 
-    def forward(self, x, cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(self, x, cache=None, mask=None, pos=None):
+        x = x + self.attn(self.ln_1(x), cache, mask, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,7 +191,18 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
 
     def lm_head(self, x):
-        return F.linear(x, self.wte.weight)  # tied to the token embedding, as in GPT-2
+        """Next-token logits, tied to the token embedding as in GPT-2. On a GPU the vocabulary is padded to
+        a multiple of 64 (50,257 -> 50,304), where an H100 multiplies 5 to 7x faster; the padding's
+        logits are -inf, so it is never predicted and adds nothing to a softmax."""
+        return F.linear(x, *padded_head(self.wte.weight, 64 if x.is_cuda else 1))
+
+
+def padded_head(weight, multiple):
+    """(weight padded with zero rows to a multiple of `multiple` rows, bias: 0, or -inf on the padding)"""
+    pad = -weight.shape[0] % multiple
+    bias = torch.zeros(weight.shape[0] + pad, dtype=weight.dtype, device=weight.device)
+    bias[weight.shape[0]:] = -math.inf
+    return F.pad(weight, (0, 0, 0, pad)), bias
 
 
 # -----------------------------------------------------------------------------
@@ -399,38 +420,47 @@ class Captioner(nn.Module):
             raise ValueError(f'a sequence of {positions} positions (prefix + caption) is longer than '
                              f"the language model's {self.gpt.config.block_size}")
 
-    def run_text(self, x, media_kv, caches=None):
-        """The GPT-2 blocks with their gated cross-attention blocks, then the final norm."""
+    def run_text(self, x, media_kv, caches=None, pos=None):
+        """The GPT-2 blocks with their gated cross-attention blocks, then the final norm. With caches:
+        the prompt fills them, or, given pos, one decoding step at position pos (see KVCache)."""
+        mask = None
+        if pos is not None:  # the positions written so far, this one included
+            mask = (torch.arange(caches[0].max_len, device=x.device) <= pos)[None]  # [1 query, keys]
         for i, block in enumerate(self.gpt.h):
             if str(i) in media_kv:
                 x = self.xattn[str(i)](x, media_kv[str(i)])
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, mask, pos)
         return self.gpt.ln_f(x)
 
-    def forward(self, features, feature_mask, tokens, targets=None):
+    def forward(self, features, feature_mask, tokens, targets=None, target_positions=None):
         """
         features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
         tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
         on padding. Without targets: logits [B, S, vocab] of the caption positions (the prefix needs no
-        LM head). With targets: logits [K, vocab] of the K positions that have a target, in order, and
-        their mean cross-entropy. Over GPT-2's 50,257 words the LM head and its softmax are most of a
-        small model's work, and a third of a batch padded to its longest caption is padding.
+        LM head). With targets: logits [K, vocab or more] of the K positions that have a target, in
+        order, and their mean cross-entropy. Over GPT-2's 50,257 words the LM head and its softmax are
+        most of a small model's work, and a third of a batch padded to its longest caption is padding.
+        target_positions [K]: the flat indices (into B * S) of those positions. Give them when they are
+        known on the host (train.py does): finding them from `targets` on a GPU makes the CPU wait for
+        the GPU (one sync per step), and gives torch.compile a shape it cannot know in advance.
         """
         prefix, media_kv = self.encode(features, feature_mask)
         h = self.run_text(self.embed(tokens, prefix), media_kv)[:, self.prefix_len:]
         if targets is None:
-            return self.gpt.lm_head(h), None
-        has_target = targets != IGNORE_INDEX  # on a GPU, counting these is one host sync per step
-        logits = self.gpt.lm_head(h[has_target])
-        return logits, F.cross_entropy(logits.float(), targets[has_target])
+            return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None
+        if target_positions is None:
+            target_positions = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        logits = self.gpt.lm_head(h.reshape(-1, h.shape[-1])[target_positions])
+        return logits, F.cross_entropy(logits.float(), targets.flatten()[target_positions])
 
-    def training_flops(self, caption_len, frames=1):
+    def training_flops(self, caption_len, frames=1, targets=None):
         """
-        Matrix-product FLOPs of one training step on one caption of caption_len tokens (the PaLM / nanoGPT
-        model-FLOPs convention). Forward: 2 per weight per token it touches, plus attention scores and
-        weighted sums. Backward: twice the forward for trained parts (input and weight gradients), once
-        for frozen parts that still pass gradients back (the GPT-2 blocks and the LM head need input
-        gradients only), none for CLIP (its features are precomputed).
+        Matrix-product FLOPs of one training step on one caption of caption_len tokens, `targets` of them
+        (default all) through the LM head (the PaLM / nanoGPT model-FLOPs convention). Forward: 2 per
+        weight per token it touches, plus attention scores and weighted sums. Backward: twice the forward
+        for trained parts (input and weight gradients), once for frozen parts that still pass gradients
+        back (the GPT-2 blocks and the LM head need input gradients only), none for CLIP (its features
+        are precomputed). Vocabulary padding is not counted: it is not the model's work.
         """
         n = lambda module: count_params(module)[0]
         vision = self.vision.config
@@ -439,7 +469,8 @@ class Captioner(nn.Module):
         parts = []  # (forward FLOPs, trained?)
         for block in self.gpt.h:
             parts.append((2 * n(block) * T + 4 * T * T * D, block.ln_1.weight.requires_grad))
-        parts.append((2 * self.gpt.wte.weight.numel() * caption_len, self.gpt.wte.weight.requires_grad))
+        targets = caption_len if targets is None else targets
+        parts.append((2 * self.gpt.wte.weight.numel() * targets, self.gpt.wte.weight.requires_grad))
         if self.resampler is not None:
             L = self.resampler.latents.shape[0]
             for attn, ff in self.resampler.layers:
@@ -466,50 +497,88 @@ class Captioner(nn.Module):
         prefix, media_kv = self.encode(features, feature_mask)
         caches = [KVCache(max_len) for _ in self.gpt.h]
         bos = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
-        h = self.run_text(self.embed(bos, prefix), media_kv, caches)
-        return self.gpt.lm_head(h[:, -1]), dict(media_kv=media_kv, caches=caches)
+        x = self.embed(bos, prefix)
+        h = self.run_text(x, media_kv, caches)
+        pos = torch.tensor([x.shape[1]], device=x.device)  # where the next token goes
+        return self.gpt.lm_head(h[:, -1]), dict(media_kv=media_kv, caches=caches, pos=pos)
 
     def _step(self, token, state):
-        """Feed one token per row [B]; returns next-token logits [B, vocab]."""
-        pos = state['caches'][0].len
-        x = self.embed(token[:, None], start=pos)
-        h = self.run_text(x, state['media_kv'], state['caches'])
+        """Feed one token per row [B] at position state['pos'], then advance it (in place); returns
+        next-token logits [B, vocab]. The same shapes and memory every step (see KVCache)."""
+        pos = state['pos']
+        x = self.gpt.wte(token[:, None]) + self.gpt.wpe(pos)
+        h = self.run_text(x, state['media_kv'], state['caches'], pos)
+        pos.add_(1)
         return self.gpt.lm_head(h[:, -1])
+
+    def _stepper(self, token, state):
+        """A function of the next tokens [B] that runs _step. On a GPU, the step is captured once as a
+        CUDA graph and replayed: one launch instead of hundreds, which is most of a step's time at
+        small batches. The returned logits tensor is the graph's own, rewritten by every step."""
+        if not token.is_cuda:
+            return lambda next_token: self._step(next_token, state)
+        static_token = token.clone()
+        side = torch.cuda.Stream()  # warm up (cuBLAS workspaces, autotuning) off the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(static_token, state)
+        torch.cuda.current_stream().wait_stream(side)
+        state['pos'].sub_(1)  # the warm-up step's writes are overwritten by the first real one
+        graph = torch.cuda.CUDAGraph()
+        # autocast's cast cache would outlive the capture's memory: capture without it. Thread-local
+        # capture: a DataLoader's pin-memory thread may call CUDA meanwhile (sample.py)
+        with torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False,
+                            enabled=torch.is_autocast_enabled('cuda')), \
+                torch.cuda.graph(graph, capture_error_mode='thread_local'):
+            logits = self._step(static_token, state)
+
+        def replay(next_token):
+            static_token.copy_(next_token)
+            graph.replay()
+            return logits
+        return replay
 
     @torch.no_grad()
     def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
-                 temperature=1.0, top_k=None, top_p=None, length_penalty=1.0, generator=None):
+                 temperature=1.0, top_k=None, top_p=None, length_penalty=1.0, generator=None,
+                 min_new_tokens=0):
         """
         Caption a batch of images or videos. decoding: 'greedy', 'beam' (per-image beams, scores
-        normalised by length ** length_penalty) or 'sample' (temperature, top_k, top_p).
-        Returns one list of token ids per input, without <|endoftext|>.
+        normalised by length ** length_penalty) or 'sample' (temperature, top_k, top_p). No caption
+        ends before min_new_tokens tokens. Returns one list of token ids per input, without
+        <|endoftext|>.
         """
         if decoding == 'beam':
-            tokens = self._beam_search(features, feature_mask, max_new_tokens, beam_width, length_penalty)
+            tokens = self._beam_search(features, feature_mask, max_new_tokens, beam_width, length_penalty,
+                                       min_new_tokens)
         elif decoding in ('greedy', 'sample'):
             pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
                 lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
-            tokens = self._decode(features, feature_mask, max_new_tokens, pick)
+            tokens = self._decode(features, feature_mask, max_new_tokens, pick, min_new_tokens)
         else:
             raise ValueError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
         return [strip_eot(row) for row in tokens.tolist()]
 
-    def _decode(self, features, feature_mask, max_new_tokens, pick):
+    def _decode(self, features, feature_mask, max_new_tokens, pick, min_new_tokens):
         """One token per step for every row; rows that have ended keep emitting <|endoftext|>."""
         logits, state = self._start(features, feature_mask, max_new_tokens)
         B = logits.shape[0]
         out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
         ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
+        step = None
         for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                logits[:, EOT] = -math.inf
             token = pick(logits).masked_fill(ended, EOT)
             out[:, t] = token
             ended |= token == EOT
             if t == max_new_tokens - 1 or ended.all():
                 break
-            logits = self._step(token, state)
+            step = step or self._stepper(token, state)
+            logits = step(token)
         return out
 
-    def _beam_search(self, features, feature_mask, max_new_tokens, K, length_penalty):
+    def _beam_search(self, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens):
         logits, state = self._start(features, feature_mask, max_new_tokens)
         B, V = logits.shape
         device = logits.device
@@ -529,7 +598,10 @@ class Captioner(nn.Module):
         done_scores = torch.full((B, K), -math.inf, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # no live beam can win any more
         rank = torch.arange(2 * K, device=device)
+        step = None
         for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                logprobs[:, EOT] = -math.inf
             length_norm = (t + 1) ** length_penalty
             # the 2K best extensions: at most K of them end, so at least K stay alive
             scores = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
@@ -555,7 +627,9 @@ class Captioner(nn.Module):
             parent = torch.arange(B, device=device)[:, None] * K + source.gather(1, alive)
             for cache in state['caches']:
                 cache.reorder(parent.view(-1))
-            logprobs = self._step(beams[:, :, t].reshape(-1), state).float().log_softmax(-1)
+            token = beams[:, :, t].reshape(-1)
+            step = step or self._stepper(token, state)
+            logprobs = step(token).float().log_softmax(-1)
         # at max_new_tokens, the beams still alive are hypotheses too
         live_scores = beam_scores.masked_fill(finished[:, None], -math.inf) / (t + 1) ** length_penalty
         all_scores = torch.cat([done_scores, live_scores], 1)

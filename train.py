@@ -107,7 +107,8 @@ class Captions:
     def batch(self, ids):
         """Features [B, T, N, D] (float16) and frame mask [B, T] (see features), tokens and targets [B, S]
         of the captions `ids`, padded to the longest: tokens = <|endoftext|> + caption, targets = caption
-        + <|endoftext|>, then IGNORE_INDEX."""
+        + <|endoftext|>, then IGNORE_INDEX; and the flat positions of the targets [K] (found here, on the
+        host, so that the GPU need not report them: see Captioner.forward)."""
         lengths = self.lengths[ids]
         S = int(lengths.max()) + 1
         column = np.arange(S)
@@ -117,7 +118,7 @@ class Captions:
         tokens = np.concatenate([bos, caption], axis=1)
         targets = np.concatenate([caption, bos], axis=1)
         targets[column > lengths[:, None]] = IGNORE_INDEX
-        return *self.features(self.media_index[ids]), tokens, targets
+        return *self.features(self.media_index[ids]), tokens, targets, np.flatnonzero(targets != IGNORE_INDEX)
 
 
 def read_meta(data_dir):
@@ -258,9 +259,8 @@ def main(config):
         totals = torch.zeros(2, device=dev)  # loss sum, token count
         for start in range(rank * batch_size, len(ids), world * batch_size):
             batch_ids = ids[start:start + batch_size]
-            features, mask, tokens, targets = (to_device(a) for a in val_data.batch(batch_ids))
             with autocast:
-                _, loss = raw_model(features, mask, tokens, targets)
+                _, loss = raw_model(*(to_device(a) for a in val_data.batch(batch_ids)))
             count = val_data.target_count(batch_ids)
             totals += torch.tensor([loss.item() * count, count], device=dev)
         if ddp:
@@ -316,15 +316,16 @@ def main(config):
         for micro in range(gradient_accumulation_steps):
             start = (micro * world + rank) * batch_size
             micro_ids = ids[start:start + batch_size]
-            features, mask, tokens, targets = (to_device(a) for a in train_data.batch(micro_ids))
+            features, mask, tokens, targets, positions = (to_device(a) for a in train_data.batch(micro_ids))
             if ddp:  # synchronise gradients only on the last micro step
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             with autocast:
-                _, loss = model(features, mask, tokens, targets)
+                _, loss = model(features, mask, tokens, targets, positions)
             share = train_data.target_count(micro_ids) / all_targets
             scaler.scale(loss * share * world).backward()  # DDP averages over ranks: undo it
             window_loss += loss.detach() * share
-            window_flops += raw_model.training_flops(tokens.shape[1], mask.shape[1]) * len(micro_ids)
+            window_flops += len(micro_ids) * raw_model.training_flops(tokens.shape[1], mask.shape[1],
+                                                                      len(positions) / len(micro_ids))
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)

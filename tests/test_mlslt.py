@@ -117,7 +117,10 @@ def test_features_frames_and_captions(mlslt_data, mlslt_root, tiny_clip_dir):
 def test_batches_pad_videos_and_mask_the_padding(mlslt_data):
     from train import Captions
     data = Captions(mlslt_data, 'train', max_tokens=32)
-    features, mask, tokens, targets = data.batch(np.array([2, 0]))  # a2/de (4 frames), a1/de (6)
+    features, mask, tokens, targets, positions = data.batch(np.array([2, 0]))  # a2/de (4 frames), a1/de (6)
+    # the target positions, found on the host: each sentence's tokens and its <|endoftext|>
+    assert len(positions) == data.target_count(np.array([2, 0])) == (targets != -100).sum()
+    assert (targets.flatten()[positions] != -100).all()
     assert features.shape == (2, 6, 17, 32) and mask.tolist() == [[True] * 4 + [False] * 2, [True] * 6]
     assert np.array_equal(features[0, :4], data.feats[12:16]) and not features[0, 4:].any()
     assert np.array_equal(features[1], data.feats[0:6])

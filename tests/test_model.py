@@ -9,8 +9,9 @@ import torch
 from transformers import CLIPModel, GPT2LMHeadModel
 
 from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
-from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, param_table,
-                   sample_token)
+import torch.nn.functional as F
+from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, padded_head,
+                   param_table, sample_token)
 
 
 def build(config, **changes):
@@ -172,6 +173,11 @@ def test_loss_is_cross_entropy_over_caption_tokens_only(tiny_config, mapper):
     picked = [-logprobs[b, s, targets[b, s]] for b in range(2) for s in range(tokens.shape[1])
               if has_target[b, s]]
     assert torch.allclose(loss, torch.stack(picked).mean(), atol=1e-6)
+    # the same, with the target positions found on the host (as train.py gives them)
+    positions = torch.tensor([s for s in range(12) if targets.flatten()[s] != IGNORE_INDEX])
+    assert positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    logits_given, loss_given = model(features, None, tokens, targets, positions)
+    assert torch.equal(logits_given, logits) and torch.equal(loss_given, loss)
     # whatever sits in the padded positions does not change the loss
     tokens[1, 3:] = torch.tensor([0, 123, 4567, 89][:tokens.shape[1] - 3])
     _, loss_other_padding = model(features, None, tokens, targets)
@@ -365,6 +371,26 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert seen(top_k=3, temperature=1e-6) == {0}
 
 
+def test_lm_head_padding_changes_no_prediction():
+    """On a GPU the LM head pads GPT-2's 50,257 words to 50,304: same logits, the padding never wins."""
+    weight, x = torch.randn(50257, 16), torch.randn(5, 16)
+    padded_weight, bias = padded_head(weight, 64)
+    logits = F.linear(x, padded_weight, bias)
+    assert logits.shape == (5, 50304)
+    assert torch.allclose(logits[:, :50257], x @ weight.t(), atol=1e-5)
+    assert torch.isneginf(logits[:, 50257:]).all()
+    assert torch.allclose(logits.log_softmax(-1)[:, :50257], (x @ weight.t()).log_softmax(-1), atol=1e-5)
+    assert padded_head(weight, 1)[0].shape == weight.shape  # on a CPU: no padding
+
+
+@pytest.mark.parametrize('decoding', ['greedy', 'beam'])
+def test_min_new_tokens(captioner, decoding):
+    features = random_features(3)
+    shortest = min(len(t) for t in captioner.generate(features, decoding=decoding, max_new_tokens=12))
+    tokens = captioner.generate(features, decoding=decoding, max_new_tokens=12, min_new_tokens=shortest + 3)
+    assert all(len(t) >= shortest + 3 for t in tokens)
+
+
 def test_training_flops():
     # mapping network only, 15 caption tokens + 1 prefix token, by hand: frozen parts count forward +
     # input gradients (2x), trained parts forward + input and weight gradients (3x)
@@ -374,5 +400,8 @@ def test_training_flops():
     mapper = 2 * 787_712
     expected = 2 * (blocks + lm_head) + 3 * mapper
     assert meta_captioner(enable_resampler_xattn=False).training_flops(15) == expected
+    # the LM head runs only on the positions that have a target
+    fewer = meta_captioner(enable_resampler_xattn=False).training_flops(15, targets=10)
+    assert expected - fewer == 2 * 2 * V * D * 5
     # the reference configuration: about 17 GFLOP per caption (7 forward, 10 backward)
     assert 16.5e9 < meta_captioner().training_flops(15) < 17.5e9
