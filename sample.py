@@ -39,7 +39,7 @@ top_p = 1.0  # 1.0: off
 max_new_tokens = 30
 num_samples = 1  # captions per image (decoding='sample')
 seed = 1337
-batch_size = 32  # files per batch
+batch_size = 256  # files per batch: large batches keep a GPU busy while decoding
 num_workers = min(4, os.cpu_count() or 1)  # decoding processes
 device = ''  # default: cuda when available, else cpu
 # -----------------------------------------------------------------------------
@@ -97,6 +97,17 @@ class PreprocessedVideos:
         return path, video_pixels(path, self.most, frame_count, self.size), None
 
 
+def collate_files(items):
+    """In a DataLoader worker: the readable files' frames as one tensor (a tensor reaches the main
+    process through shared memory; numpy arrays would be pickled through a pipe), their paths and frame
+    counts, and (path, why) of the unreadable ones."""
+    import torch
+    good = [(path, pixels) for path, pixels, why in items if not why]
+    frames = torch.from_numpy(np.concatenate([pixels for _, pixels in good])) if good else None
+    return [path for path, _ in good], [len(pixels) for _, pixels in good], frames, \
+        [(path, why) for path, _, why in items if why]
+
+
 def caption_files(model, files, options, batch, workers, dev, samples=1):
     """{path: [captions]} of every readable image or video of `files` (PreprocessedImages or
     PreprocessedVideos), in their order; reports the others."""
@@ -104,24 +115,24 @@ def caption_files(model, files, options, batch, workers, dev, samples=1):
     import torch
     from tqdm import tqdm
     encoder = tiktoken.get_encoding('gpt2')
-    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=list)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if dev.startswith('cuda') else nullcontext()
+    cuda = dev.startswith('cuda')
+    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
+                                         pin_memory=cuda)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
     results = {}
     with tqdm(total=len(files), unit='file', disable=len(files) < 100, file=sys.stderr) as bar:
-        for items in loader:
-            for path, _, why in items:
-                if why:
-                    print(f'{path}: skipped, {why}', file=sys.stderr)
-            good = [(path, pixels) for path, pixels, why in items if not why]
-            if good:
-                clips = [torch.from_numpy(pixels).to(dev) for _, pixels in good]
+        for paths, frame_counts, frames, bad in loader:
+            for path, why in bad:
+                print(f'{path}: skipped, {why}', file=sys.stderr)
+            if paths:
+                clips = frames.to(dev, non_blocking=True).split(frame_counts)
                 with torch.no_grad(), autocast:
                     features, mask = model.encode_pixels(clips)
                     tokens = model.generate(features.repeat_interleave(samples, dim=0),
                                             mask.repeat_interleave(samples, dim=0), **options)
-                for i, (path, _) in enumerate(good):
+                for i, path in enumerate(paths):
                     results[path] = [decode_caption(encoder, t) for t in tokens[i * samples:(i + 1) * samples]]
-            bar.update(len(items))
+            bar.update(len(paths) + len(bad))
     return results
 
 

@@ -1,0 +1,231 @@
+"""
+How fast nanocap trains, captions and runs CLIP, with random weights at any configuration (nothing is
+downloaded), on CPU or GPU:
+
+    python bench.py                                   # the reference configuration, all three
+    python bench.py --what=train --compile=True --batch_size=512
+    python bench.py --vision_model=openai/clip-vit-large-patch14 --text_model=gpt2-medium
+    python bench.py --what=extract --images=coco/val2014
+
+Measures the real code paths: train.py's step (its optimiser, autocast, precomputed float16 features,
+captions of caption_len tokens), Captioner.generate from features (greedy and beam search, every caption
+new_tokens long), and sample.py's CLIP pipeline on a folder of JPEGs (decode + preprocess in DataLoader
+workers + CLIP forward), alone and end to end with captioning. Prints a table, then one JSON line with
+every figure.
+"""
+import json
+import os
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from model import EOT, CaptionerConfig, build_captioner
+
+# -----------------------------------------------------------------------------
+what = 'train,generate,extract'
+device = ''  # default: cuda when available, else cpu
+dtype = ''  # default: bfloat16 on cuda, float32 on cpu
+compile = False  # torch.compile the training step's model
+seed = 1337
+# training
+batch_size = 0  # captions per step (0: 1024 on a GPU, 8 on a CPU)
+caption_len = 16  # tokens per caption: <|endoftext|> + 15, about a COCO caption
+train_steps = 20  # timed, after warmup_steps
+warmup_steps = 5
+# generation from features
+gen_batch_sizes = ''  # comma-separated (default: '16,64,256,1024' on a GPU, '1,8' on a CPU)
+new_tokens = 20
+beam_width = 5
+# CLIP on JPEGs, as sample.py runs it
+images = ''  # a folder of JPEGs (default: synthetic 640x480 JPEGs, the size of COCO's)
+num_images = 0  # images to run (0: 8192 on a GPU, 32 on a CPU); the folder's files are cycled
+extract_batch = 256
+num_workers = min(16, os.cpu_count() or 1)
+# the model: every field of model.py's CaptionerConfig
+globals().update(asdict(CaptionerConfig()))
+# -----------------------------------------------------------------------------
+
+
+class Timer:
+    """Wall time of the block, waiting for the GPU; peak GPU memory in it (peak process RSS on CPU)."""
+
+    def __init__(self, dev):
+        self.cuda = dev.startswith('cuda')
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.peak_gib = (torch.cuda.max_memory_allocated() if self.cuda else
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+
+
+def random_features(model, batch, dev):
+    """CLIP features as prepare_coco.py stores them: float16 [B, 1, N, Dv], one frame per image."""
+    vision = model.vision.config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return torch.randn(batch, 1, tokens, vision.hidden_size, device=dev).to(torch.float16)
+
+
+def bench_train(model, dev, autocast, batch):
+    """train.py's step on fixed-length captions: every position has a target."""
+    import train
+    model.train()
+    step_model = torch.compile(model) if compile else model
+    optimizer = train.make_optimizer(model, dev.split(':')[0])
+    features, mask = random_features(model, batch, dev), torch.ones(batch, 1, dtype=torch.bool, device=dev)
+    tokens = torch.randint(0, EOT, (batch, caption_len), device=dev)
+    targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), EOT, device=dev)], dim=1)
+    positions = torch.arange(batch * caption_len, device=dev)
+
+    def step():
+        with autocast:
+            _, loss = step_model(features, mask, tokens, targets, positions)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup_steps):  # compilation, cuDNN/cuBLAS autotuning, allocator warm-up
+        step()
+    with Timer(dev) as timer:
+        for _ in range(train_steps):
+            step()
+    seconds = timer.seconds / train_steps
+    # FLOPs per caption, from Captioner.training_flops: forward 2 per weight per token it touches plus
+    # attention; backward 2x forward for the trained bridge (input and weight gradients) but only 1x for
+    # the frozen GPT-2 blocks and LM head (input gradients only: no weight gradients are computed)
+    flops = model.training_flops(caption_len) * batch
+    peak = train.peak_flops(dev.split(':')[0])
+    return dict(batch=batch, ms_per_iter=1000 * seconds, captions_per_s=batch / seconds,
+                tokens_per_s=batch * caption_len / seconds, tflops=flops / seconds / 1e12,
+                mfu=flops / seconds / peak if peak else None, peak_gib=timer.peak_gib)
+
+
+def bench_generate(model, dev, autocast, batch, decoding):
+    model.eval()
+    features = random_features(model, batch, dev)
+    options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens)  # random weights: make every caption full length
+    with autocast:
+        model.generate(features, **options)  # warm-up
+        with Timer(dev) as timer:
+            captions = model.generate(features, **options)
+    assert all(len(c) == new_tokens for c in captions)
+    return dict(decoding=decoding, batch=batch, captions_per_s=batch / timer.seconds,
+                ms_per_batch=1000 * timer.seconds, peak_gib=timer.peak_gib)
+
+
+def synthetic_jpegs(folder, count=64):
+    """COCO-like 640x480 JPEGs (smooth colour fields with noise, about 100 kB each)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    paths = []
+    for i in range(count):
+        a, b, c = rng.uniform(0.005, 0.03, 3)
+        picture = np.stack([np.sin(a * x + i), np.cos(b * y), np.sin(c * (x + y))], -1) * 100 + 128
+        picture += rng.normal(0, 12, picture.shape)
+        paths.append(os.path.join(folder, f'{i:03d}.jpg'))
+        Image.fromarray(picture.clip(0, 255).astype(np.uint8)).save(paths[-1], quality=90)
+    return paths
+
+
+def bench_extract(model, dev, autocast, paths):
+    """CLIP features of JPEGs as sample.py makes them: alone, and end to end with greedy and beam captions."""
+    from sample import PreprocessedImages, caption_files, collate_files
+    model.eval()
+    files = PreprocessedImages(paths, model.vision.config.image_size)
+
+    def clip_only():
+        loader = torch.utils.data.DataLoader(files, batch_size=extract_batch, num_workers=num_workers,
+                                             collate_fn=collate_files, pin_memory=dev.startswith('cuda'))
+        for _, frame_counts, frames, _ in loader:
+            with torch.no_grad(), autocast:
+                model.encode_pixels(frames.to(dev, non_blocking=True).split(frame_counts))
+
+    results = []
+    for name, run in [('CLIP features', clip_only)] + [
+            (f'sample.py, {decoding}', lambda decoding=decoding: caption_files(
+                model, files, dict(decoding=decoding, beam_width=beam_width, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens), extract_batch, num_workers, dev))
+            for decoding in ('greedy', 'beam')]:
+        with Timer(dev) as timer:
+            run()
+        results.append(dict(stage=name, images=len(paths), images_per_s=len(paths) / timer.seconds,
+                            peak_gib=timer.peak_gib))
+    return results
+
+
+def rate(x):
+    """A per-second figure, readable at CPU and at GPU speeds."""
+    return f'{x:,.0f}' if x >= 100 else f'{x:.3g}'
+
+
+def main():
+    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    gpu = dev.startswith('cuda')
+    amp = dtype or ('bfloat16' if gpu else 'float32')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[amp]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev.split(':')[0], dtype=ptdtype)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    config = CaptionerConfig(**{k: globals()[k] for k in asdict(CaptionerConfig())})
+    model = build_captioner(config, init_from='scratch').to(dev)
+    device_name = torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'
+    report = dict(device=device_name, dtype=amp, compile=compile, vision_model=config.vision_model,
+                  text_model=config.text_model, torch=torch.__version__)
+    stages = what.split(',')
+    rows = []  # (stage, settings, figure)
+    if 'train' in stages:
+        r = report['train'] = bench_train(model, dev, autocast, batch_size or (1024 if gpu else 8))
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if r['mfu'] is not None else ''
+        rows.append(('train step', f"batch {r['batch']} x {caption_len} tokens",
+                     f"{r['ms_per_iter']:.1f} ms/iter, {rate(r['captions_per_s'])} captions/s, "
+                     f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.1f} TFLOP/s{mfu}, "
+                     f"peak {r['peak_gib']:.2f} GiB"))
+    if 'generate' in stages:
+        report['generate'] = []
+        for batch in [int(b) for b in (gen_batch_sizes or ('16,64,256,1024' if gpu else '1,8')).split(',')]:
+            for decoding in ('greedy', 'beam'):
+                r = bench_generate(model, dev, autocast, batch, decoding)
+                report['generate'].append(r)
+                rows.append((f'{decoding} from features', f'batch {batch}, {new_tokens} tokens',
+                             f"{rate(r['captions_per_s'])} captions/s, peak {r['peak_gib']:.2f} GiB"))
+    if 'extract' in stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = sorted(os.path.join(images, f) for f in os.listdir(images)
+                           if f.lower().endswith(('.jpg', '.jpeg'))) if images else synthetic_jpegs(tmp)
+            cycled = [paths[i % len(paths)] for i in range(num_images or (8192 if gpu else 32))]
+            report['extract'] = bench_extract(model, dev, autocast, cycled)
+        for r in report['extract']:
+            rows.append((r['stage'], f"{r['images']} JPEGs, {num_workers} workers",
+                         f"{rate(r['images_per_s'])} images/s, peak {r['peak_gib']:.2f} GiB"))
+    print(f"{device_name}, {amp}, compile={compile}, {config.vision_model} + {config.text_model}")
+    width = max(len(stage) for stage, _, _ in rows), max(len(settings) for _, settings, _ in rows)
+    for stage, settings, figure in rows:
+        print(f'{stage:<{width[0]}}  {settings:<{width[1]}}  {figure}')
+    print(json.dumps(report))
+
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'bench.py: {str(e).splitlines()[0]}')

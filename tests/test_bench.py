@@ -1,0 +1,34 @@
+"""bench.py, run as users run it, on the tiny models: every figure is there and consistent."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from model import CaptionerConfig, build_captioner
+
+
+def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir):
+    model_options = [f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
+                     '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32']
+    result = subprocess.run([sys.executable, 'bench.py', *model_options, '--device=cpu', '--train_steps=2',
+                             '--warmup_steps=1', '--gen_batch_sizes=1,3', '--new_tokens=5', '--num_images=6',
+                             '--extract_batch=4', '--num_workers=0'], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert [line.split('  ')[0] for line in lines[1:-1]] == (
+        ['train step'] + ['greedy from features', 'beam from features'] * 2
+        + ['CLIP features', 'sample.py, greedy', 'sample.py, beam'])
+    train = report['train']
+    assert train['batch'] == 8 and train['mfu'] is None  # no MFU without a known peak
+    assert train['tokens_per_s'] == pytest.approx(16 * train['captions_per_s'])
+    config = CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
+                             resampler_depth=1, heads=2, dim_head=16, mapper_hidden=32)
+    flops = build_captioner(config, init_from='scratch').training_flops(16) * 8
+    assert train['tflops'] * 1e12 * train['ms_per_iter'] / 1000 == pytest.approx(flops)
+    assert [(g['decoding'], g['batch']) for g in report['generate']] == [
+        ('greedy', 1), ('beam', 1), ('greedy', 3), ('beam', 3)]
+    assert all(g['captions_per_s'] > 0 for g in report['generate'])
+    assert [(e['stage'], e['images']) for e in report['extract']] == [
+        ('CLIP features', 6), ('sample.py, greedy', 6), ('sample.py, beam', 6)]
