@@ -6,7 +6,6 @@ papers do (the coco-caption toolkit's BLEU-1..4, CIDEr-D and ROUGE-L, reimplemen
 
 Writes out_dir/metrics.json and out_dir/captions.json and prints a table.
 """
-import json
 import math
 import os
 import re

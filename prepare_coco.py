@@ -283,20 +283,26 @@ def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, worl
     return [records[i] for i in good], [found[i] for i in good]
 
 
-def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad, rank=0, world=1):
-    """Features and tokens of every split; returns meta.json's content (rank 0 writes the captions)."""
+def start_output(out_dir, vision_model, device, **meta_fields):
+    """The frozen vision tower on `device` and the dtype to run it in, the GPT-2 tokenizer, the output
+    folder, and meta.json's fields."""
     import tiktoken
     import torch
     from model import load_vision
+    dtype = torch.float16 if device.startswith('cuda') else torch.float32
+    model = load_vision(vision_model).to(device).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
+                feature_dtype='float16', token_dtype='uint16', **meta_fields, splits={})
+    return model, dtype, tiktoken.get_encoding('gpt2'), meta
+
+
+def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad, rank=0, world=1):
+    """Features and tokens of every split; returns meta.json's content (rank 0 writes the captions)."""
     splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
                                    world)[0]
               for name, records in splits.items()}
-    dtype = torch.float16 if device.startswith('cuda') else torch.float32
-    model = load_vision(vision_model).to(device).eval()
-    encoder = tiktoken.get_encoding('gpt2')
-    os.makedirs(out_dir, exist_ok=True)
-    meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
-                feature_dtype='float16', token_dtype='uint16', splits={})
+    model, dtype, encoder, meta = start_output(out_dir, vision_model, device)
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
         files = ImageFiles([r['file'] for r in records], model.config.image_size)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from prepare_coco import (FORMAT_VERSION, atomic_write, clip_preprocess, drop_bad_files, extract_features,
-                          read_json, write_captions, write_json)
+                          read_json, start_output, write_captions, write_json)
 
 # -----------------------------------------------------------------------------
 root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4
@@ -143,17 +143,9 @@ def prepare(split_records, out_dir, vision_model, most, batch_size, workers, dev
             world=1):
     """Features and tokens of every split, at most `most` frames per video; returns meta.json's content
     (rank 0 writes the captions)."""
-    import tiktoken
-    import torch
-    from model import load_vision
     checked = {name: drop_bad_files(name, records, count_frames, 'video', workers, skip_bad, rank, world)
                for name, records in split_records.items()}
-    dtype = torch.float16 if device.startswith('cuda') else torch.float32
-    model = load_vision(vision_model).to(device).eval()
-    encoder = tiktoken.get_encoding('gpt2')
-    os.makedirs(out_dir, exist_ok=True)
-    meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
-                feature_dtype='float16', token_dtype='uint16', media='video', max_frames=most, splits={})
+    model, dtype, encoder, meta = start_output(out_dir, vision_model, device, media='video', max_frames=most)
     for name, (records, decoded_counts) in checked.items():
         base = os.path.join(out_dir, name)
         files = VideoFiles([r['file'] for r in records], decoded_counts, most, model.config.image_size)

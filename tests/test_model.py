@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPModel, GPT2LMHeadModel
 
-from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
+from conftest import TOKENS_PER_FRAME, VISION_DIM
 import torch.nn.functional as F
 from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, padded_head,
                    param_table, sample_token)
