@@ -406,14 +406,13 @@ class Captioner(nn.Module):
             media_kv = {i: block.media_kv(latents) for i, block in self.xattn.items()}
         return prefix, media_kv
 
-    def embed(self, tokens, prefix=None, start=0):
-        """Token embeddings, after the prefix if given, plus position embeddings from `start`."""
+    def embed(self, tokens, prefix=None):
+        """Token embeddings, after the prefix if given, plus position embeddings."""
         x = self.gpt.wte(tokens)
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        end = start + x.shape[1]
-        self._check_length(end)
-        return x + self.gpt.wpe(torch.arange(start, end, device=tokens.device))
+        self._check_length(x.shape[1])
+        return x + self.gpt.wpe(torch.arange(x.shape[1], device=tokens.device))
 
     def _check_length(self, positions):
         if positions > self.gpt.config.block_size:
