@@ -154,7 +154,7 @@ def bench_extract(model, dev, autocast, paths):
                                              collate_fn=collate_files, pin_memory=dev.startswith('cuda'))
         for _, frame_counts, frames, _ in loader:
             with torch.no_grad(), autocast:
-                model.encode_pixels(frames.to(dev, non_blocking=True).split(frame_counts))
+                model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
 
     results = []
     for name, run in [('CLIP features', clip_only)] + [

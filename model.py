@@ -383,13 +383,13 @@ class Captioner(nn.Module):
     def prefix_len(self):
         return self.config.prefix_len if self.mapper is not None else 0
 
-    def encode_pixels(self, clips):
-        """Run CLIP on preprocessed clips, each [frames, 3, H, W] (an image is a clip of one frame).
-        Returns features [B, T, N, Dv], zero-padded to the longest clip, and the mask of real frames [B, T]."""
-        counts = torch.tensor([len(clip) for clip in clips])
-        hidden = self.vision(pixel_values=torch.cat(clips)).last_hidden_state
-        features = nn.utils.rnn.pad_sequence(hidden.split(counts.tolist()), batch_first=True)
-        mask = torch.arange(features.shape[1]) < counts[:, None]
+    def encode_pixels(self, frames, frame_counts):
+        """Run CLIP on the preprocessed frames [F, 3, H, W] of B clips, one clip after another, clip i
+        frame_counts[i] frames long (an image is a clip of one frame). Returns features [B, T, N, Dv],
+        zero-padded to the longest clip, and the mask of real frames [B, T]."""
+        hidden = self.vision(pixel_values=frames).last_hidden_state
+        features = nn.utils.rnn.pad_sequence(hidden.split(list(frame_counts)), batch_first=True)
+        mask = torch.arange(features.shape[1]) < torch.tensor(frame_counts)[:, None]
         return features, mask.to(features.device)
 
     def encode(self, features, feature_mask=None):

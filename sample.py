@@ -18,10 +18,9 @@ import warnings
 from contextlib import nullcontext
 from html import escape
 
-import numpy as np
 from PIL import Image
 
-from prepare_coco import ImageFiles, atomic_write, decode_caption, load_rgb, write_json
+from prepare_coco import ImageFiles, atomic_write, decode_caption, load_rgb, stack_frames, write_json
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -101,9 +100,8 @@ def collate_files(items):
     """In a DataLoader worker: the readable files' frames as one tensor (a tensor reaches the main
     process through shared memory; numpy arrays would be pickled through a pipe), their paths and frame
     counts, and (path, why) of the unreadable ones."""
-    import torch
     good = [(path, pixels) for path, pixels, why in items if not why]
-    frames = torch.from_numpy(np.concatenate([pixels for _, pixels in good])) if good else None
+    frames = stack_frames([pixels for _, pixels in good]) if good else None
     return [path for path, _ in good], [len(pixels) for _, pixels in good], frames, \
         [(path, why) for path, _, why in items if why]
 
@@ -125,9 +123,8 @@ def caption_files(model, files, options, batch, workers, dev, samples=1):
             for path, why in bad:
                 print(f'{path}: skipped, {why}', file=sys.stderr)
             if paths:
-                clips = frames.to(dev, non_blocking=True).split(frame_counts)
                 with torch.no_grad(), autocast:
-                    features, mask = model.encode_pixels(clips)
+                    features, mask = model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
                     tokens = model.generate(features.repeat_interleave(samples, dim=0),
                                             mask.repeat_interleave(samples, dim=0), **options)
                 for i, path in enumerate(paths):

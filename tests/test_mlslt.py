@@ -237,7 +237,7 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path):
     for path, line in zip(paths, lines):
         frames = prepare_mlslt.read_frames(path, MAX_FRAMES, prepare_mlslt.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
-        tokens = model.generate(*model.encode_pixels([pixels]), max_new_tokens=5)[0]
+        tokens = model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=5)[0]
         assert line.split('\t')[1] == ' '.join(encoder.decode(tokens).split())
 
 

@@ -71,7 +71,7 @@ def test_vision_tower_loads_from_full_clip_checkpoint(tiny_config, tiny_clip_dir
     clips = [torch.randn(1, 3, 32, 32), torch.randn(3, 3, 32, 32)]  # an image and a 3-frame video
     with torch.no_grad():
         expected = [clip.vision_model(pixel_values=c).last_hidden_state for c in clips]
-        features, mask = model.encode_pixels(clips)
+        features, mask = model.encode_pixels(torch.cat(clips), [1, 3])
     assert features.shape == (2, 3, TOKENS_PER_FRAME, VISION_DIM)
     assert mask.tolist() == [[True, False, False], [True, True, True]]
     assert torch.allclose(features[0, :1], expected[0], atol=1e-5)

@@ -69,7 +69,7 @@ def test_captions_every_readable_image_and_reports_the_rest(run_dir, folder, tmp
     encoder = tiktoken.get_encoding('gpt2')
     for image, line in zip(good, lines):
         pixels = torch.tensor(clip_preprocess(load_rgb(image), 32))[None]
-        tokens = model.generate(*model.encode_pixels([pixels]), max_new_tokens=8)[0]
+        tokens = model.generate(*model.encode_pixels(pixels, [1]), max_new_tokens=8)[0]
         assert line.split('\t')[1] == ' '.join(encoder.decode(tokens).split())
 
 
