@@ -24,7 +24,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from model import EOT, CaptionerConfig, build_captioner
+from data import input_errors_exit
+from model import EOT, CaptionerConfig, build_captioner, pick_device
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'
@@ -55,7 +56,7 @@ class Timer:
     """Wall time of the block, waiting for the GPU; peak GPU memory in it (peak process RSS on CPU)."""
 
     def __init__(self, dev):
-        self.cuda = dev.startswith('cuda')
+        self.cuda = torch.device(dev).type == 'cuda'
 
     def __enter__(self):
         if self.cuda:
@@ -151,7 +152,7 @@ def bench_extract(model, dev, autocast, paths):
 
     def clip_only():
         loader = torch.utils.data.DataLoader(files, batch_size=extract_batch, num_workers=num_workers,
-                                             collate_fn=collate_files, pin_memory=dev.startswith('cuda'))
+                                             collate_fn=collate_files, pin_memory=torch.device(dev).type == 'cuda')
         for _, frame_counts, frames, _ in loader:
             with torch.no_grad(), autocast:
                 model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
@@ -175,11 +176,11 @@ def rate(x):
 
 
 def main():
-    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    gpu = dev.startswith('cuda')
+    dev = pick_device(device)
+    gpu = torch.device(dev).type == 'cuda'
     amp = dtype or ('bfloat16' if gpu else 'float32')
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[amp]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev.split(':')[0], dtype=ptdtype)
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(torch.device(dev).type, dtype=ptdtype)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -225,7 +226,5 @@ def main():
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
-    try:
+    with input_errors_exit('bench.py'):
         main()
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'bench.py: {str(e).splitlines()[0]}')

@@ -151,19 +151,17 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
 
 
 if __name__ == '__main__':
-    import torch
     from configurator import configure, is_setting
-    from model import load_captioner
+    from data import input_errors_exit
+    from model import load_captioner, pick_device
     from train import check_data_fits_model, read_meta
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
-    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
+    with input_errors_exit('eval_bleu.py'):
+        dev = pick_device(device)
         model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
         check_data_fits_model(read_meta(data_dir), model, data_dir)
         options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
         captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'eval_bleu.py: {str(e).splitlines()[0]}')
     metrics = score(captions, [r['captions'] for r in records])
     from prepare_coco import write_json
     write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,

@@ -23,8 +23,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import InputError, first_line, input_errors_exit
+
 EOT = 50256  # GPT-2's <|endoftext|>: the BOS and the EOS of every caption
 IGNORE_INDEX = -100  # target value of positions that are not in the loss (never a real token id)
+
+
+def pick_device(device=''):
+    """
+    The device a script runs on, as a full string: `device` if given ('cpu', 'cuda', 'cuda:3', ...), else
+    a GPU if there is one, else the CPU. Under torchrun, 'cuda' means this process's own GPU,
+    cuda:LOCAL_RANK. A GPU is made the current device too: whatever uses "the" GPU without naming one
+    (CUDA streams and graphs, some kernels) must use this one, not cuda:0 on every rank.
+    """
+    import torch
+    if not device:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f'device={device!r} is not a device ({first_line(e)})')
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise InputError(f'device={device!r}, but no CUDA GPU is available')
+        if dev.index is None:
+            dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        if dev.index >= torch.cuda.device_count():
+            raise InputError(f'device={device!r}: there is no {dev} (this machine has '
+                             f'{torch.cuda.device_count()} GPUs)')
+        torch.cuda.set_device(dev)
+    return str(dev)
 
 # Architectures of the checkpoints we know by name, so that --init_from=scratch needs no download.
 # Any other name (or a local directory) is read from its config.json.
@@ -301,7 +329,7 @@ class PerceiverResampler(nn.Module):
         B, T, N, D = frames.shape
         max_frames = self.time_emb.shape[0]
         if T > max_frames:
-            raise ValueError(f'{T} frames, but the resampler has time embeddings for {max_frames}')
+            raise InputError(f'{T} frames, but the resampler has time embeddings for {max_frames}')
         media = (frames + self.time_emb[:T, None]).reshape(B, T * N, D)
         L = self.latents.shape[0]
         keep = torch.cat([frame_token_mask(frame_mask, N), frame_mask.new_ones(B, L)], dim=1)
@@ -358,7 +386,7 @@ class Captioner(nn.Module):
                 self.mapper = TransformerMapper(vision_dim, text_dim, c.prefix_len, c.mapper_depth,
                                                 c.mapper_heads, c.mapper_ffn)
             else:
-                raise ValueError(f"mapper must be 'mlp' or 'transformer', not {c.mapper!r}")
+                raise InputError(f"mapper must be 'mlp' or 'transformer', not {c.mapper!r}")
         self.resampler = None
         self.xattn = nn.ModuleDict()  # keyed by the index of the GPT-2 block it runs before
         if c.enable_resampler_xattn:
@@ -368,7 +396,7 @@ class Captioner(nn.Module):
                 self.xattn[str(i)] = GatedCrossAttention(text_dim, vision_dim, c.heads, c.dim_head,
                                                          c.ff_mult)
         if not 0 <= c.unfreeze_layers <= gpt.config.n_layer:
-            raise ValueError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {c.unfreeze_layers}')
+            raise InputError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {c.unfreeze_layers}')
         self.vision.requires_grad_(False)
         self.gpt.requires_grad_(False)
         if c.unfreeze_layers:
@@ -416,7 +444,7 @@ class Captioner(nn.Module):
 
     def _check_length(self, positions):
         if positions > self.gpt.config.block_size:
-            raise ValueError(f'a sequence of {positions} positions (prefix + caption) is longer than '
+            raise InputError(f'a sequence of {positions} positions (prefix + caption) is longer than '
                              f"the language model's {self.gpt.config.block_size}")
 
     def run_text(self, x, media_kv, caches=None, pos=None):
@@ -499,7 +527,7 @@ class Captioner(nn.Module):
         x = self.embed(bos, prefix)
         h = self.run_text(x, media_kv, caches)
         pos = torch.tensor([x.shape[1]], device=x.device)  # where the next token goes
-        return self.gpt.lm_head(h[:, -1]), dict(media_kv=media_kv, caches=caches, pos=pos)
+        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, caches=caches, pos=pos)
 
     def _step(self, token, state):
         """Feed one token per row [B] at position state['pos'], then advance it (in place); returns
@@ -508,7 +536,15 @@ class Captioner(nn.Module):
         x = self.gpt.wte(token[:, None]) + self.gpt.wpe(pos)
         h = self.run_text(x, state['media_kv'], state['caches'], pos)
         pos.add_(1)
-        return self.gpt.lm_head(h[:, -1])
+        return self.next_token_logits(h[:, -1])
+
+    def next_token_logits(self, h):
+        """Decoding's logits [B, vocab] of final hidden states [B, C], in float32 even under autocast:
+        bfloat16 logits come in steps of 0.25 to 0.5 at typical sizes, coarse enough to tie or swap the
+        best tokens and beams, so a GPU would caption differently from a CPU. Training keeps the
+        autocast head: one row per step here, thousands there."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.gpt.lm_head(h.float())
 
     def _stepper(self, token, state):
         """A function of the next tokens [B] that runs _step. On a GPU, the step is captured once as a
@@ -516,6 +552,10 @@ class Captioner(nn.Module):
         small batches. The returned logits tensor is the graph's own, rewritten by every step."""
         if not token.is_cuda:
             return lambda next_token: self._step(next_token, state)
+        with torch.cuda.device(token.device):  # streams and graphs on the model's GPU, not the current one
+            return self._captured_stepper(token, state)
+
+    def _captured_stepper(self, token, state):
         static_token = token.clone()
         side = torch.cuda.Stream()  # warm up (cuBLAS workspaces, autotuning) off the capture
         side.wait_stream(torch.cuda.current_stream())
@@ -555,7 +595,7 @@ class Captioner(nn.Module):
                 lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
             tokens = self._decode(features, feature_mask, max_new_tokens, pick, min_new_tokens)
         else:
-            raise ValueError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
+            raise InputError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
         return [strip_eot(row) for row in tokens.tolist()]
 
     def _decode(self, features, feature_mask, max_new_tokens, pick, min_new_tokens):
@@ -665,15 +705,60 @@ def _quiet_transformers():
     transformers.logging.disable_progress_bar()
 
 
+def check_checkpoint_kind(name, model_types, what):
+    """Fail unless `name` is a local directory or hub name whose config.json is of one of model_types.
+    transformers would otherwise build a randomly initialised model from a checkpoint of another kind
+    (or from a folder without one), and a run would train on noise without a word."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import PretrainedConfig
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, 'config.json')):
+        raise InputError(f'{name}: no config.json in it (not a checkpoint saved by save_pretrained)')
+    if not os.path.isdir(name):
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise InputError(f'{name}: no such directory (nor a model name on the Hugging Face hub)')
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name)
+    except OSError as e:  # not on the hub, no network, a broken config.json, ...
+        place = 'its config.json cannot be read' if os.path.isdir(name) else \
+            'no such directory, and the hub did not give it'
+        raise InputError(f'{name}: {place} ({first_line(e)})')
+    if config.get('model_type') not in model_types:
+        raise InputError(f"{name}: a {config.get('model_type') or 'model_type-less'} checkpoint, not {what}")
+
+
+def from_pretrained(model_class, name, what, ignored_prefixes=()):
+    """model_class.from_pretrained(name), failing with one line unless every weight was found, of the right
+    shape, and every weight of the checkpoint was used (except those starting with ignored_prefixes)."""
+    try:
+        # mismatched shapes are reported in `info` (and refused below), not raised as a bare RuntimeError
+        model, info = model_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True)
+    except OSError as e:  # no weights file, a truncated one, ...
+        raise InputError(f'{name}: cannot load the weights of {what} ({first_line(e)})')
+    unused = [k for k in info['unexpected_keys'] if not k.startswith(ignored_prefixes)]
+    problems = [f'{len(keys)} {why} (e.g. {keys[0]})' for why, keys in (
+        ('weights missing', sorted(info['missing_keys'])),
+        ('weights of another shape', sorted(k for k, *_ in info['mismatched_keys'])),
+        ('weights that are not part of it', sorted(unused))) if keys]
+    if problems:
+        raise InputError(f"{name}: not the weights of {what}: {'; '.join(problems)}")
+    return model
+
+
 def load_vision(name, pretrained=True):
     """The CLIP vision tower of a hub name or local directory (a full CLIPModel checkpoint is fine)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     _quiet_transformers()
-    if pretrained:
-        return CLIPVisionModel.from_pretrained(name)
-    config = CLIPVisionConfig(**CLIP_VISION_SIZES[name]) if name in CLIP_VISION_SIZES \
-        else CLIPVisionConfig.from_pretrained(name)
-    return CLIPVisionModel(config)
+    if not pretrained and name in CLIP_VISION_SIZES:
+        return CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION_SIZES[name]))
+    check_checkpoint_kind(name, ('clip', 'clip_vision_model'), 'a CLIP model')
+    if not pretrained:
+        return CLIPVisionModel(CLIPVisionConfig.from_pretrained(name))
+    # a full CLIPModel checkpoint also holds the text tower and the projections: they are not needed
+    return from_pretrained(CLIPVisionModel, name, 'a CLIP vision tower',
+                           ignored_prefixes=('text_model.', 'text_projection.', 'visual_projection.',
+                                             'logit_scale'))
 
 
 # GPT-2 checkpoints store these as Conv1D weights, shaped (in, out): nn.Linear wants (out, in)
@@ -684,10 +769,12 @@ def load_gpt2(name, pretrained=True):
     """Our GPT-2 with the weights of a hub name or local directory, via transformers' GPT2LMHeadModel."""
     from transformers import GPT2Config, GPT2LMHeadModel
     _quiet_transformers()
+    if not pretrained and name in GPT2_SIZES:
+        return GPT2(gpt_config(GPT2Config(**GPT2_SIZES[name])))
+    check_checkpoint_kind(name, ('gpt2',), 'a GPT-2 model')
     if not pretrained:
-        hf_config = GPT2Config(**GPT2_SIZES[name]) if name in GPT2_SIZES else GPT2Config.from_pretrained(name)
-        return GPT2(gpt_config(hf_config))
-    hf_model = GPT2LMHeadModel.from_pretrained(name)
+        return GPT2(gpt_config(GPT2Config.from_pretrained(name)))
+    hf_model = from_pretrained(GPT2LMHeadModel, name, 'GPT-2')
     model = GPT2(gpt_config(hf_model.config))
     hf_state = hf_model.state_dict()
     state = {}
@@ -707,7 +794,7 @@ def gpt_config(hf_config):
 def build_captioner(config: CaptionerConfig, init_from='pretrained'):
     """init_from='pretrained' loads CLIP and GPT-2 weights; 'scratch' builds them with random weights."""
     if init_from not in ('pretrained', 'scratch'):
-        raise ValueError(f"init_from must be 'pretrained' or 'scratch', not {init_from!r}")
+        raise InputError(f"init_from must be 'pretrained' or 'scratch', not {init_from!r}")
     pretrained = init_from == 'pretrained'
     return Captioner(config, load_vision(config.vision_model, pretrained),
                      load_gpt2(config.text_model, pretrained))
@@ -720,21 +807,41 @@ def trainable_state(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+CHECKPOINT_KEYS = ('model', 'model_config', 'train_config', 'optimizer', 'scaler', 'iter_num', 'best_val_loss')
+
+
+def read_checkpoint(path):
+    """A checkpoint of train.py, checked to be one, its model_config made a CaptionerConfig. Loaded with
+    weights_only=True, so that a checkpoint file cannot run code: one that holds other Python objects is
+    refused."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such checkpoint')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all, ...
+        raise InputError(f'{path}: not a readable nanocap checkpoint ({first_line(e)})')
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else None
+    if missing is None or missing:
+        raise InputError(f"{path}: not a checkpoint of train.py (no {', '.join(missing or CHECKPOINT_KEYS)})")
+    try:
+        checkpoint['model_config'] = CaptionerConfig(**checkpoint['model_config'])
+    except TypeError as e:  # fields of another version of nanocap
+        raise InputError(f'{path}: its model_config does not fit this version of model.py ({e})')
+    return checkpoint
+
+
 def load_captioner(checkpoint_path, device='cpu'):
     """Rebuild a trained captioner from a checkpoint of train.py: the frozen parts are loaded from the
-    pretrained weights named in its config, the trained ones from the file. Checkpoints are loaded with
-    weights_only=True, so a checkpoint file cannot run code."""
-    if not os.path.isfile(checkpoint_path):
-        raise ValueError(f'{checkpoint_path}: no such checkpoint')
-    checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-    model = build_captioner(CaptionerConfig(**checkpoint['model_config']))
+    pretrained weights named in its config, the trained ones from the file."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    model = build_captioner(checkpoint['model_config'])
     expected = set(trainable_state(model))
     if set(checkpoint['model']) != expected:
-        raise ValueError(f'{checkpoint_path}: its weights do not fit the model its config describes')
+        raise InputError(f'{checkpoint_path}: its weights do not fit the model its config describes')
     try:
         model.load_state_dict(checkpoint['model'], strict=False)
     except RuntimeError as e:  # shapes that differ: other vision or text widths
-        raise ValueError(f'{checkpoint_path}: its weights do not fit the models it names '
+        raise InputError(f'{checkpoint_path}: its weights do not fit the models it names '
                          f'({str(e).splitlines()[-1].strip()})')
     return model.to(device).eval(), checkpoint
 
@@ -762,10 +869,8 @@ if __name__ == '__main__':
     from configurator import configure
     settings = configure(dict(asdict(CaptionerConfig()), init_from='pretrained'))
     init_from = settings.pop('init_from')
-    try:
+    with input_errors_exit('model.py'):
         model = build_captioner(CaptionerConfig(**settings), init_from)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'model.py: {str(e).splitlines()[0]}')
     for name, total, trainable in param_table(model):
         print(f'{name:<20} {total:>14,} total {trainable:>14,} trainable')
     total, trainable = count_params(model)

@@ -23,6 +23,9 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
+from data import InputError, input_errors_exit, read_json
+from model import load_vision, pick_device
+
 # -----------------------------------------------------------------------------
 captions = ''  # the captions file: official COCO format or Karpathy's dataset_*.json
 images = ''  # the folder the captions file's image paths are relative to
@@ -44,17 +47,15 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 def load_captions(path, image_root, split_name=''):
     """{split: [{'file': path, 'id': image id, 'captions': [str, ...]}, ...]} from either format."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f'{path}: cannot read captions JSON ({e})')
+    data = read_json(path)
+    if data is None:
+        raise InputError(f'{path}: no such captions file')
     images_list = data.get('images') if isinstance(data, dict) else None
     if isinstance(images_list, list) and isinstance(data.get('annotations'), list):
-        return {split_name or split_from_name(path): coco_images(data, image_root)}
-    if isinstance(images_list, list) and all('sentences' in im and 'split' in im for im in images_list):
-        return karpathy_images(images_list, image_root)
-    raise ValueError(f'{path}: expected the official COCO captions format (images[] with id/file_name, '
+        return {split_name or split_from_name(path): coco_images(data, image_root, path)}
+    if isinstance(images_list, list) and all(isinstance(im, dict) and 'sentences' in im for im in images_list):
+        return karpathy_images(images_list, image_root, path)
+    raise InputError(f'{path}: expected the official COCO captions format (images[] with id/file_name, '
                      f'annotations[] with image_id/caption) or Karpathy\'s split file (images[] with '
                      f'filename, split and sentences[].raw)')
 
@@ -64,25 +65,49 @@ def split_from_name(path):
     for candidate in ('train', 'val', 'test'):
         if candidate in name:
             return candidate
-    raise ValueError(f'{path}: cannot tell the split from the file name; give it with --split=NAME')
+    raise InputError(f'{path}: cannot tell the split from the file name; give it with --split=NAME')
 
 
-def coco_images(data, image_root):
+def field(item, key, kind, where):
+    """item[key], which must be of type `kind`; `where` names the item for the error."""
+    if not isinstance(item, dict) or not isinstance(item.get(key), kind):
+        raise InputError(f'{where} has no {key} ({kind.__name__ if isinstance(kind, type) else "str or int"})')
+    return item[key]
+
+
+def coco_images(data, image_root, path):
+    files = {field(im, 'id', (int, str), f'{path}: images[{i}]'):
+             field(im, 'file_name', str, f'{path}: images[{i}]') for i, im in enumerate(data['images'])}
     by_id = {}
-    for annotation in data['annotations']:
-        by_id.setdefault(annotation['image_id'], []).append(annotation['caption'].strip())
-    records = [dict(file=os.path.join(image_root, im['file_name']), id=im['id'], captions=by_id[im['id']])
-               for im in data['images'] if im['id'] in by_id]
+    for i, annotation in enumerate(data['annotations']):
+        where = f'{path}: annotations[{i}]'
+        image_id = field(annotation, 'image_id', (int, str), where)
+        if image_id not in files:
+            raise InputError(f'{where} is a caption of image_id {image_id!r}, which images[] does not list')
+        by_id.setdefault(image_id, []).append(field(annotation, 'caption', str, where).strip())
+    if not by_id:
+        raise InputError(f'{path}: no captions (annotations[] is empty)')
+    uncaptioned = len(files) - len(by_id)
+    if uncaptioned:
+        print(f'{path}: {uncaptioned:,} of its {len(files):,} images have no caption and are left out',
+              file=sys.stderr)
+    records = [dict(file=os.path.join(image_root, files[i]), id=i, captions=captions) for i, captions in by_id.items()]
     return sorted(records, key=lambda r: r['id'])
 
 
-def karpathy_images(images_list, image_root):
+def karpathy_images(images_list, image_root, path):
     splits = {}
-    for im in images_list:
-        name = 'train' if im['split'] == 'restval' else im['split']  # train = train + restval
+    for i, im in enumerate(images_list):
+        where = f'{path}: images[{i}]'
+        name = field(im, 'split', str, where)
+        name = 'train' if name == 'restval' else name  # train = train + restval
+        sentences = field(im, 'sentences', list, where)
+        captions = [field(s, 'raw', str, f'{where}.sentences[{j}]').strip() for j, s in enumerate(sentences)]
+        if not captions:
+            raise InputError(f'{where} has no sentences')
         splits.setdefault(name, []).append(dict(
-            file=os.path.join(image_root, im.get('filepath', ''), im['filename']),
-            id=im.get('cocoid', im.get('imgid')), captions=[s['raw'].strip() for s in im['sentences']]))
+            file=os.path.join(image_root, im.get('filepath', ''), field(im, 'filename', str, where)),
+            id=im.get('cocoid', im.get('imgid')), captions=captions))
     return splits
 
 
@@ -162,14 +187,16 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
-def extract_features(model, files, out_path, batch_size, workers, device, dtype, rank=0, world=1):
+def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0, world=1):
     """CLIP features of every frame of `files` (ImageFiles, or prepare_mlslt.py's VideoFiles), file after
     file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so that
-    memory stays flat. Under torchrun, rank r fills the frames of its own contiguous share of the files.
-    Each rank saves its progress after every batch; a rerun continues from there."""
+    memory stays flat. The frames go to the device the model is on. Under torchrun, rank r fills the
+    frames of its own contiguous share of the files. Each rank saves its progress after every batch; a
+    rerun continues from there."""
     import torch
     from tqdm import tqdm
     config = model.config
+    device = next(model.parameters()).device
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     first_frame = np.concatenate([[0], np.cumsum(files.frame_counts)]).astype(np.int64)
     shape = (int(first_frame[-1]), tokens, config.hidden_size)
@@ -191,11 +218,11 @@ def extract_features(model, files, out_path, batch_size, workers, device, dtype,
     feats = np.memmap(partial, dtype=np.float16, mode='r+', shape=shape)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(files, range(done, end)),
                                          batch_size=batch_size, num_workers=workers, collate_fn=stack_frames,
-                                         pin_memory=device == 'cuda')
+                                         pin_memory=device.type == 'cuda')
     with tqdm(total=end - start, initial=done - start, unit='file', disable=rank != 0,
               desc=os.path.basename(out_path)) as bar:
         for pixels in loader:
-            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 hidden = model(pixel_values=pixels.to(device)).last_hidden_state
             row = first_frame[done]
             feats[row:row + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
@@ -211,14 +238,6 @@ def extract_features(model, files, out_path, batch_size, workers, device, dtype,
         for leftover in [partial + '.json'] + glob.glob(out_path + '.progress*'):
             os.remove(leftover)
     return shape
-
-
-def read_json(path):
-    """The JSON in `path`, or None if there is none."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def barrier():
@@ -273,7 +292,7 @@ def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, worl
     bad = [(r['file'], why) for r, why in zip(records, found) if isinstance(why, str)]
     if bad and not skip_bad:
         listing = '; '.join(f'{path}: {why}' for path, why in bad[:20])
-        raise ValueError(f'{len(bad)} unusable {kind}(s) in split {name} (use --skip_bad_{kind}s=True '
+        raise InputError(f'{len(bad)} unusable {kind}(s) in split {name} (use --skip_bad_{kind}s=True '
                          f'to drop them): {listing}')
     good = [i for i, why in enumerate(found) if not isinstance(why, str)]
     if bad and rank == 0:
@@ -288,8 +307,7 @@ def start_output(out_dir, vision_model, device, **meta_fields):
     folder, and meta.json's fields."""
     import tiktoken
     import torch
-    from model import load_vision
-    dtype = torch.float16 if device.startswith('cuda') else torch.float32
+    dtype = torch.float16 if torch.device(device).type == 'cuda' else torch.float32
     model = load_vision(vision_model).to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
@@ -306,8 +324,7 @@ def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
         files = ImageFiles([r['file'] for r in records], model.config.image_size)
-        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers,
-                                 device.split(':')[0], dtype, rank, world)
+        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
         meta['splits'][name] = dict(images=shape[0], captions=sum(len(r['captions']) for r in records))
         if rank == 0:
@@ -318,26 +335,26 @@ def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
-    if not captions or not images:
-        raise SystemExit('prepare_coco.py: give --captions=FILE and --images=FOLDER')
     import torch
     # under torchrun, every rank extracts its own slice of each split
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     if world > 1:
         torch.distributed.init_process_group('gloo')  # only to coordinate: barriers and the bad list
-    cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
     meta_path = os.path.join(out_dir, 'meta.json')
-    try:
+    with input_errors_exit('prepare_coco.py'):
+        if not captions or not images:
+            raise InputError('give --captions=FILE and --images=FOLDER')
+        if not os.path.isdir(images):
+            raise InputError(f'{images}: no such folder (--images)')
+        dev = pick_device(device)  # under torchrun: this rank's own GPU
         # splits prepared by earlier runs into the same folder stay listed, if they are compatible
         meta = read_json(meta_path) or {}
         if meta and (meta.get('format_version'), meta.get('vision_model')) != (FORMAT_VERSION, vision_model):
-            raise ValueError(f"{meta_path} holds features of {meta.get('vision_model')!r} (format "
+            raise InputError(f"{meta_path} holds features of {meta.get('vision_model')!r} (format "
                              f"{meta.get('format_version')}); use another --out_dir for {vision_model!r}")
         splits = load_captions(captions, images, split)
-        prepared = prepare(splits, out_dir, vision_model, batch_size, num_workers, device or cuda,
-                           skip_bad_images, rank, world)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'prepare_coco.py: {str(e).splitlines()[0]}')
+        prepared = prepare(splits, out_dir, vision_model, batch_size, num_workers, dev, skip_bad_images,
+                           rank, world)
     if rank != 0:
         sys.exit(0)
     for entry in prepared['splits'].values():

@@ -16,13 +16,14 @@ file atomically (temp file + rename), what prepare_coco.py writes with frames fo
   <split>_tokens.bin, <split>_captions.npy (its third column: the video), <split>_videos.json, meta.json
 An interrupted run resumes where it stopped. Needs PyAV (pip install av).
 """
-import json
 import os
 
 import numpy as np
 
+from data import InputError, input_errors_exit, read_json
+from model import pick_device
 from prepare_coco import (FORMAT_VERSION, atomic_write, clip_preprocess, drop_bad_files, extract_features,
-                          read_json, start_output, write_captions, write_json)
+                          start_output, write_captions, write_json)
 
 # -----------------------------------------------------------------------------
 root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4
@@ -48,26 +49,25 @@ def load_split(root_dir, split_name, languages, target_lang):
     """[{'file': video, 'id': '<id>/<sign language>', 'captions': [text]}] of every (id, sign language)
     pair whose video exists, for the sign languages `languages`."""
     path = os.path.join(root_dir, f'{split_name}.json')
+    entries = read_json(path)
+    if entries is None:
+        raise InputError(f'{path}: no such split file')
     try:
-        with open(path) as f:
-            entries = json.load(f)
         texts = [{s['lang']: s['text'].strip() for s in entry['sign_list']} for entry in entries]
         ids = [str(entry['id']) for entry in entries]
-    except (OSError, ValueError) as e:
-        raise ValueError(f'{path}: cannot read it ({e})')
     except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f'{path}: expected a list of {{"id", "sign_list": [{{"lang", "text"}}]}} ({e!r})')
+        raise InputError(f'{path}: expected a list of {{"id", "sign_list": [{{"lang", "text"}}]}} ({e!r})')
     records = []
     for sample_id, text in zip(ids, texts):
         if target_lang not in text:
-            raise ValueError(f'{path}: id {sample_id} has no {target_lang!r} text (its languages: '
+            raise InputError(f'{path}: id {sample_id} has no {target_lang!r} text (its languages: '
                              f'{", ".join(text)})')
         for lang in languages:
             video = os.path.join(root_dir, split_name, sample_id, f'{lang}.mp4')
             if os.path.exists(video):
                 records.append(dict(file=video, id=f'{sample_id}/{lang}', captions=[text[target_lang]]))
     if not records:
-        raise ValueError(f'{os.path.join(root_dir, split_name)}: no video of the sign languages '
+        raise InputError(f'{os.path.join(root_dir, split_name)}: no video of the sign languages '
                          f'{",".join(languages)} for the {len(ids)} ids of {path}')
     return records
 
@@ -114,7 +114,7 @@ def read_frames(path, most, frame_count):
     with container:
         frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in wanted]
     if len(frames) != len(wanted):
-        raise ValueError(f'{path}: {len(frames)} of its frames {sorted(wanted)} decoded')
+        raise InputError(f'{path}: {len(frames)} of its frames {sorted(wanted)} decoded')
     return frames
 
 
@@ -149,8 +149,7 @@ def prepare(split_records, out_dir, vision_model, most, batch_size, workers, dev
     for name, (records, decoded_counts) in checked.items():
         base = os.path.join(out_dir, name)
         files = VideoFiles([r['file'] for r in records], decoded_counts, most, model.config.image_size)
-        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers, device.split(':')[0],
-                                 dtype, rank, world)
+        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])  # tokens per frame
         meta['splits'][name] = dict(videos=len(records), frames=shape[0], captions=len(records))
         if rank == 0:
@@ -163,32 +162,31 @@ def prepare(split_records, out_dir, vision_model, most, batch_size, workers, dev
 
 def main(rank, world):
     if not root:
-        raise ValueError('give --root=FOLDER (the one with train.json, dev.json, test.json)')
+        raise InputError('give --root=FOLDER (the one with train.json, dev.json, test.json)')
     if not 1 <= max_frames <= MAX_TIME_EMBEDDINGS:
-        raise ValueError(f'max_frames must be in 1..{MAX_TIME_EMBEDDINGS} (the resampler has '
+        raise InputError(f'max_frames must be in 1..{MAX_TIME_EMBEDDINGS} (the resampler has '
                          f'{MAX_TIME_EMBEDDINGS} time embeddings), not {max_frames}')
     languages = sign_langs.split(',') if sign_langs else SIGN_LANGUAGES
     unknown = [lang for lang in languages if lang not in SIGN_LANGUAGES]
     if unknown:
-        raise ValueError(f"sign_langs: unknown {','.join(unknown)} (MLSLT has {','.join(SIGN_LANGUAGES)})")
+        raise InputError(f"sign_langs: unknown {','.join(unknown)} (MLSLT has {','.join(SIGN_LANGUAGES)})")
     try:
         import av  # noqa: F401  (fail before any work, not in a decoding worker)
     except ImportError:
-        raise ValueError('PyAV is needed to decode videos: pip install av')
+        raise InputError('PyAV is needed to decode videos: pip install av')
     meta_path = os.path.join(out_dir, 'meta.json')
     # splits prepared by earlier runs into the same folder stay listed, if they are compatible
     meta = read_json(meta_path) or {}
     same = (FORMAT_VERSION, vision_model, 'video', max_frames, text_lang)
     if meta and tuple(meta.get(k) for k in ('format_version', 'vision_model', 'media', 'max_frames',
                                             'text_lang')) != same:
-        raise ValueError(f"{meta_path} holds other features ({meta.get('vision_model')!r}, up to "
+        raise InputError(f"{meta_path} holds other features ({meta.get('vision_model')!r}, up to "
                          f"{meta.get('max_frames')} frames, text {meta.get('text_lang')!r}); use another "
                          f"--out_dir")
-    import torch
-    cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    dev = pick_device(device)  # under torchrun: this rank's own GPU
     split_records = {name: load_split(root, name, languages, text_lang) for name in splits.split(',')}
     prepared = prepare(split_records, out_dir, vision_model, max_frames, batch_size, num_workers,
-                       device or cuda, skip_bad_videos, rank, world)
+                       dev, skip_bad_videos, rank, world)
     prepared['text_lang'] = text_lang
     if rank != 0:
         return
@@ -206,7 +204,5 @@ if __name__ == '__main__':
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     if world > 1:
         torch.distributed.init_process_group('gloo')  # only to coordinate: barriers and the bad list
-    try:
+    with input_errors_exit('prepare_mlslt.py'):
         main(rank, world)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'prepare_mlslt.py: {str(e).splitlines()[0]}')

@@ -20,6 +20,7 @@ from html import escape
 
 from PIL import Image
 
+from data import InputError, input_errors_exit
 from prepare_coco import ImageFiles, atomic_write, decode_caption, load_rgb, stack_frames, write_json
 
 # -----------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def caption_files(model, files, options, batch, workers, dev, samples=1):
     import torch
     from tqdm import tqdm
     encoder = tiktoken.get_encoding('gpt2')
-    cuda = dev.startswith('cuda')
+    cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
                                          pin_memory=cuda)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
@@ -164,21 +165,21 @@ def write_html(path, results):
 
 def main():
     import torch
-    from model import load_captioner
+    from model import load_captioner, pick_device
     if bool(images) == bool(videos):
-        raise ValueError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
+        raise InputError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
     if num_samples > 1 and decoding != 'sample':
-        raise ValueError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
+        raise InputError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
     kind, spec = ('image', images) if images else ('video', videos)
     paths = find_files(spec, IMAGE_EXTENSIONS if images else VIDEO_EXTENSIONS)
     if not paths:
-        raise ValueError(f'no {kind} files found at {spec!r}')
-    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        raise InputError(f'no {kind} files found at {spec!r}')
+    dev = pick_device(device)
     model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
     size = model.vision.config.image_size
     if videos:
         if model.resampler is not None and max_frames > model.config.max_frames:
-            raise ValueError(f'max_frames={max_frames}, but the checkpoint has time embeddings for '
+            raise InputError(f'max_frames={max_frames}, but the checkpoint has time embeddings for '
                              f'{model.config.max_frames} frames')
         files = PreprocessedVideos(paths, size, max_frames)
     else:
@@ -195,13 +196,11 @@ def main():
     if html:
         write_html(html, results)
     if not results:
-        raise ValueError(f'none of the {len(paths)} {kind} file(s) could be read')
+        raise InputError(f'none of the {len(paths)} {kind} file(s) could be read')
 
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
-    try:
+    with input_errors_exit('sample.py'):
         main()
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'sample.py: {str(e).splitlines()[0]}')

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
-from model import EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, trainable_state
+from data import InputError, first_line, input_errors_exit, read_json
+from model import EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, pick_device, read_checkpoint, trainable_state
 
 # -----------------------------------------------------------------------------
 # defaults: the reference model and hyperparameters on COCO (Karpathy split)
@@ -61,25 +62,37 @@ globals().update(asdict(CaptionerConfig()))
 
 class Captions:
     """One split written by prepare_coco.py or prepare_mlslt.py: every caption with the CLIP features of
-    its image or video, memmapped. An image is a video of one frame."""
+    its image or video, memmapped. An image is a video of one frame. Every file is checked against
+    meta.json first: a file cut short or left from another run would otherwise be read as garbage, or
+    fail deep inside numpy."""
 
     def __init__(self, data_dir, split, max_tokens):
         meta = read_meta(data_dir)
         if split not in meta['splits']:
-            raise ValueError(f"{data_dir}/meta.json: no split '{split}' (it has {', '.join(meta['splits'])})")
+            raise InputError(f"{data_dir}/meta.json: no split '{split}' (it has {', '.join(meta['splits'])})")
         self.media = meta.get('media', 'image')
         entry, path = meta['splits'][split], os.path.join(data_dir, split)
-        frames = entry['frames'] if self.media == 'video' else entry['images']
-        self.feats = np.memmap(f'{path}_feats.bin', dtype=np.float16, mode='r',
-                               shape=(frames, meta['tokens_per_image'], meta['feature_dim']))
+        frames = meta_value(entry, 'frames' if self.media == 'video' else 'images', data_dir, split)
+        media_count = meta_value(entry, 'videos', data_dir, split) if self.media == 'video' else frames
+        shape = (frames, meta['tokens_per_image'], meta['feature_dim'])
+        self.feats = open_memmap(f'{path}_feats.bin', np.float16, shape)
         if self.media == 'video':  # each video's frames are consecutive rows of the features
-            self.first_frame, self.frame_count = np.load(f'{path}_frames.npy').T
+            self.first_frame, self.frame_count = load_table(f'{path}_frames.npy', media_count, 2).T
+            if (self.frame_count < 1).any() or (self.first_frame + self.frame_count > frames).any():
+                raise InputError(f'{path}_frames.npy: frames outside the {frames:,} of {path}_feats.bin')
         else:
             self.first_frame, self.frame_count = np.arange(frames), np.ones(frames, dtype=np.int64)
         self.max_frames = int(self.frame_count.max())
-        self.records_path = f'{path}_{self.media}s.json'
-        self.tokens = np.memmap(f'{path}_tokens.bin', dtype=np.uint16, mode='r')
-        self.offsets, lengths, self.media_index = np.load(f'{path}_captions.npy').T
+        self.records_path, self.media_count = f'{path}_{self.media}s.json', media_count
+        self.tokens = open_memmap(f'{path}_tokens.bin', np.uint16)
+        captions_path = f'{path}_captions.npy'
+        self.offsets, lengths, self.media_index = load_table(captions_path, entry.get('captions'), 3).T
+        if (self.offsets < 0).any() or (lengths < 0).any() or (self.offsets + lengths > len(self.tokens)).any():
+            raise InputError(f'{captions_path}: captions outside the {len(self.tokens):,} tokens of '
+                             f'{path}_tokens.bin')
+        if (self.media_index < 0).any() or (self.media_index >= media_count).any():
+            raise InputError(f'{captions_path}: captions of {self.media}s that the split does not have '
+                             f'(it has {media_count:,})')
         self.lengths = np.minimum(lengths, max_tokens - 1)  # room for the closing <|endoftext|>
 
     def __len__(self):
@@ -87,8 +100,12 @@ class Captions:
 
     def records(self):
         """Each image's (or video's) file, id and reference captions, in feature order."""
-        with open(self.records_path) as f:
-            return json.load(f)
+        records = read_json(self.records_path)
+        if not (isinstance(records, list) and len(records) == self.media_count
+                and all(isinstance(r, dict) and isinstance(r.get('captions'), list) for r in records)):
+            raise InputError(f'{self.records_path}: expected a list of {self.media_count:,} '
+                             f'{{"file", "id", "captions"}} records, as meta.json says')
+        return records
 
     def features(self, media_ids):
         """Frames [B, T, N, D] (float16) of images or videos, zero-padded to the split's longest video so
@@ -121,12 +138,53 @@ class Captions:
         return *self.features(self.media_index[ids]), tokens, targets, np.flatnonzero(targets != IGNORE_INDEX)
 
 
+META_KEYS = ('vision_model', 'tokenizer', 'tokens_per_image', 'feature_dim', 'splits')
+
+
 def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        raise ValueError(f'{path}: not found; prepare the data with prepare_coco.py or prepare_mlslt.py')
-    with open(path) as f:
-        return json.load(f)
+        raise InputError(f'{path}: not found; prepare the data with prepare_coco.py or prepare_mlslt.py')
+    meta = read_json(path)
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise InputError(f"{path}: not a meta.json of prepare_coco.py or prepare_mlslt.py (no {', '.join(missing)})")
+    return meta
+
+
+def meta_value(entry, key, data_dir, split):
+    """A count in meta.json's entry of a split."""
+    if not isinstance(entry.get(key), int):
+        raise InputError(f"{data_dir}/meta.json: split '{split}' has no count of {key}")
+    return entry[key]
+
+
+def open_memmap(path, dtype, shape=None):
+    """A read-only memmap of a prepared file, which must be exactly as large as `shape` says (or, without
+    a shape, a whole number of items)."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: missing (meta.json lists it; prepare the data again)')
+    size, item = os.path.getsize(path), np.dtype(dtype).itemsize
+    expected = item * math.prod(shape) if shape else size - size % item
+    if size != expected or size == 0:
+        described = f"{' x '.join(map(str, shape))} {np.dtype(dtype).name}, {expected:,} bytes" if shape \
+            else f'whole {np.dtype(dtype).name} items'
+        raise InputError(f'{path}: {size:,} bytes, but meta.json describes {described} (cut short, or '
+                         f'from another run? prepare the data again)')
+    return np.memmap(path, dtype=dtype, mode='r', shape=shape)
+
+
+def load_table(path, rows, columns):
+    """An int64 [rows, columns] .npy table of a prepared split (any number of rows if rows is None)."""
+    try:
+        table = np.load(path)
+    except (OSError, ValueError, EOFError) as e:  # missing, cut short, not a .npy file
+        raise InputError(f'{path}: not a readable .npy table ({first_line(e)})')
+    if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != columns or \
+            (rows is not None and len(table) != rows):
+        raise InputError(f"{path}: a {table.dtype} table of shape {list(table.shape)}, expected int64 "
+                         f"[{rows if rows is not None else 'rows'}, {columns}]")
+    return table
 
 
 def check_data_fits_model(meta, model, data_dir):
@@ -145,7 +203,7 @@ def check_data_fits_model(meta, model, data_dir):
         problems.append(f'its videos have up to {frames} frames, the resampler time embeddings for '
                         f'{time_embeddings} (max_frames)')
     if problems:
-        raise ValueError(f"{data_dir}/meta.json does not match the model: {'; '.join(problems)}")
+        raise InputError(f"{data_dir}/meta.json does not match the model: {'; '.join(problems)}")
 
 
 def epoch_order(n, seed, epoch):
@@ -194,12 +252,11 @@ def main(config):
     # ------------------------------------------------------------------ devices, DDP and precision
     ddp = 'RANK' in os.environ
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
-    dev = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu')
-    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
+    dev = pick_device(device)  # under torchrun: this rank's own GPU
+    device_type = torch.device(dev).type
     if ddp:
         dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
     if device_type == 'cuda':
-        torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
@@ -207,7 +264,7 @@ def main(config):
                           else 'float16' if device_type == 'cuda' else 'float32')
     dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
     if amp_dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {amp_dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(dtypes)}, not {amp_dtype!r}")
     ptdtype = dtypes[amp_dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
@@ -218,11 +275,11 @@ def main(config):
     if init_from == 'resume':
         path = os.path.join(out_dir, 'ckpt.pt')
         if not os.path.isfile(path):
-            raise ValueError(f'{path}: no checkpoint to resume from')
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        model_config = CaptionerConfig(**checkpoint['model_config'])
+            raise InputError(f'{path}: no checkpoint to resume from')
+        checkpoint = read_checkpoint(path)
+        model_config = checkpoint['model_config']
     elif init_from != 'pretrained':
-        raise ValueError(f"init_from must be 'pretrained' or 'resume', not {init_from!r}")
+        raise InputError(f"init_from must be 'pretrained' or 'resume', not {init_from!r}")
     torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
     model = build_captioner(model_config)
     check_data_fits_model(read_meta(data_dir), model, data_dir)
@@ -231,7 +288,7 @@ def main(config):
     global_batch = batch_size * gradient_accumulation_steps * world
     iters_per_epoch = len(train_data) // global_batch
     if iters_per_epoch == 0:
-        raise ValueError(f'{len(train_data)} training captions make no batch of {global_batch}')
+        raise InputError(f'{len(train_data)} training captions make no batch of {global_batch}')
     total_iters = max_iters or epochs * iters_per_epoch
     model.to(dev)
     optimizer = make_optimizer(model, device_type)
@@ -303,7 +360,10 @@ def main(config):
     # iter_num is the whole position of a run and a resumed run continues exactly.
     peak = peak_flops(device_type)
     model.train()
-    t_last, window_flops, window_captions, window_loss = time.time(), 0, 0, torch.zeros((), device=dev)
+    # what happened since the last log line: a resumed run's first window starts at the resume, wherever
+    # that falls between log boundaries
+    t_last, window_iters, window_flops, window_captions = time.time(), 0, 0, 0
+    window_loss = torch.zeros((), device=dev)
     while iter_num < total_iters:
         epoch, step = divmod(iter_num, iters_per_epoch)
         ids = epoch_order(len(train_data), seed, epoch)[step * global_batch:(step + 1) * global_batch]
@@ -333,15 +393,15 @@ def main(config):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        window_iters += 1
         window_captions += global_batch
 
         if iter_num % log_interval == 0 or iter_num == total_iters:
             if ddp:
                 dist.all_reduce(window_loss)
-            steps = (iter_num - 1) % log_interval + 1
-            loss_value = window_loss.item() / steps  # .item() waits for the GPU: only when logging
+            loss_value = window_loss.item() / window_iters  # .item() waits for the GPU: only when logging
             elapsed = time.time() - t_last
-            ms_per_iter = 1000 * elapsed / steps
+            ms_per_iter = 1000 * elapsed / window_iters
             captions_per_s = window_captions / elapsed
             mfu = window_flops * world / elapsed / peak if peak else None
             eta_min = (total_iters - iter_num) * ms_per_iter / 60000
@@ -352,7 +412,7 @@ def main(config):
                       f'ETA {eta_min:.1f} min')
             log(dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=ms_per_iter,
                      captions_per_s=captions_per_s, mfu=mfu))
-            t_last, window_flops, window_captions = time.time(), 0, 0
+            t_last, window_iters, window_flops, window_captions = time.time(), 0, 0, 0
             window_loss.zero_()
 
         if iter_num % eval_interval == 0 or iter_num == total_iters:
@@ -379,7 +439,5 @@ if __name__ == '__main__':
     from configurator import configure, is_setting
     config = configure({k: v for k, v in globals().items() if is_setting(k, v)})
     globals().update(config)
-    try:
+    with input_errors_exit('train.py'):
         main(config)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'train.py: {str(e).splitlines()[0]}')

@@ -1,6 +1,7 @@
 """Tiny stand-ins for the pretrained checkpoints, saved in the real layout (nothing is downloaded),
 and tiny prepared data."""
 import json
+import runpy
 import subprocess
 import sys
 
@@ -70,3 +71,31 @@ def data_dir(tmp_path_factory, tiny_clip_dir):
                         f'--images={root}/{split}', f'--out_dir={root}/prepared',
                         f'--vision_model={tiny_clip_dir}', '--num_workers=0'], check=True, capture_output=True)
     return str(root / 'prepared')
+
+
+@pytest.fixture(scope='session')
+def run_dir(tmp_path_factory, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    """The checkpoints of a short training run on data_dir."""
+    out = tmp_path_factory.mktemp('run')
+    subprocess.run([sys.executable, 'train.py', f'--out_dir={out}', f'--data_dir={data_dir}',
+                    f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
+                    '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
+                    '--batch_size=8', '--max_iters=20', '--eval_interval=20', '--learning_rate=3e-3',
+                    '--unfreeze_layers=3', '--train_embeddings=True', '--device=cpu'],
+                   check=True, capture_output=True)
+    return str(out)
+
+
+def run_script(script, *args):
+    """Run `python script args` in this process, without an interpreter's start-up: returns what the
+    script exited with (None when it ran to its end). Any exception but SystemExit propagates, so a
+    traceback fails the test that ran it."""
+    argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv
+    return None

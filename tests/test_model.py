@@ -1,6 +1,7 @@
 import dataclasses
 import itertools
 import math
+import shutil
 import subprocess
 import sys
 
@@ -9,9 +10,10 @@ import torch
 from transformers import CLIPModel, GPT2LMHeadModel
 
 from conftest import TOKENS_PER_FRAME, VISION_DIM
+from data import InputError
 import torch.nn.functional as F
-from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, padded_head,
-                   param_table, sample_token)
+from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, load_gpt2, load_vision,
+                   padded_head, param_table, pick_device, sample_token)
 
 
 def build(config, **changes):
@@ -77,6 +79,63 @@ def test_vision_tower_loads_from_full_clip_checkpoint(tiny_config, tiny_clip_dir
     assert torch.allclose(features[0, :1], expected[0], atol=1e-5)
     assert torch.allclose(features[1], expected[1], atol=1e-5)
     assert features[0, 1:].abs().max() == 0  # padding
+
+
+def damaged_checkpoint(source, target, damage):
+    """A copy of a saved checkpoint whose weights {name: tensor} were changed by damage(weights)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(source, target)
+    weights = load_file(f'{target}/model.safetensors')
+    damage(weights)
+    save_file(weights, f'{target}/model.safetensors', metadata={'format': 'pt'})
+    return str(target)
+
+
+@pytest.mark.parametrize('load, damage, words', [
+    (load_vision, lambda w: w.pop('vision_model.encoder.layers.1.mlp.fc2.weight'),
+     'not the weights of a CLIP vision tower: 1 weights missing (e.g. encoder.layers.1.mlp.fc2.weight)'),
+    (load_vision, lambda w: w.update({'vision_model.post_layernorm.weight': torch.ones(7)}),
+     '1 weights of another shape (e.g. post_layernorm.weight)'),
+    (load_gpt2, lambda w: w.update({'transformer.h.0.attn.c_attn.lora_A': torch.ones(3)}),
+     'not the weights of GPT-2: 1 weights that are not part of it (e.g. transformer.h.0.attn.c_attn.lora_A)'),
+    (load_gpt2, lambda w: w.pop('transformer.h.2.ln_1.bias'), '1 weights missing (e.g. transformer.h.2.ln_1.bias)'),
+])
+def test_loading_incomplete_or_foreign_weights_fails(tmp_path, tiny_clip_dir, tiny_gpt2_dir, load, damage, words):
+    path = damaged_checkpoint(tiny_clip_dir if load is load_vision else tiny_gpt2_dir, tmp_path / 'ckpt', damage)
+    with pytest.raises(InputError) as e:
+        load(path)
+    assert str(e.value).startswith(f'{path}: ') and words in str(e.value)
+
+
+def test_loading_another_kind_of_checkpoint_or_no_checkpoint_fails(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    with pytest.raises(InputError, match=f'^{tiny_gpt2_dir}: a gpt2 checkpoint, not a CLIP model$'):
+        load_vision(tiny_gpt2_dir, pretrained=False)  # random weights are not an excuse either
+    with pytest.raises(InputError, match=f'^{tiny_clip_dir}: a clip checkpoint, not a GPT-2 model$'):
+        load_gpt2(tiny_clip_dir)
+    with pytest.raises(InputError, match=r'^out/no/clip: no such directory \(nor a model name on the Hugging'):
+        load_vision('out/no/clip')
+    with pytest.raises(InputError, match=f'^{tmp_path}: no config.json in it'):
+        load_gpt2(str(tmp_path))
+
+
+def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: current.append(str(device)))
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    assert pick_device('') == 'cuda:3' and pick_device('cuda') == 'cuda:3'  # torchrun's rank 3
+    assert pick_device('cuda:1') == 'cuda:1'  # a full device string is honoured
+    assert current == ['cuda:3', 'cuda:3', 'cuda:1']  # and made current: CUDA graphs and streams use it
+    with pytest.raises(InputError, match=r"^device='cuda:4': there is no cuda:4 \(this machine has 4 GPUs\)$"):
+        pick_device('cuda:4')
+    with pytest.raises(InputError, match="^device='gpu' is not a device"):
+        pick_device('gpu')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert pick_device('') == 'cpu' and pick_device('cpu') == 'cpu'
+    with pytest.raises(InputError, match="^device='cuda:0', but no CUDA GPU is available$"):
+        pick_device('cuda:0')
+    assert current == ['cuda:3', 'cuda:3', 'cuda:1']
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -217,9 +276,9 @@ def test_padded_frames_are_masked_out(tiny_config):
 
 def test_too_many_frames_or_positions_fail_clearly(tiny_config):
     model = build(tiny_config)
-    with pytest.raises(ValueError, match='7 frames, but the resampler has time embeddings for 6'):
+    with pytest.raises(InputError, match='7 frames, but the resampler has time embeddings for 6'):
         model.generate(random_features(1, frames=7), max_new_tokens=2)
-    with pytest.raises(ValueError, match='longer than the language model'):
+    with pytest.raises(InputError, match='longer than the language model'):
         model.generate(random_features(1), max_new_tokens=64)
 
 
@@ -381,6 +440,21 @@ def test_lm_head_padding_changes_no_prediction():
     assert torch.isneginf(logits[:, 50257:]).all()
     assert torch.allclose(logits.log_softmax(-1)[:, :50257], (x @ weight.t()).log_softmax(-1), atol=1e-5)
     assert padded_head(weight, 1)[0].shape == weight.shape  # on a CPU: no padding
+
+
+def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
+    """bf16 logits come in steps of 2 ** -8 of their size: at GPT-2's typical 10 to 100 the step is 0.03 to
+    0.5, which ties and reorders the best tokens; decoding must score in float32."""
+    with torch.no_grad():
+        captioner.gpt.wte.weight *= 100  # logits of GPT-2's real size (the tiny model's are ~0.5)
+    h = torch.randn(4, captioner.gpt.config.n_embd)
+    expected = h @ captioner.gpt.wte.weight.T
+    assert expected.abs().mean() > 10
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = captioner.next_token_logits(h)
+        first_logits, _ = captioner._start(random_features(2), None, max_new_tokens=3)
+    assert logits.dtype == first_logits.dtype == torch.float32
+    assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
 
 
 @pytest.mark.parametrize('decoding', ['greedy', 'beam'])

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import prepare_coco
+from data import InputError
 from model import load_vision
 
 
@@ -67,7 +68,7 @@ def test_real_schema_samples_parse():
 def test_wrong_schema_fails_in_one_line(tmp_path):
     path = tmp_path / 'other.json'
     path.write_text(json.dumps(dict(images=[dict(id=1)])))
-    with pytest.raises(ValueError, match=r'other.json: expected the official COCO captions format') as e:
+    with pytest.raises(InputError, match=r'other.json: expected the official COCO captions format') as e:
         prepare_coco.load_captions(str(path), '.')
     assert '\n' not in str(e.value)
 
@@ -167,7 +168,7 @@ def test_bad_images_are_named_or_skipped(tmp_path, dataset, tiny_clip_dir):
     data = open(os.path.join(folder, '2.jpg'), 'rb').read()
     open(os.path.join(folder, '2.jpg'), 'wb').write(data[:len(data) // 2])  # truncated
     open(os.path.join(folder, '3.jpg'), 'w').write('not an image')
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(InputError) as e:
         run_prepare(dataset, tmp_path / 'out', tiny_clip_dir)
     message = str(e.value)
     assert message.startswith('4 unusable image(s) in split train')

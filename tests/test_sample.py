@@ -13,18 +13,6 @@ from model import load_captioner
 from prepare_coco import clip_preprocess, load_rgb
 
 
-@pytest.fixture(scope='session')
-def run_dir(tmp_path_factory, data_dir, tiny_clip_dir, tiny_gpt2_dir):
-    out = tmp_path_factory.mktemp('run')
-    subprocess.run([sys.executable, 'train.py', f'--out_dir={out}', f'--data_dir={data_dir}',
-                    f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
-                    '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
-                    '--batch_size=8', '--max_iters=20', '--eval_interval=20', '--learning_rate=3e-3',
-                    '--unfreeze_layers=3', '--train_embeddings=True', '--device=cpu'],
-                   check=True, capture_output=True)
-    return str(out)
-
-
 def sample(run_dir, *options):
     return subprocess.run([sys.executable, 'sample.py', f'--out_dir={run_dir}', '--num_workers=0', *options],
                           capture_output=True, text=True)

@@ -1,5 +1,6 @@
 """train.py, run as users run it: python train.py / torchrun train.py, on tiny prepared data."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -121,3 +122,20 @@ def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny
         f"train.py: {data_dir}/meta.json does not match the model: its features are from "
         f"{meta['vision_model']!r}, the model's vision_model is {str(tmp_path / 'other_clip')!r}; "
         f"feature_dim 32 != the vision width 24")
+
+
+def test_logged_loss_after_a_resume_is_the_mean_since_the_resume(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    from conftest import run_script
+    common = [*train_args(tmp_path / 'a', data_dir, tiny_clip_dir, tiny_gpt2_dir), '--batch_size=4',
+              '--eval_interval=5', '--learning_rate=2e-3']
+    assert run_script('train.py', *common, '--max_iters=5') is None  # a checkpoint at iteration 5
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    resume = [*common, '--max_iters=8', '--init_from=resume']
+    assert run_script('train.py', *resume, '--log_interval=4') is None
+    assert run_script('train.py', *resume, '--out_dir=' + str(tmp_path / 'b'), '--log_interval=1') is None
+    logs = {run: train_losses([json.loads(line) for line in open(tmp_path / run / 'log.jsonl')])
+            for run in 'ab'}
+    assert sorted(logs['b']) == [1, 2, 3, 4, 5, 6, 7, 8]  # the resumed run went on from 6, not from 1
+    assert sorted(logs['a']) == [1, 2, 3, 4, 5, 8]  # the first run logged every step, the resumed one at 8
+    # the log at 8 of the run resumed at 5 covers 6..8: three steps, whichever log boundary came before
+    assert logs['a'][8] == pytest.approx(np.mean([logs['b'][i] for i in (6, 7, 8)]), rel=1e-6)
