@@ -1,8 +1,17 @@
+import json
+import os
 import random
+import shutil
 
 import pytest
 
 import eval_bleu
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REAL_DATA = os.path.join(HERE, '..', '..', 'shared', 'data')  # real captions beside the repository, if any
+needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='coco-caption runs a Java program')
+needs_real_data = pytest.mark.skipif(not os.path.isdir(os.path.join(REAL_DATA, 'coco_mini')),
+                                     reason=f'no real captions in {REAL_DATA}')
 
 
 def random_corpus(seed, images=40):
@@ -24,7 +33,7 @@ def test_scores_equal_coco_caption_toolkit(seed):
     from pycocoevalcap.rouge.rouge import Rouge
     captions, references = random_corpus(seed)
     ours = eval_bleu.score(captions, references)
-    # the toolkit's scorers on the same tokens (its PTB tokenizer needs Java; ours is applied instead)
+    # the toolkit's scorers on the same words (its tokenizer needs Java; ours gives the same words)
     res = {i: [' '.join(eval_bleu.tokenize(c))] for i, c in enumerate(captions)}
     gts = {i: [' '.join(eval_bleu.tokenize(r)) for r in refs] for i, refs in enumerate(references)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -43,6 +52,141 @@ def test_tokenize_and_perfect_score():
     assert metrics['BLEU-4'] == pytest.approx(1.0) and metrics['ROUGE-L'] == pytest.approx(1.0)
 
 
+def test_tokenize_like_coco_caption():
+    """What the Penn Treebank tokenizer does that a split at punctuation does not."""
+    def words(*texts):
+        return [' '.join(text_words) for text_words in eval_bleu.tokenize_all(texts)]
+    assert words("A child's t-shirt isn't red, it's frost-covered.") == [
+        "a child 's t-shirt is n't red it 's frost-covered"]
+    assert words('At 8:25 we cannot, gonna pay $5 for 1,000 (3.5%) in the U.S.') == [
+        'at 8:25 we can not gon na pay $ 5 for 1,000 -lrb- 3.5 % -rrb- in the u.s.']
+    assert words('"Quoted" ... :) w/ e.g. St. Mary') == ['quoted :-rrb- w / e.g. st. mary']
+    # all the captions are one text to the Java tokenizer: "B." keeps its period unless the next line starts "The"
+    assert words('Plan B.', 'The dog.', 'Plan B.') == ['plan b', 'the dog', 'plan b.']
+
+
+def test_tokenize_equals_java_on_tricky_captions():
+    with open(os.path.join(HERE, 'tricky_captions.json'), encoding='utf-8') as f:
+        batches = json.load(f)['batches']
+    for batch in batches:
+        captions = [caption for caption, _ in batch]
+        for (caption, expected), words in zip(batch, eval_bleu.tokenize_all(captions)):
+            assert ' '.join(words) == expected, caption
+    assert sum(len(batch) for batch in batches) > 150
+
+
 def test_lcs_length():
     assert eval_bleu.lcs_length('a b c d e'.split(), 'a c e x'.split()) == 3
     assert eval_bleu.lcs_length([], ['a']) == 0
+
+
+# ----------------------------------------------------------------------------- against the toolkit itself (Java)
+def java_words(captions):
+    """coco-caption's words of each caption, joined by spaces: pycocoevalcap's PTBTokenizer, all in one call."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    words = PTBTokenizer().tokenize({i: [{'caption': c}] for i, c in enumerate(captions)})
+    return [words[i][0] for i in range(len(captions))]
+
+
+def real_captions():
+    """The captions of the real data sets beside the repository: COCO train2017 and val2014, Flickr8k."""
+    def read(name):
+        with open(os.path.join(REAL_DATA, name), encoding='utf-8') as f:
+            return json.load(f)
+    coco = read('coco_mini/annotations/captions_train2017.json')['annotations']
+    coco2014 = read('schema_samples/coco2014_captions_val2014_excerpt.json')['annotations']
+    flickr = read('schema_samples/karpathy_dataset_flickr8k_excerpt.json')['images']
+    return [a['caption'] for a in coco + coco2014] + [s['raw'] for image in flickr for s in image['sentences']]
+
+
+@needs_java
+@needs_real_data
+def test_tokenize_equals_java_on_real_captions():
+    captions = real_captions()
+    ours = [' '.join(words) for words in eval_bleu.tokenize_all(captions)]
+    assert [(c, w) for c, w in zip(captions, ours)] == list(zip(captions, java_words(captions)))
+    assert len(captions) >= 700
+
+
+def coco_mini_images():
+    """A realistic test set: each COCO image's first caption as the hypothesis, its others as references; then
+    again with a wrong hypothesis, the next image's first caption."""
+    with open(os.path.join(REAL_DATA, 'coco_mini/annotations/captions_train2017.json'), encoding='utf-8') as f:
+        annotations = json.load(f)['annotations']
+    by_image = {}
+    for a in annotations:
+        by_image.setdefault(a['image_id'], []).append(a['caption'])
+    captions = list(by_image.values())
+    hypotheses = [c[0] for c in captions] + [c[0] for c in captions[1:] + captions[:1]]
+    return hypotheses, [c[1:] for c in captions] * 2
+
+
+@needs_java
+@needs_real_data
+def test_score_equals_official_pipeline_on_real_captions():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    hypotheses, references = coco_mini_images()
+    gts = PTBTokenizer().tokenize({i: [{'caption': r} for r in refs] for i, refs in enumerate(references)})
+    res = PTBTokenizer().tokenize({i: [{'caption': h}] for i, h in enumerate(hypotheses)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {f'BLEU-{n}': b for n, b in enumerate(bleu, 1)}
+    expected['CIDEr-D'], _ = Cider().compute_score(gts, res)
+    expected['ROUGE-L'], _ = Rouge().compute_score(gts, res)
+    ours = eval_bleu.score(hypotheses, references)
+    assert ours.keys() == expected.keys()
+    for name in ours:
+        assert abs(ours[name] - expected[name]) <= 1e-6, name
+
+
+def java_children():
+    """The Java processes this test process started and has not reaped (Linux)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                command = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid() and b'java' in command:
+            found.append(pid)
+    return found
+
+
+@needs_java
+def test_official_scores(monkeypatch, capsys):
+    from pycocoevalcap.spice import spice
+
+    def no_network(self):
+        raise OSError('no network here')
+    monkeypatch.setattr(spice.Spice, '__init__', no_network)  # SPICE would download 1 GB of Stanford CoreNLP
+    captions = ['A man riding a wave on top of a surfboard.', 'Two dogs play in the snow.',
+                "A kitchen with a stove and a cat's bowl.", 'A red bus on a city street']
+    references = [['A surfer rides a large wave.', 'A man surfing in the ocean.'],
+                  ['Two dogs running through the snow.', 'A pair of dogs playing in a snowy field.'],
+                  ['A small kitchen with a white stove.', 'A cat bowl on the floor of a kitchen.'],
+                  ['A double-decker bus drives down the street.', 'A red bus in the city.']]
+    official = eval_bleu.official_scores(captions, references)
+    ours = eval_bleu.score(captions, references)
+    for name in ours:
+        assert abs(official[name] - ours[name]) <= 1e-6, name
+    assert 0 < official['METEOR'] <= 1
+    assert 'SPICE' not in official
+    assert capsys.readouterr().err.splitlines() == [
+        'eval_bleu.py: SPICE skipped: no network here (SPICE needs Stanford CoreNLP, which pycocoevalcap downloads '
+        'on first use)']
+    if os.path.isdir('/proc'):
+        assert java_children() == []  # METEOR's Java process is stopped
+
+
+def test_official_scores_needs_java(monkeypatch):
+    from data import InputError
+    monkeypatch.setattr(eval_bleu.shutil, 'which', lambda name: None)
+    with pytest.raises(InputError) as error:
+        eval_bleu.official_scores(['a dog'], [['a dog']])
+    assert str(error.value) == ('--official=True needs Java (java on PATH) and pycocoevalcap '
+                                '(pip install pycocoevalcap)')
