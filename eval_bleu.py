@@ -1,8 +1,13 @@
 """
 Caption a prepared split from its precomputed features and score the captions the way COCO captioning
-papers do (the coco-caption toolkit's BLEU-1..4, CIDEr-D and ROUGE-L, reimplemented here exactly):
+papers do: the coco-caption toolkit's BLEU-1..4, CIDEr-D and ROUGE-L, reimplemented here exactly, its
+tokenizer included (Stanford's Java PTBTokenizer, rewritten below rule for rule: "child 's", "t-shirt",
+"8:25", "can not", "-lrb-"), so the scores equal the toolkit's to 1e-6 without Java:
 
     python eval_bleu.py --out_dir=out-coco --data_dir=data/coco --split=test
+
+With --official=True the toolkit itself scores them (pycocoevalcap, which needs Java), adding METEOR and,
+where it can run, SPICE (it downloads Stanford CoreNLP on first use).
 
 Writes out_dir/metrics.json and out_dir/captions.json and prints a table.
 """
@@ -55,7 +60,7 @@ def char_class(test):
     return ''.join(ranges)
 
 
-# Java's Character.isLetter and isDigit. (Python's Unicode is newer: the letters and digits added since 2012,
+# Java's Character.isLetter and isDigit. (Python knows a newer Unicode: letters and digits added since Unicode 6,
 # none of them English, are where this tokenizer and Java's part.)
 LETTERS, DIGITS = char_class(str.isalpha), char_class(str.isdecimal)
 # what PTBLexer adds to the letters of a word: the soft hyphen, accents and the other marks of many scripts

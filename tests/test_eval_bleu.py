@@ -164,11 +164,13 @@ def test_official_scores(monkeypatch, capsys):
     def no_network(self):
         raise OSError('no network here')
     monkeypatch.setattr(spice.Spice, '__init__', no_network)  # SPICE would download 1 GB of Stanford CoreNLP
-    captions = ['A man riding a wave on top of a surfboard.', 'Two dogs play in the snow.',
-                "A kitchen with a stove and a cat's bowl.", 'A red bus on a city street']
+    captions = ['A man riding a wave on top of a surfboard.', 'Two dogs play in the snow.', '',
+                "A kitchen with a stove and a cat's bowl.", 'A 3 1/2 inch nail on a table.', 'A red bus on a street']
     references = [['A surfer rides a large wave.', 'A man surfing in the ocean.'],
                   ['Two dogs running through the snow.', 'A pair of dogs playing in a snowy field.'],
+                  ['A cat on a mat.'],
                   ['A small kitchen with a white stove.', 'A cat bowl on the floor of a kitchen.'],
+                  ['A nail of 3 1/2 inches.', 'A long nail on a wooden table.'],
                   ['A double-decker bus drives down the street.', 'A red bus in the city.']]
     official = eval_bleu.official_scores(captions, references)
     ours = eval_bleu.score(captions, references)
