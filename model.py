@@ -36,7 +36,6 @@ def pick_device(device=''):
     cuda:LOCAL_RANK. A GPU is made the current device too: whatever uses "the" GPU without naming one
     (CUDA streams and graphs, some kernels) must use this one, not cuda:0 on every rank.
     """
-    import torch
     if not device:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
@@ -820,9 +819,9 @@ def read_checkpoint(path):
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all, ...
         raise InputError(f'{path}: not a readable nanocap checkpoint ({first_line(e)})')
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else None
-    if missing is None or missing:
-        raise InputError(f"{path}: not a checkpoint of train.py (no {', '.join(missing or CHECKPOINT_KEYS)})")
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise InputError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)})")
     try:
         checkpoint['model_config'] = CaptionerConfig(**checkpoint['model_config'])
     except TypeError as e:  # fields of another version of nanocap
