@@ -2,12 +2,13 @@
 and tiny prepared data."""
 import json
 import runpy
-import subprocess
 import sys
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from prepare_shapes import centre_vision_features
 
 VISION_DIM, TEXT_DIM = 32, 48  # different on purpose: the bridge must project between them
 TOKENS_PER_FRAME = 17  # CLS + (32 / 8) ** 2 patches
@@ -25,7 +26,13 @@ def tiny_clip_dir(tmp_path_factory):
                          vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         projection_dim=16)
     path = tmp_path_factory.mktemp('tiny_clip')
-    CLIPModel(config).save_pretrained(path)
+    clip = CLIPModel(config)
+    clip.save_pretrained(path)
+    # as the demo's stand-in: a random ViT's features share one offset that buries the pictures' differences
+    pictures = tmp_path_factory.mktemp('centring')
+    for i, scene in enumerate(shape_scenes('train')):
+        draw_shape(*scene).save(pictures / f'{i}.png')
+    centre_vision_features(clip, path, sorted(map(str, pictures.iterdir())))
     return str(path)
 
 
@@ -50,39 +57,61 @@ def tiny_config(tiny_clip_dir, tiny_gpt2_dir):
 
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220), 'yellow': (230, 220, 20)}
+SHAPES = ('square', 'dot')
+TEMPLATES = ('a picture of a {colour} {shape}', 'there is a {colour} {shape} here', 'one {shape} that is {colour}')
+
+
+def draw_shape(colour, shape, shift):
+    """A 32 x 32 picture of one coloured shape on white, moved by `shift` pixels from the centre."""
+    image = Image.new('RGB', (32, 32), 'white')
+    box = [4, 4, 28, 28] if shape == 'square' else [12, 12, 20, 20]
+    ImageDraw.Draw(image).rectangle([box[0] + shift, box[1] + shift, box[2] + shift, box[3] + shift],
+                                    fill=COLOURS[colour])
+    return image
+
+
+def shape_scenes(split):
+    """(colour, shape, shift): every colour with every shape twice in training, moved apart; in validation
+    each colour once, in between."""
+    combos = [(colour, shape) for shape in SHAPES for colour in COLOURS]
+    if split == 'train':
+        return [(c, s, shift) for shift in (-3, 3) for c, s in combos]
+    return [(c, s, 0) for i, (c, s) in enumerate(combos) if i % 2 == i // 4]
 
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory, tiny_clip_dir):
-    """prepare_coco.py's output for 8 training and 4 validation images, one colour each."""
+    """prepare_coco.py's output for 16 training and 4 validation pictures of one coloured shape each, with
+    3 captions that name both."""
     root = tmp_path_factory.mktemp('tiny_data')
-    for split, count in (('train', 8), ('val', 4)):
+    for split in ('train', 'val'):
         (root / split).mkdir()
         images, annotations = [], []
-        for i in range(count):
-            name = list(COLOURS)[i % 4]
-            Image.new('RGB', (32, 32), COLOURS[name]).save(root / split / f'{i}.png')
+        for i, (colour, shape, shift) in enumerate(shape_scenes(split)):
+            draw_shape(colour, shape, shift).save(root / split / f'{i}.png')
             images.append(dict(id=i, file_name=f'{i}.png'))
-            for j, template in enumerate(['a picture that is all {}', 'everything in it is {}',
-                                          'the only colour here is {}']):
-                annotations.append(dict(id=len(annotations), image_id=i, caption=template.format(name)))
+            for template in TEMPLATES:
+                annotations.append(dict(id=len(annotations), image_id=i,
+                                        caption=template.format(colour=colour, shape=shape)))
         (root / f'captions_{split}.json').write_text(json.dumps(dict(images=images, annotations=annotations)))
-        subprocess.run([sys.executable, 'prepare_coco.py', f'--captions={root}/captions_{split}.json',
-                        f'--images={root}/{split}', f'--out_dir={root}/prepared',
-                        f'--vision_model={tiny_clip_dir}', '--num_workers=0'], check=True, capture_output=True)
+        assert run_script('prepare_coco.py', f'--captions={root}/captions_{split}.json', f'--images={root}/{split}',
+                          f'--out_dir={root}/prepared', f'--vision_model={tiny_clip_dir}', '--num_workers=0') is None
     return str(root / 'prepared')
+
+
+RUN_OPTIONS = ('--num_latents=8', '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
+               '--batch_size=8', '--max_iters=150', '--eval_interval=50', '--eval_bleu_images=4',
+               '--learning_rate=5e-3', '--warmup_frac=0.05', '--unfreeze_layers=3', '--train_embeddings=True',
+               '--log_interval=1', '--device=cpu')
 
 
 @pytest.fixture(scope='session')
 def run_dir(tmp_path_factory, data_dir, tiny_clip_dir, tiny_gpt2_dir):
-    """The checkpoints of a short training run on data_dir."""
+    """A training run on data_dir long enough that its captions tell the pictures apart: its checkpoints
+    and log.jsonl. Trained once per session, shared by the tests of training, captioning and evaluation."""
     out = tmp_path_factory.mktemp('run')
-    subprocess.run([sys.executable, 'train.py', f'--out_dir={out}', f'--data_dir={data_dir}',
-                    f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
-                    '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
-                    '--batch_size=8', '--max_iters=20', '--eval_interval=20', '--learning_rate=3e-3',
-                    '--unfreeze_layers=3', '--train_embeddings=True', '--device=cpu'],
-                   check=True, capture_output=True)
+    assert run_script('train.py', f'--out_dir={out}', f'--data_dir={data_dir}', f'--vision_model={tiny_clip_dir}',
+                      f'--text_model={tiny_gpt2_dir}', *RUN_OPTIONS) is None
     return str(out)
 
 

@@ -181,7 +181,7 @@ def data_dir_missing(root, f):
 @case
 def features_cut_short(root, f):
     data, path = broken_data(root, f, 'train_feats.bin', cut_short)
-    return (*train_args(data, root, f), path, 'bytes, but meta.json describes 8 x 17 x 32 float16')
+    return (*train_args(data, root, f), path, 'bytes, but meta.json describes 16 x 17 x 32 float16')
 
 
 @case
