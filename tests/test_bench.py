@@ -1,21 +1,19 @@
 """bench.py, run as users run it, on the tiny models: every figure is there and consistent."""
 import json
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_script
 from model import CaptionerConfig, build_captioner
 
 
-def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir):
+def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
     model_options = [f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
                      '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32']
-    result = subprocess.run([sys.executable, 'bench.py', *model_options, '--device=cpu', '--train_steps=2',
-                             '--warmup_steps=1', '--gen_batch_sizes=1,3', '--new_tokens=5', '--num_images=6',
-                             '--extract_batch=4', '--num_workers=0'], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
+    assert run_script('bench.py', *model_options, '--device=cpu', '--train_steps=2', '--warmup_steps=1',
+                      '--gen_batch_sizes=1,3', '--new_tokens=5', '--num_images=6', '--extract_batch=4',
+                      '--num_workers=0') is None
+    lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert [line.split('  ')[0] for line in lines[1:-1]] == (
         ['train step'] + ['greedy from features', 'beam from features'] * 2

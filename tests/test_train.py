@@ -45,13 +45,6 @@ def train_losses(records):
 def test_tiny_model_overfits_and_its_captions_name_their_own_picture(run_dir, data_dir):
     """Guards against a model that never sees its pictures (features zeroed, dropped or mixed up): it
     learns the captions' language, 'a picture of a ...', but names the same colour and shape for all."""
-    records = [json.loads(line) for line in open(f'{run_dir}/log.jsonl')]
-    losses = train_losses(records)
-    assert losses[1] > 9.0  # a random GPT-2 over 50,257 tokens
-    assert losses[150] < 0.3  # 48 captions of 3 templates: only the template is left to guess
-    evaluation = [r for r in records if 'val_loss' in r][-1]
-    assert evaluation['val_loss'] < 0.5  # the same templates and colours in unseen pictures
-    assert evaluation['val_bleu4'] > 0.5  # and greedy captions of unseen pictures say them
     model, _ = load_captioner(f'{run_dir}/ckpt.pt')
     train_data = Captions(data_dir, 'train', 48)
     features, mask = train_data.features(np.arange(16))
@@ -61,6 +54,13 @@ def test_tiny_model_overfits_and_its_captions_name_their_own_picture(run_dir, da
         said = set(encoder.decode(tokens).split()) & {*COLOURS, *SHAPES}
         named = set(record['captions'][0].split()) & {*COLOURS, *SHAPES}  # 'a picture of a red dot'
         assert said == named, (record['file'], encoder.decode(tokens))
+    log = logs(run_dir)
+    losses = train_losses(log)
+    assert losses[1] > 9.0  # a random GPT-2 over 50,257 tokens
+    assert losses[150] < 0.3  # 48 captions of 3 templates: only the template is left to guess
+    evaluation = [r for r in log if 'val_loss' in r][-1]
+    assert evaluation['val_loss'] < 0.5  # the same templates and colours in unseen pictures
+    assert evaluation['val_bleu4'] > 0.5  # and greedy captions of unseen pictures say them
 
 
 def test_resume_continues_exactly(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
@@ -186,6 +186,26 @@ def test_best_checkpoint_is_the_lowest_validation_loss(run_dir):
     assert not torch.equal(best['model']['xattn.0.attn_gate'], last['model']['xattn.0.attn_gate'])
 
 
+def test_logged_validation_scores_are_those_of_the_checkpoint(run_dir, data_dir):
+    """The last evaluation's val_loss is the mean cross-entropy per target token over every validation
+    caption (not a mean of batch means, not of training captions), and val_bleu4 is eval_bleu's BLEU-4 of
+    the greedy captions of the validation pictures."""
+    import eval_bleu
+    last = [r for r in logs(run_dir) if 'val_loss' in r][-1]
+    model, _ = load_captioner(f'{run_dir}/ckpt.pt')  # written right after that evaluation
+    val = Captions(data_dir, 'val', 48)
+    features, mask, tokens, targets, _ = (torch.from_numpy(a) for a in val.batch(np.arange(len(val))))
+    with torch.no_grad():
+        _, loss = model(features, mask, tokens, targets)
+    assert last['val_loss'] == pytest.approx(loss.item(), rel=1e-5)
+    encoder = tiktoken.get_encoding('gpt2')
+    pictures = val.features(np.arange(4))
+    captions = [encoder.decode(c) for c in model.generate(*(torch.from_numpy(a) for a in pictures),
+                                                          max_new_tokens=30)]
+    references = [r['captions'] for r in val.records()]
+    assert last['val_bleu4'] == pytest.approx(eval_bleu.score(captions, references)['BLEU-4'], rel=1e-9)
+
+
 def test_checkpoint_holds_only_trained_weights_and_loads_alone(run_dir, tiny_clip_dir):
     checkpoint = torch.load(f'{run_dir}/ckpt.pt', weights_only=True)
     model, _ = load_captioner(f'{run_dir}/ckpt.pt')
@@ -212,8 +232,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     ('--batch_size=big', "config error: --batch_size=big: expected int, got 'big'"),
 ])
 def test_bad_settings_fail_in_one_line(option, message):
-    result = subprocess.run([sys.executable, 'train.py', option], capture_output=True, text=True)
-    assert result.returncode != 0 and result.stderr.strip() == message
+    assert run_script('train.py', option) == message
 
 
 def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny_gpt2_dir):
@@ -224,12 +243,10 @@ def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny
                                         num_attention_heads=2, vocab_size=100, bos_token_id=0,
                                         eos_token_id=1, pad_token_id=1))
     CLIPModel(other).save_pretrained(tmp_path / 'other_clip')
-    result = subprocess.run([sys.executable, 'train.py', f'--data_dir={data_dir}', f'--text_model={tiny_gpt2_dir}',
-                             f"--vision_model={tmp_path / 'other_clip'}", '--device=cpu'],
-                            capture_output=True, text=True)
-    assert result.returncode != 0
+    message = run_script('train.py', f'--data_dir={data_dir}', f'--text_model={tiny_gpt2_dir}',
+                         f"--vision_model={tmp_path / 'other_clip'}", '--device=cpu')
     meta = json.load(open(f'{data_dir}/meta.json'))
-    assert result.stderr.strip() == (
+    assert message == (
         f"train.py: {data_dir}/meta.json does not match the model: its features are from "
         f"{meta['vision_model']!r}, the model's vision_model is {str(tmp_path / 'other_clip')!r}; "
         f"feature_dim 32 != the vision width 24")
