@@ -864,12 +864,15 @@ def param_table(model: Captioner):
 
 if __name__ == '__main__':
     # python model.py [config/x.py] [--key=value ...]: build the model and print its parameter counts
+    import contextlib
     from dataclasses import asdict
     from configurator import configure
     settings = configure(dict(asdict(CaptionerConfig()), init_from='pretrained'))
     init_from = settings.pop('init_from')
     with input_errors_exit('model.py'):
-        model = build_captioner(CaptionerConfig(**settings), init_from)
+        # random weights are only counted: on the meta device they take no memory and no time to draw
+        with torch.device('meta') if init_from == 'scratch' else contextlib.nullcontext():
+            model = build_captioner(CaptionerConfig(**settings), init_from)
     for name, total, trainable in param_table(model):
         print(f'{name:<20} {total:>14,} total {trainable:>14,} trainable')
     total, trainable = count_params(model)
