@@ -115,6 +115,18 @@ def run_dir(tmp_path_factory, data_dir, tiny_clip_dir, tiny_gpt2_dir):
     return str(out)
 
 
+def record_generate_calls(monkeypatch):
+    """Make Captioner.generate record every call as (batch size, frame mask, options); returns the record."""
+    from model import Captioner
+    calls, generate = [], Captioner.generate
+
+    def recorded_generate(self, features, feature_mask=None, **options):
+        calls.append((len(features), feature_mask, options))
+        return generate(self, features, feature_mask, **options)
+    monkeypatch.setattr(Captioner, 'generate', recorded_generate)
+    return calls
+
+
 def run_script(script, *args):
     """Run `python script args` in this process, without an interpreter's start-up: returns what the
     script exited with (None when it ran to its end). Any exception but SystemExit propagates, so a

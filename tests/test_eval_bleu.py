@@ -3,9 +3,14 @@ import os
 import random
 import shutil
 
+import numpy as np
 import pytest
+import tiktoken
+import torch
 
 import eval_bleu
+from conftest import COLOURS, SHAPES, TOKENS_PER_FRAME, VISION_DIM, record_generate_calls, run_script
+from model import load_captioner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_DATA = os.path.join(HERE, '..', '..', 'shared', 'data')  # real captions beside the repository, if any
@@ -192,3 +197,40 @@ def test_official_scores_needs_java(monkeypatch):
         eval_bleu.official_scores(['a dog'], [['a dog']])
     assert str(error.value) == ('--official=True needs Java (java on PATH) and pycocoevalcap '
                                 '(pip install pycocoevalcap)')
+
+
+# ----------------------------------------------------------------------------- the script
+def test_script_captions_each_image_and_scores_it_against_its_own_references(run_dir, data_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """eval_bleu.py as users run it: the checkpoint --checkpoint names, the first --max_items images of --split
+    in batches of --batch_size, decoded as asked, each caption the checkpoint's for that image alone and scored
+    against that image's references."""
+    shutil.copy(f'{run_dir}/best.pt', tmp_path / 'chosen.pt')  # no best.pt here: only --checkpoint finds it
+    calls = record_generate_calls(monkeypatch)
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', '--checkpoint=chosen.pt', f'--data_dir={data_dir}',
+                      '--split=train', '--max_items=6', '--batch_size=4', '--decoding=beam', '--beam_width=3',
+                      '--max_new_tokens=8', '--device=cpu') is None
+    monkeypatch.undo()
+    # beam search of any width gives this checkpoint's greedy captions: only generate's options tell them apart
+    assert [(size, options['decoding'], options['beam_width'], options['max_new_tokens'])
+            for size, _, options in calls] == [(4, 'beam', 3, 8), (2, 'beam', 3, 8)]
+    with open(f'{data_dir}/train_images.json') as f:
+        records = json.load(f)[:6]
+    with open(tmp_path / 'captions.json') as f:
+        captions = json.load(f)
+    assert [(c['file'], c['id']) for c in captions] == [(r['file'], r['id']) for r in records]
+    model = load_captioner(tmp_path / 'chosen.pt')[0]
+    feats = np.fromfile(f'{data_dir}/train_feats.bin', dtype=np.float16).reshape(-1, TOKENS_PER_FRAME, VISION_DIM)
+    for i, (caption, record) in enumerate(zip(captions, records)):
+        with torch.no_grad():
+            alone = model.generate(torch.tensor(feats[i:i + 1], dtype=torch.float32), decoding='beam', beam_width=3,
+                                   max_new_tokens=8)[0]
+        assert caption['caption'] == ' '.join(tiktoken.get_encoding('gpt2').decode(alone).split())
+        # and, independent of the model code, it names the colour and shape its references name
+        said, named = set(caption['caption'].split()), set(record['captions'][0].split())
+        assert said & set(COLOURS) == named & set(COLOURS) and said & set(SHAPES) == named & set(SHAPES)
+    expected = eval_bleu.score([c['caption'] for c in captions], [r['captions'] for r in records])
+    with open(tmp_path / 'metrics.json') as f:
+        assert json.load(f) == dict(split='train', items=6, decoding='beam', **expected)
+    assert capsys.readouterr().out.splitlines() == ['train: 6 captioned, beam decoding'] + [
+        f'{name:<8} {100 * value:6.2f}' for name, value in expected.items()]  # x100, as papers report them

@@ -3,16 +3,16 @@ MLSLT-layout data: short mp4s of a coloured square moving left or right, written
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 av = pytest.importorskip('av')
 
 import prepare_mlslt  # noqa: E402
+from conftest import record_generate_calls, run_script  # noqa: E402
 from model import load_captioner, load_vision  # noqa: E402
 from prepare_coco import clip_preprocess, extract_features  # noqa: E402
 
@@ -23,6 +23,7 @@ SAMPLES = [('train', 'a1', 'red', 'right', 9), ('train', 'a2', 'green', 'left', 
            ('train', 'a3', 'blue', 'right', 12), ('train', 'a4', 'red', 'left', 7),
            ('dev', 'b1', 'green', 'right', 8), ('dev', 'b2', 'blue', 'left', 5),
            ('test', 'c1', 'red', 'right', 10), ('test', 'c2', 'blue', 'left', 3)]
+RED = {sample_id for _, sample_id, colour, _, _ in SAMPLES if colour == 'red'}
 
 
 def write_video(path, colour, direction, frames):
@@ -60,16 +61,15 @@ def mlslt_root(tmp_path_factory):
 
 
 def prepare(root, out_dir, clip_dir, *options):
-    return subprocess.run([sys.executable, 'prepare_mlslt.py', f'--root={root}', f'--out_dir={out_dir}',
-                           f'--vision_model={clip_dir}', f'--max_frames={MAX_FRAMES}', '--batch_size=3',
-                           '--num_workers=0', *options], capture_output=True, text=True)
+    """prepare_mlslt.py's exit (None when it succeeded), run in this process."""
+    return run_script('prepare_mlslt.py', f'--root={root}', f'--out_dir={out_dir}', f'--vision_model={clip_dir}',
+                      f'--max_frames={MAX_FRAMES}', '--batch_size=3', '--num_workers=0', *options)
 
 
 @pytest.fixture(scope='session')
 def mlslt_data(tmp_path_factory, mlslt_root, tiny_clip_dir):
     out = tmp_path_factory.mktemp('mlslt_prepared')
-    result = prepare(mlslt_root, out, tiny_clip_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert prepare(mlslt_root, out, tiny_clip_dir) is None
     return str(out)
 
 
@@ -155,22 +155,29 @@ def test_interrupted_video_extraction_resumes(tmp_path, mlslt_root, mlslt_data, 
                           np.fromfile(f'{mlslt_data}/train_feats.bin', dtype=np.float16))
 
 
-def test_bad_videos_are_named_or_skipped(tmp_path, mlslt_root, tiny_clip_dir):
+def test_bad_videos_are_named_or_skipped(tmp_path, mlslt_root, tiny_clip_dir, capsys):
     root = tmp_path / 'root'
     shutil.copytree(mlslt_root, root)
     (root / 'train' / 'a2' / 'de.mp4').write_bytes(b'not a video at all' * 10)
     (root / 'train' / 'a3' / 'en.mp4').write_bytes(b'')
-    result = prepare(root, tmp_path / 'out', tiny_clip_dir)
-    assert result.returncode == 1
-    message = result.stderr.strip().splitlines()[-1]
+    message = prepare(root, tmp_path / 'out', tiny_clip_dir, '--splits=train')
     assert message.startswith('prepare_mlslt.py: 2 unusable video(s) in split train (use '
                               '--skip_bad_videos=True to drop them): ')
     assert f"{root / 'train' / 'a2' / 'de.mp4'}: not a readable video" in message
     assert f"{root / 'train' / 'a3' / 'en.mp4'}: empty file" in message
-    result = prepare(root, tmp_path / 'out', tiny_clip_dir, '--skip_bad_videos=True')
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert 'split train: skipped 2 unusable video(s) and their 2 caption(s)' in result.stderr
-    assert json.load(open(tmp_path / 'out' / 'meta.json'))['splits']['train']['videos'] == 6
+    assert prepare(root, tmp_path / 'out', tiny_clip_dir, '--splits=train', '--skip_bad_videos=True') is None
+    assert 'split train: skipped 2 unusable video(s) and their 2 caption(s)' in capsys.readouterr().err
+    assert [v['id'] for v in json.load(open(tmp_path / 'out' / 'train_videos.json'))] == [
+        'a1/de', 'a1/en', 'a2/en', 'a3/de', 'a4/de', 'a4/en']
+
+
+def test_sign_langs_text_lang_and_splits_choose_the_samples(tmp_path, mlslt_root, tiny_clip_dir):
+    assert prepare(mlslt_root, tmp_path, tiny_clip_dir, '--splits=dev', '--sign_langs=en', '--text_lang=de') is None
+    videos = json.load(open(tmp_path / 'dev_videos.json'))
+    assert [(v['id'], v['captions']) for v in videos] == [('b1/en', ['ein Quadrat bewegt sich nach right']),
+                                                          ('b2/en', ['ein Quadrat bewegt sich nach left'])]
+    meta = json.load(open(tmp_path / 'meta.json'))
+    assert (list(meta['splits']), meta['text_lang']) == (['dev'], 'de')
 
 
 @pytest.mark.parametrize('options, message', [
@@ -179,73 +186,87 @@ def test_bad_videos_are_named_or_skipped(tmp_path, mlslt_root, tiny_clip_dir):
     (['--text_lang=fr'], "prepare_mlslt.py: {root}/train.json: id a1 has no 'fr' text"),
 ])
 def test_bad_options_fail_in_one_line(tmp_path, mlslt_root, tiny_clip_dir, options, message):
-    result = prepare(mlslt_root, tmp_path / 'out', tiny_clip_dir, *options)
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith(message.format(root=mlslt_root))
-    assert len(result.stderr.strip().splitlines()) == 1
+    status = prepare(mlslt_root, tmp_path / 'out', tiny_clip_dir, *options)
+    assert status.startswith(message.format(root=mlslt_root)) and '\n' not in status
 
 
 @pytest.fixture(scope='session')
 def video_run(tmp_path_factory, mlslt_data, tiny_clip_dir, tiny_gpt2_dir):
-    """A few training steps on the videos, evaluated on dev."""
+    """A training run on the videos, evaluated on dev, long enough that its captions tell a red square from
+    the others (blue from green barely, the direction not at all)."""
     out = tmp_path_factory.mktemp('video_run')
-    result = subprocess.run(
-        [sys.executable, 'train.py', 'config/train_mlslt.py', f'--out_dir={out}', f'--data_dir={mlslt_data}',
-         f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
-         '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32', '--batch_size=4',
-         '--max_iters=20', '--eval_interval=10', '--eval_captions=4', '--eval_bleu_images=2',
-         '--learning_rate=3e-3', '--unfreeze_layers=3', '--train_embeddings=True', '--log_interval=1',
-         '--device=cpu'], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_script('train.py', 'config/train_mlslt.py', f'--out_dir={out}', f'--data_dir={mlslt_data}',
+                      f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
+                      '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32', '--batch_size=8',
+                      '--max_iters=80', '--eval_interval=40', '--eval_captions=4', '--eval_bleu_images=2',
+                      '--learning_rate=5e-3', '--warmup_frac=0.05', '--unfreeze_layers=3', '--train_embeddings=True',
+                      '--log_interval=1', '--device=cpu') is None
     return str(out)
+
+
+def words(tokens):
+    return ' '.join(tiktoken.get_encoding('gpt2').decode(tokens).split())
 
 
 def test_training_and_evaluation_on_videos(video_run, mlslt_data):
     records = [json.loads(line) for line in open(f'{video_run}/log.jsonl')]
     losses = {r['iter']: r['loss'] for r in records if 'loss' in r}
-    assert list(losses) == list(range(1, 21))
-    assert losses[1] > 9.0 and losses[20] < losses[1] - 2  # a random GPT-2's guess, then learning
-    assert [r['iter'] for r in records if 'val_bleu4' in r] == [10, 20]
-    result = subprocess.run([sys.executable, 'eval_bleu.py', f'--out_dir={video_run}', f'--data_dir={mlslt_data}',
-                             '--split=test', '--decoding=greedy', '--max_new_tokens=5', '--device=cpu'],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(losses) == list(range(1, 81))
+    assert losses[1] > 9.0 and losses[80] < 1  # a random GPT-2's guess, then learning
+    assert [r['iter'] for r in records if 'val_bleu4' in r] == [40, 80]
+    assert run_script('eval_bleu.py', f'--out_dir={video_run}', f'--data_dir={mlslt_data}', '--split=test',
+                      '--decoding=greedy', '--max_new_tokens=8', '--device=cpu') is None
     captions = json.load(open(f'{video_run}/captions.json'))
     assert [c['id'] for c in captions] == ['c1/de', 'c1/en', 'c2/de', 'c2/en']
     assert json.load(open(f'{video_run}/metrics.json'))['items'] == 4
+    # one batch of videos of 6 and of 3 frames: each caption is the checkpoint's for that video alone, unpadded
+    # (the padding frames of the shorter ones are masked), and names red exactly for the red one
+    model, _ = load_captioner(f'{video_run}/best.pt')
+    feats = np.fromfile(f'{mlslt_data}/test_feats.bin', dtype=np.float16).reshape(-1, 17, 32)
+    frames = np.load(f'{mlslt_data}/test_frames.npy')
+    assert frames[:, 1].tolist() == [6, 6, 3, 3]
+    for caption, (first, count) in zip(captions, frames):
+        with torch.no_grad():
+            alone = model.generate(torch.tensor(feats[first:first + count][None], dtype=torch.float32),
+                                   max_new_tokens=8)[0]
+        assert caption['caption'] == words(alone)
+        assert ('red' in caption['caption'].split()) == (caption['id'].split('/')[0] in RED), caption
 
 
-def test_sample_captions_video_files(video_run, mlslt_root, tmp_path):
-    import tiktoken
+def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, monkeypatch):
     folder = tmp_path / 'videos'
     shutil.copytree(mlslt_root / 'test', folder)
     (folder / 'broken.mp4').write_bytes(b'\x00' * 100)
-    result = subprocess.run([sys.executable, 'sample.py', f'--out_dir={video_run}', f'--videos={folder}',
-                             f'--max_frames={MAX_FRAMES}', '--decoding=greedy', '--max_new_tokens=5',
-                             '--num_workers=0', '--batch_size=3', '--device=cpu', f'--html={tmp_path}/v.html'],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    calls = record_generate_calls(monkeypatch)
+    assert run_script('sample.py', f'--out_dir={video_run}', f'--videos={folder}', f'--max_frames={MAX_FRAMES}',
+                      '--decoding=greedy', '--max_new_tokens=8', '--num_workers=0', '--batch_size=4', '--device=cpu',
+                      f'--html={tmp_path}/v.html') is None
+    monkeypatch.undo()
+    # batches of 4 files: broken.mp4, c1/de, c1/en (10 frames: MAX_FRAMES of them), c2/de (3); then c2/en; the
+    # padding of the shorter ones masked
+    frame_counts = [None if mask is None else mask.sum(1).tolist() for _, mask, _ in calls]
+    assert frame_counts == [[MAX_FRAMES, MAX_FRAMES, 3], [3]]
+    output = capsys.readouterr()
+    lines = [line.split('\t') for line in output.out.splitlines()]
     paths = [str(folder / i / f'{lang}.mp4') for i in ('c1', 'c2') for lang in ('de', 'en')]
-    assert [line.split('\t')[0] for line in lines] == paths
-    assert all(line.split('\t')[1] for line in lines)  # the trained model says something
-    assert f"{folder / 'broken.mp4'}: skipped, not a readable video" in result.stderr
+    assert [path for path, _ in lines] == paths
+    assert f"{folder / 'broken.mp4'}: skipped, not a readable video" in output.err
     assert (tmp_path / 'v.html').read_text().count('<img src="data:image/jpeg;base64,') == 4
-    # each caption is the model's for that video's frames, decoded and sampled as prepare_mlslt does
+    # each caption is the model's for that video's frames, decoded and sampled as prepare_mlslt does, and
+    # names red exactly for the red one
     model, _ = load_captioner(f'{video_run}/best.pt')
-    encoder = tiktoken.get_encoding('gpt2')
-    for path, line in zip(paths, lines):
+    for path, caption in lines:
         frames = prepare_mlslt.read_frames(path, MAX_FRAMES, prepare_mlslt.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
-        tokens = model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=5)[0]
-        assert line.split('\t')[1] == ' '.join(encoder.decode(tokens).split())
+        with torch.no_grad():
+            assert caption == words(model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0])
+        assert ('red' in caption.split()) == (os.path.basename(os.path.dirname(path)) in RED), (path, caption)
 
 
 def test_videos_longer_than_the_time_embeddings_fail_in_one_line(tmp_path, mlslt_data, tiny_clip_dir,
                                                                   tiny_gpt2_dir):
-    result = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', f'--data_dir={mlslt_data}',
-                             f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}',
-                             '--val_split=dev', '--max_frames=4', '--device=cpu'], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (f'train.py: {mlslt_data}/meta.json does not match the model: its videos '
-                                     f'have up to 6 frames, the resampler time embeddings for 4 (max_frames)')
+    assert run_script('train.py', f'--out_dir={tmp_path}', f'--data_dir={mlslt_data}',
+                      f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--val_split=dev',
+                      '--max_frames=4', '--device=cpu') == (
+        f'train.py: {mlslt_data}/meta.json does not match the model: its videos have up to 6 frames, the resampler '
+        f'time embeddings for 4 (max_frames)')

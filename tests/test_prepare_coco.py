@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import prepare_coco
+from conftest import run_script
 from data import InputError
 from model import load_vision
 
@@ -83,7 +84,7 @@ def test_preprocessing_matches_clip_image_processor(tmp_path, size):
     assert np.abs(ours - expected).max() <= 1e-5
 
 
-def test_every_mode_becomes_rgb_and_exif_orientation_is_applied(tmp_path):
+def test_every_mode_becomes_rgb(tmp_path):
     base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
     modes = {'L': 'png', 'LA': 'png', 'P': 'png', 'RGBA': 'png', 'CMYK': 'jpg', 'I;16': 'png'}
     for mode, ext in modes.items():
@@ -94,10 +95,35 @@ def test_every_mode_becomes_rgb_and_exif_orientation_is_applied(tmp_path):
     sixteen = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
     sixteen.save(tmp_path / 'bright16.png')
     assert np.asarray(prepare_coco.load_rgb(tmp_path / 'bright16.png')).max() == 255  # scaled, not clipped
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
-    base.save(tmp_path / 'rotated.jpg', exif=exif)
-    assert prepare_coco.load_rgb(tmp_path / 'rotated.jpg').size == (20, 30)
+
+
+# What a viewer shows of stored pixels [rows, columns, 3] for each EXIF orientation, as the EXIF spec defines
+# them: where the stored first row and first column belong.
+UPRIGHT = {1: lambda a: a,  # as stored
+           2: lambda a: a[:, ::-1],  # mirrored left to right
+           3: lambda a: a[::-1, ::-1],  # turned 180 degrees
+           4: lambda a: a[::-1],  # mirrored top to bottom
+           5: lambda a: a.transpose(1, 0, 2),  # first row on the left, first column on top
+           6: lambda a: np.rot90(a, -1),  # turned 90 degrees clockwise
+           7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # first row on the right, first column at the bottom
+           8: lambda a: np.rot90(a)}  # turned 90 degrees counter-clockwise
+
+
+@pytest.mark.parametrize('ext, tolerance', [('png', 0), ('jpg', 8)])
+def test_exif_orientation_is_applied(tmp_path, ext, tolerance):
+    """Every orientation, on six blocks of different colours (no symmetry maps it onto itself), in PNG
+    (lossless: exact) and JPEG (5 levels off on average, at the blocks' edges; a wrong turn is 100 off)."""
+    colours = np.array([[(250, 0, 0), (0, 250, 0), (0, 0, 250)], [(250, 250, 0), (0, 250, 250), (250, 0, 250)]],
+                       dtype=np.uint8)
+    stored = colours.repeat(16, axis=0).repeat(16, axis=1)  # 32 x 48 pixels
+    for orientation, upright in UPRIGHT.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f'{orientation}.{ext}'
+        Image.fromarray(stored).save(path, exif=exif)
+        shown = np.asarray(prepare_coco.load_rgb(path), dtype=np.int16)
+        expected = upright(stored).astype(np.int16)
+        assert shown.shape == expected.shape and np.abs(shown - expected).mean() <= tolerance, orientation
 
 
 @pytest.fixture
@@ -185,41 +211,33 @@ def test_torchrun_ranks_share_the_work(tmp_path, dataset, tiny_clip_dir):
     import subprocess
     import sys
     captions_path, folder = dataset
-    outputs = {}
-    for ranks in (1, 2):
-        out_dir = tmp_path / f'ranks{ranks}'
-        subprocess.run([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={ranks}',
-                        'prepare_coco.py', f'--captions={captions_path}', f'--images={folder}',
-                        f'--out_dir={out_dir}', f'--vision_model={tiny_clip_dir}', '--num_workers=0',
-                        '--batch_size=2', '--device=cpu'], check=True, capture_output=True)
-        outputs[ranks] = {name: (out_dir / name).read_bytes() for name in
-                          ('train_tokens.bin', 'train_captions.npy', 'train_images.json')}
-        outputs[ranks]['feats'] = np.fromfile(out_dir / 'train_feats.bin', dtype=np.float16)
-    feats1, feats2 = outputs[1].pop('feats'), outputs[2].pop('feats')
+    run_prepare(dataset, tmp_path / 'ranks1', tiny_clip_dir)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', 'prepare_coco.py',
+                    f'--captions={captions_path}', f'--images={folder}', f"--out_dir={tmp_path / 'ranks2'}",
+                    f'--vision_model={tiny_clip_dir}', '--num_workers=0', '--batch_size=2', '--device=cpu'],
+                   check=True, capture_output=True)
+    outputs = {ranks: {name: (tmp_path / f'ranks{ranks}' / name).read_bytes() for name in
+                       ('train_tokens.bin', 'train_captions.npy', 'train_images.json')} for ranks in (1, 2)}
+    feats1, feats2 = (np.fromfile(tmp_path / f'ranks{ranks}' / 'train_feats.bin', dtype=np.float16) for ranks in (1, 2))
     assert outputs[1] == outputs[2]
     assert (np.abs(feats2.reshape(5, -1)).sum(1) > 0).all()  # every rank wrote its slice
     assert np.allclose(feats1, feats2, atol=2e-3)
 
 
 def test_splits_from_separate_runs_share_meta_json(tmp_path, dataset, tiny_clip_dir):
-    import subprocess
-    import sys
     train_captions, folder = dataset
     val_captions = coco_file(tmp_path, ['0.jpg', '1.jpg'], 'captions_val2017.json')
     out_dir = tmp_path / 'out'
 
     def run(captions_path, vision_model):
-        return subprocess.run([sys.executable, 'prepare_coco.py', f'--captions={captions_path}',
-                               f'--images={folder}', f'--out_dir={out_dir}', f'--vision_model={vision_model}',
-                               '--num_workers=0'], capture_output=True, text=True)
-    assert run(train_captions, tiny_clip_dir).returncode == 0
-    assert run(val_captions, tiny_clip_dir).returncode == 0
+        return run_script('prepare_coco.py', f'--captions={captions_path}', f'--images={folder}',
+                          f'--out_dir={out_dir}', f'--vision_model={vision_model}', '--num_workers=0')
+    assert run(train_captions, tiny_clip_dir) is None
+    assert run(val_captions, tiny_clip_dir) is None
     meta = json.loads((out_dir / 'meta.json').read_text())
     assert {k: (v['images'], v['captions']) for k, v in meta['splits'].items()} == \
         {'train': (5, 26), 'val': (2, 11)}
     assert (meta['tokens_per_image'], meta['feature_dim'], meta['vision_model']) == (17, 32, tiny_clip_dir)
-    other = run(val_captions, str(tmp_path / 'other_clip'))
-    assert other.returncode != 0
-    assert other.stderr.strip() == (f"prepare_coco.py: {out_dir / 'meta.json'} holds features of "
-                                    f"{tiny_clip_dir!r} (format 1); use another --out_dir for "
-                                    f"{str(tmp_path / 'other_clip')!r}")
+    assert run(val_captions, str(tmp_path / 'other_clip')) == (
+        f"prepare_coco.py: {out_dir / 'meta.json'} holds features of {tiny_clip_dir!r} (format 1); use another "
+        f"--out_dir for {str(tmp_path / 'other_clip')!r}")

@@ -1,7 +1,13 @@
-"""sample.py, run as users run it, on a checkpoint of a short tiny training run."""
+"""sample.py, run in this process as users run it, on conftest's grounded checkpoint: pictures of coloured
+shapes it names, images of every kind and mode, and files of every kind of bad input."""
+import base64
+import io
 import json
-import subprocess
-import sys
+import os
+import re
+from contextlib import redirect_stderr, redirect_stdout
+from html import escape
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,67 +15,153 @@ import tiktoken
 import torch
 from PIL import Image
 
+from conftest import COLOURS, SHAPES, draw_shape, record_generate_calls, run_script, shape_scenes
 from model import load_captioner
 from prepare_coco import clip_preprocess, load_rgb
 
+BAD_FILES = [('empty.jpg', 'empty file'), ('truncated.jpg', 'not a readable image'),
+             ('text.png', 'not a readable image'), ('bomb.png', 'too large to be a photo')]
+
 
 def sample(run_dir, *options):
-    return subprocess.run([sys.executable, 'sample.py', f'--out_dir={run_dir}', '--num_workers=0', *options],
-                          capture_output=True, text=True)
+    """sample.py's exit (None when it succeeded), on the CPU, where the model here captions alike."""
+    return run_script('sample.py', f'--out_dir={run_dir}', '--num_workers=0', '--device=cpu', *options)
 
 
-@pytest.fixture
-def folder(tmp_path):
-    """Readable images of every supported kind, and files of each kind of bad input."""
+def words(tokens):
+    return ' '.join(tiktoken.get_encoding('gpt2').decode(tokens).split())
+
+
+def caption_alone(model, path, **options):
+    """The checkpoint's caption of one image, given to model.generate on its own."""
+    pixels = torch.tensor(clip_preprocess(load_rgb(path), model.vision.config.image_size))[None]
+    with torch.no_grad():
+        return words(model.generate(*model.encode_pixels(pixels, [1]), **options)[0])
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    """Each colour with each shape, drawn as the checkpoint saw it in training, in a subfolder
+    (shapes/<colour>_<shape>.png: eight different captions); images of every supported kind (an extension
+    in capitals too) and another mode; files of each kind of bad input. Returns its root, its readable
+    images (sorted) and what is drawn: {picture: (colour, shape)}."""
+    root = tmp_path_factory.mktemp('images')
+    (root / 'shapes').mkdir()
+    drawn = {}
+    for colour, shape, shift in shape_scenes('train')[:8]:
+        path = root / 'shapes' / f'{colour}_{shape}.png'
+        draw_shape(colour, shape, shift).save(path)
+        drawn[str(path)] = colour, shape
     rng = np.random.default_rng(0)
-    good = []
-    for i, ext in enumerate(['jpg', 'png', 'webp', 'bmp', 'gif', 'tiff']):
-        path = tmp_path / f'good{i}.{ext}'
+    good = list(drawn)
+    for i, ext in enumerate(['JPEG', 'png', 'webp', 'bmp', 'gif', 'tiff']):
+        path = root / f'good{i}.{ext}'
         Image.fromarray(rng.integers(0, 255, (30 + i, 40, 3), dtype=np.uint8)).save(path)
         good.append(str(path))
-    Image.new('LA', (20, 20)).save(tmp_path / 'sub_grey.png')  # another mode
-    good.append(str(tmp_path / 'sub_grey.png'))
-    (tmp_path / 'empty.jpg').write_bytes(b'')
-    data = open(good[0], 'rb').read()
-    (tmp_path / 'truncated.jpg').write_bytes(data[:len(data) // 3])
-    (tmp_path / 'text.png').write_text('not an image')
-    Image.new('1', (10_000, 10_000)).save(tmp_path / 'bomb.png')  # 100M pixels in a small file
-    (tmp_path / 'notes.txt').write_text('not an image extension: ignored')
-    return tmp_path, sorted(good)
+    Image.new('LA', (20, 20)).save(root / 'grey.png')
+    good.append(str(root / 'grey.png'))
+    (root / 'empty.jpg').write_bytes(b'')
+    data = (root / 'good0.JPEG').read_bytes()
+    (root / 'truncated.jpg').write_bytes(data[:len(data) // 3])
+    (root / 'text.png').write_text('not an image')
+    Image.new('1', (10_000, 10_000)).save(root / 'bomb.png')  # 100M pixels in a small file
+    (root / 'notes.txt').write_text('not an image extension: ignored')
+    return SimpleNamespace(root=root, readable=sorted(good), drawn=drawn)
 
 
-def test_captions_every_readable_image_and_reports_the_rest(run_dir, folder, tmp_path):
-    path, good = folder
-    result = sample(run_dir, f'--images={path}', '--decoding=greedy', '--max_new_tokens=8', '--batch_size=3',
-                    f"--json={tmp_path / 'out.json'}", f"--html={tmp_path / 'out.html'}")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert [line.split('\t')[0] for line in lines] == good  # one line each, sorted
-    for name, why in [('empty.jpg', 'empty file'), ('truncated.jpg', 'not a readable image'),
-                      ('text.png', 'not a readable image'), ('bomb.png', 'too large to be a photo')]:
-        assert f'{path / name}: skipped, {why}' in result.stderr
-    assert json.loads((tmp_path / 'out.json').read_text()) == [
-        dict(image=line.split('\t')[0], captions=[line.split('\t')[1]]) for line in lines]
-    page = (tmp_path / 'out.html').read_text()
-    assert page.count('<img src="data:image/jpeg;base64,') == len(good)
-    # the captions are the model's for each image (no mix-up across batches)
-    model, _ = load_captioner(f'{run_dir}/best.pt')
-    encoder = tiktoken.get_encoding('gpt2')
-    for image, line in zip(good, lines):
-        pixels = torch.tensor(clip_preprocess(load_rgb(image), 32))[None]
-        tokens = model.generate(*model.encode_pixels(pixels, [1]), max_new_tokens=8)[0]
-        assert line.split('\t')[1] == ' '.join(encoder.decode(tokens).split())
+@pytest.fixture(scope='module')
+def model(run_dir):
+    return load_captioner(f'{run_dir}/best.pt')[0]
 
 
-def test_sampling_options(run_dir, folder):
-    path, good = folder
-    options = [f'--images={path}/good*', '--decoding=sample', '--num_samples=3', '--max_new_tokens=6',
-               '--top_k=50', '--temperature=1.5']
-    first = sample(run_dir, *options, '--seed=1')
-    assert first.returncode == 0, first.stderr
-    assert len(first.stdout.splitlines()) == 3 * 6
-    assert sample(run_dir, *options, '--seed=1').stdout == first.stdout
-    assert sample(run_dir, *options, '--seed=2').stdout != first.stdout
+@pytest.fixture(scope='module')
+def captioned(run_dir, folder, tmp_path_factory):
+    """One run of sample.py over the whole folder, in batches of 3, beam search of width 3, with --json and
+    --html: its exit, its (path, caption) lines, its stderr, the files it wrote, and (batch size, options)
+    of every call to model.generate."""
+    out = tmp_path_factory.mktemp('captioned')
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
+        calls = record_generate_calls(patch)
+        status = sample(run_dir, f'--images={folder.root}', '--batch_size=3', '--decoding=beam', '--beam_width=3',
+                        '--max_new_tokens=8', f"--json={out / 'out.json'}", f"--html={out / 'out.html'}")
+    return SimpleNamespace(status=status, lines=[tuple(line.split('\t')) for line in stdout.getvalue().splitlines()],
+                           stderr=stderr.getvalue(), json=json.loads((out / 'out.json').read_text()),
+                           html=(out / 'out.html').read_text(), calls=calls)
+
+
+def test_each_caption_is_the_checkpoints_for_that_image_alone(captioned, folder, model):
+    """No caption moves to another image: not within a batch, not across batches, not past a bad file."""
+    assert captioned.status is None, captioned.stderr
+    assert [path for path, _ in captioned.lines] == folder.readable  # one line each, sorted, the subfolder's too
+    for path, caption in captioned.lines:
+        assert caption == caption_alone(model, path, decoding='beam', beam_width=3, max_new_tokens=8), path
+
+
+def test_captions_name_the_colour_and_shape_drawn(captioned, folder):
+    """The same, independent of the model code: each picture's caption names what was drawn in it."""
+    captions = dict(captioned.lines)
+    for path, (colour, shape) in folder.drawn.items():
+        said = set(captions[path].split())
+        assert (said & set(COLOURS), said & set(SHAPES)) == ({colour}, {shape}), (path, captions[path])
+
+
+def test_unreadable_files_are_reported_and_the_rest_captioned(captioned, folder):
+    assert captioned.status is None
+    for name, why in BAD_FILES:
+        assert f'{folder.root / name}: skipped, {why}' in captioned.stderr
+
+
+def test_decoding_options_reach_generate(captioned):
+    """Beam search of any width gives this checkpoint's greedy captions, so only what generate is handed
+    tells whether --beam_width and --max_new_tokens were passed on."""
+    assert len(captioned.calls) > 1 and max(size for size, _, _ in captioned.calls) <= 3  # --batch_size
+    for _, _, options in captioned.calls:
+        assert (options['decoding'], options['beam_width'], options['max_new_tokens']) == ('beam', 3, 8)
+
+
+def test_json_and_html_hold_each_images_captions(captioned, folder):
+    assert captioned.json == [dict(image=path, captions=[caption]) for path, caption in captioned.lines]
+    figures = re.findall(r'<figure><img src="data:image/jpeg;base64,([^"]*)" alt=""><figcaption><b>(.*?)</b>'
+                         r'(.*?)</figcaption></figure>', captioned.html)
+    assert [(name, text) for _, name, text in figures] == [
+        (escape(os.path.basename(path)), f'<p>{escape(caption)}</p>') for path, caption in captioned.lines]
+    # each picture's thumbnail is that picture: nearer to it than to any other
+    pictures = {path: np.asarray(load_rgb(path), dtype=np.float32) for path in folder.drawn}
+    for (thumbnail, _, _), (path, _) in zip(figures, captioned.lines):
+        if path in pictures:
+            shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbnail))).convert('RGB'), dtype=np.float32)
+            assert shown.shape == pictures[path].shape, path
+            assert min(pictures, key=lambda p: np.abs(pictures[p] - shown).mean()) == path
+
+
+@pytest.fixture(scope='module')
+def greedy_lines(model, folder):
+    """sample.py's lines for the shape pictures, two samples each, were sampling greedy: 5 tokens, cut
+    before the last word ('a picture of a red'), so that --max_new_tokens counts too."""
+    return [f'{path}\t{caption_alone(model, path, max_new_tokens=5)}' for path in sorted(folder.drawn)
+            for _ in range(2)]
+
+
+def sampled(run_dir, folder, capsys, *options):
+    assert sample(run_dir, f'--images={folder.root}/shapes', '--decoding=sample', '--num_samples=2',
+                  '--max_new_tokens=5', *options) is None
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize('option', ['--top_k=1', '--top_p=1e-6', '--temperature=1e-4'])
+def test_sampling_left_one_choice_gives_greedy_captions(run_dir, folder, greedy_lines, capsys, option):
+    """Each option alone leaves sampling the best token only, if it reaches generate (plain sampling
+    differs from greedy: test_sampling_is_seeded); and each image's samples are its own."""
+    assert sampled(run_dir, folder, capsys, option) == greedy_lines
+
+
+def test_sampling_is_seeded(run_dir, folder, greedy_lines, capsys):
+    first = sampled(run_dir, folder, capsys, '--seed=1')
+    assert [line.split('\t')[0] for line in first] == [line.split('\t')[0] for line in greedy_lines]
+    assert first != greedy_lines
+    assert sampled(run_dir, folder, capsys, '--seed=1') == first
+    assert sampled(run_dir, folder, capsys, '--seed=2') != first
 
 
 @pytest.mark.parametrize('options, message', [
@@ -79,14 +171,9 @@ def test_sampling_options(run_dir, folder):
     (['--videos=clips'], 'sample.py: give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB'),
 ])
 def test_bad_arguments_fail_in_one_line(run_dir, folder, options, message):
-    path, _ = folder
-    result = sample(run_dir, f'--images={path}', *options)
-    assert result.returncode != 0
-    assert result.stderr.strip() == message.format(run=run_dir)
+    assert sample(run_dir, f'--images={folder.root}', *options) == message.format(run=run_dir)
 
 
 def test_no_readable_image_is_an_error(run_dir, folder):
-    path, _ = folder
-    result = sample(run_dir, f'--images={path}/[et]*.*')  # empty.jpg, text.png, truncated.jpg
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == 'sample.py: none of the 3 image file(s) could be read'
+    status = sample(run_dir, f'--images={folder.root}/[et]*.*')  # empty.jpg, text.png, truncated.jpg
+    assert status == 'sample.py: none of the 3 image file(s) could be read'
