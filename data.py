@@ -1,10 +1,18 @@
 """
-What nanocap shares between its stages besides the model: the error a user's bad input raises, and
-reading the JSON files users and stages hand each other.
+What nanocap shares between its stages besides the model: the error a user's bad input raises, the JSON
+files users and stages hand each other, and the prepared data that prepare_coco.py and prepare_mlslt.py
+write and train.py and eval_bleu.py read (memmapped CLIP features and caption tokens, checked against
+meta.json).
 """
 import json
+import math
 import os
 from contextlib import contextmanager
+
+import numpy as np
+
+EOT = 50256  # GPT-2's <|endoftext|>: the BOS and the EOS of every caption
+IGNORE_INDEX = -100  # target value of positions that are not in the loss (never a real token id)
 
 
 class InputError(Exception):
@@ -40,3 +48,149 @@ def read_json(path):
         raise InputError(f'{path}: cannot read it ({e.strerror})')
     except ValueError as e:  # not JSON, or not UTF-8
         raise InputError(f'{path}: not valid JSON ({first_line(e)})')
+
+
+class Captions:
+    """One split written by prepare_coco.py or prepare_mlslt.py: every caption with the CLIP features of
+    its image or video, memmapped. An image is a video of one frame. Every file is checked against
+    meta.json first: a file cut short or left from another run would otherwise be read as garbage, or
+    fail deep inside numpy."""
+
+    def __init__(self, data_dir, split, max_tokens):
+        meta = read_meta(data_dir)
+        if split not in meta['splits']:
+            raise InputError(f"{data_dir}/meta.json: no split '{split}' (it has {', '.join(meta['splits'])})")
+        self.media = meta.get('media', 'image')
+        entry, path = meta['splits'][split], os.path.join(data_dir, split)
+        frames = meta_value(entry, 'frames' if self.media == 'video' else 'images', data_dir, split)
+        media_count = meta_value(entry, 'videos', data_dir, split) if self.media == 'video' else frames
+        shape = (frames, meta['tokens_per_image'], meta['feature_dim'])
+        self.feats = open_memmap(f'{path}_feats.bin', np.float16, shape)
+        if self.media == 'video':  # each video's frames are consecutive rows of the features
+            self.first_frame, self.frame_count = load_table(f'{path}_frames.npy', media_count, 2).T
+            if (self.frame_count < 1).any() or (self.first_frame + self.frame_count > frames).any():
+                raise InputError(f'{path}_frames.npy: frames outside the {frames:,} of {path}_feats.bin')
+        else:
+            self.first_frame, self.frame_count = np.arange(frames), np.ones(frames, dtype=np.int64)
+        self.max_frames = int(self.frame_count.max())
+        self.records_path, self.media_count = f'{path}_{self.media}s.json', media_count
+        self.tokens = open_memmap(f'{path}_tokens.bin', np.uint16)
+        captions_path = f'{path}_captions.npy'
+        self.offsets, lengths, self.media_index = load_table(captions_path, entry.get('captions'), 3).T
+        if (self.offsets < 0).any() or (lengths < 0).any() or (self.offsets + lengths > len(self.tokens)).any():
+            raise InputError(f'{captions_path}: captions outside the {len(self.tokens):,} tokens of '
+                             f'{path}_tokens.bin')
+        if (self.media_index < 0).any() or (self.media_index >= media_count).any():
+            raise InputError(f'{captions_path}: captions of {self.media}s that the split does not have '
+                             f'(it has {media_count:,})')
+        self.lengths = np.minimum(lengths, max_tokens - 1)  # room for the closing <|endoftext|>
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def records(self):
+        """Each image's (or video's) file, id and reference captions, in feature order."""
+        records = read_json(self.records_path)
+        if not (isinstance(records, list) and len(records) == self.media_count
+                and all(isinstance(r, dict) and isinstance(r.get('captions'), list) for r in records)):
+            raise InputError(f'{self.records_path}: expected a list of {self.media_count:,} '
+                             f'{{"file", "id", "captions"}} records, as meta.json says')
+        return records
+
+    def features(self, media_ids):
+        """Frames [B, T, N, D] (float16) of images or videos, zero-padded to the split's longest video so
+        that every batch has the same shape, and the mask of real frames [B, T]."""
+        column = np.arange(self.max_frames)
+        mask = column < self.frame_count[media_ids, None]
+        rows = np.where(mask, self.first_frame[media_ids, None] + column, 0)
+        frames = self.feats[rows.ravel()].reshape(*rows.shape, *self.feats.shape[1:])
+        frames[~mask] = 0
+        return frames, mask
+
+    def target_count(self, ids):
+        """How many target tokens the captions `ids` have (each caption's tokens + <|endoftext|>)."""
+        return int((self.lengths[ids] + 1).sum())
+
+    def batch(self, ids):
+        """Features [B, T, N, D] (float16) and frame mask [B, T] (see features), tokens and targets [B, S]
+        of the captions `ids`, padded to the longest: tokens = <|endoftext|> + caption, targets = caption
+        + <|endoftext|>, then IGNORE_INDEX; and the flat positions of the targets [K] (found here, on the
+        host, so that the GPU need not report them: see Captioner.forward)."""
+        lengths = self.lengths[ids]
+        S = int(lengths.max()) + 1
+        column = np.arange(S)
+        positions = np.minimum(self.offsets[ids, None] + column[:-1], len(self.tokens) - 1)
+        caption = np.where(column[:-1] < lengths[:, None], self.tokens[positions], EOT).astype(np.int64)
+        bos = np.full((len(ids), 1), EOT, dtype=np.int64)
+        tokens = np.concatenate([bos, caption], axis=1)
+        targets = np.concatenate([caption, bos], axis=1)
+        targets[column > lengths[:, None]] = IGNORE_INDEX
+        return *self.features(self.media_index[ids]), tokens, targets, np.flatnonzero(targets != IGNORE_INDEX)
+
+
+META_KEYS = ('vision_model', 'tokenizer', 'tokens_per_image', 'feature_dim', 'splits')
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: not found; prepare the data with prepare_coco.py or prepare_mlslt.py')
+    meta = read_json(path)
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise InputError(f"{path}: not a meta.json of prepare_coco.py or prepare_mlslt.py (no {', '.join(missing)})")
+    return meta
+
+
+def meta_value(entry, key, data_dir, split):
+    """A count in meta.json's entry of a split."""
+    if not isinstance(entry.get(key), int):
+        raise InputError(f"{data_dir}/meta.json: split '{split}' has no count of {key}")
+    return entry[key]
+
+
+def open_memmap(path, dtype, shape=None):
+    """A read-only memmap of a prepared file, which must be exactly as large as `shape` says (or, without
+    a shape, a whole number of items)."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: missing (meta.json lists it; prepare the data again)')
+    size, item = os.path.getsize(path), np.dtype(dtype).itemsize
+    expected = item * math.prod(shape) if shape else size - size % item
+    if size != expected or size == 0:
+        described = f"{' x '.join(map(str, shape))} {np.dtype(dtype).name}, {expected:,} bytes" if shape \
+            else f'whole {np.dtype(dtype).name} items'
+        raise InputError(f'{path}: {size:,} bytes, but meta.json describes {described} (cut short, or '
+                         f'from another run? prepare the data again)')
+    return np.memmap(path, dtype=dtype, mode='r', shape=shape)
+
+
+def load_table(path, rows, columns):
+    """An int64 [rows, columns] .npy table of a prepared split (any number of rows if rows is None)."""
+    try:
+        table = np.load(path)
+    except (OSError, ValueError, EOFError) as e:  # missing, cut short, not a .npy file
+        raise InputError(f'{path}: not a readable .npy table ({first_line(e)})')
+    if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != columns or \
+            (rows is not None and len(table) != rows):
+        raise InputError(f"{path}: a {table.dtype} table of shape {list(table.shape)}, expected int64 "
+                         f"[{rows if rows is not None else 'rows'}, {columns}]")
+    return table
+
+
+def check_data_fits_model(meta, model, data_dir):
+    """Features made by another vision model, or tokens of another tokenizer, would train garbage."""
+    vision, vocab = model.vision.config, model.gpt.config.vocab_size
+    problems = []
+    if meta['vision_model'] != model.config.vision_model:
+        problems.append(f"its features are from {meta['vision_model']!r}, the model's vision_model is "
+                        f'{model.config.vision_model!r}')
+    if meta['feature_dim'] != vision.hidden_size:
+        problems.append(f"feature_dim {meta['feature_dim']} != the vision width {vision.hidden_size}")
+    if meta['tokenizer'] != 'gpt2' or vocab < 50257:
+        problems.append(f"tokenizer {meta['tokenizer']!r} does not fit GPT-2's vocabulary of {vocab}")
+    frames, time_embeddings = meta.get('max_frames', 1), model.config.max_frames
+    if model.resampler is not None and frames > time_embeddings:
+        problems.append(f'its videos have up to {frames} frames, the resampler time embeddings for '
+                        f'{time_embeddings} (max_frames)')
+    if problems:
+        raise InputError(f"{data_dir}/meta.json does not match the model: {'; '.join(problems)}")

@@ -23,6 +23,8 @@ from collections import Counter
 
 import numpy as np
 
+from data import Captions, InputError, check_data_fits_model, first_line, input_errors_exit, read_meta
+
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
 checkpoint = 'best.pt'
@@ -416,7 +418,6 @@ def score(captions, references):
 
 def require_official_toolkit():
     """Raise an InputError unless coco-caption's toolkit can run: pycocoevalcap, and Java for its tokenizer."""
-    from data import InputError
     try:
         import pycocoevalcap.tokenizer.ptbtokenizer  # noqa: F401
         toolkit = True
@@ -463,7 +464,6 @@ def official_meteor(refs, hyps):
 def official_spice(refs, hyps):
     """pycocoevalcap's SPICE, or None with a line on stderr saying why it could not run. It downloads Stanford
     CoreNLP on first use and needs 8 GB for its Java process."""
-    from data import first_line
     try:
         from pycocoevalcap.spice.spice import Spice
         with contextlib.redirect_stdout(sys.stderr):  # its download messages
@@ -485,7 +485,6 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     import tiktoken
     import torch
     from prepare_coco import decode_caption
-    from train import Captions
     data = Captions(data_dir, split_name, max_tokens=1)
     records = data.records()
     count = min(count or len(records), len(records))
@@ -500,9 +499,7 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    from data import input_errors_exit
     from model import load_captioner, pick_device
-    from train import check_data_fits_model, read_meta
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('eval_bleu.py'):
         if official:

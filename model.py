@@ -23,10 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import InputError, first_line, input_errors_exit
-
-EOT = 50256  # GPT-2's <|endoftext|>: the BOS and the EOS of every caption
-IGNORE_INDEX = -100  # target value of positions that are not in the loss (never a real token id)
+from data import EOT, IGNORE_INDEX, InputError, first_line, input_errors_exit
 
 
 def pick_device(device=''):

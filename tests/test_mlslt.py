@@ -115,7 +115,7 @@ def test_features_frames_and_captions(mlslt_data, mlslt_root, tiny_clip_dir):
 
 
 def test_batches_pad_videos_and_mask_the_padding(mlslt_data):
-    from train import Captions
+    from data import Captions
     data = Captions(mlslt_data, 'train', max_tokens=32)
     features, mask, tokens, targets, positions = data.batch(np.array([2, 0]))  # a2/de (4 frames), a1/de (6)
     # the target positions, found on the host: each sentence's tokens and its <|endoftext|>

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from conftest import COLOURS, SHAPES, run_script
-from model import EOT, load_captioner, load_vision
-from train import Captions, save_checkpoint
+from data import EOT, Captions
+from model import load_captioner, load_vision
+from train import save_checkpoint
 
 
 def train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options):
