@@ -65,24 +65,24 @@ def epoch_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def lr_at(it, total):
-    """Linear warm-up over the first warmup_frac of the iterations, then cosine decay to min_lr."""
+def lr_at(it, total, max_lr, min_lr, warmup_frac):
+    """Linear warm-up to max_lr over the first warmup_frac of the iterations, then cosine decay to min_lr."""
     warmup = max(1, int(warmup_frac * total))
     if it < warmup:
-        return learning_rate * (it + 1) / warmup
+        return max_lr * (it + 1) / warmup
     progress = (it - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * progress))
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, device_type):
+def make_optimizer(model, lr, weight_decay, betas, fused):
     """AdamW with weight decay on the weight matrices only: not on gates, latents, time and token
-    embeddings, mapper queries, norms or biases."""
+    embeddings, mapper queries, norms or biases. fused: one kernel for all parameters (CUDA only)."""
     no_decay_2d = ('latents', 'time_emb', 'queries', 'wte.weight', 'wpe.weight')
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and not n.endswith(no_decay_2d)]
     other = [p for n, p in params if not (p.dim() >= 2 and not n.endswith(no_decay_2d))]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def save_checkpoint(path, checkpoint):
@@ -145,7 +145,7 @@ def main(config):
         raise InputError(f'{len(train_data)} training captions make no batch of {global_batch}')
     total_iters = max_iters or epochs * iters_per_epoch
     model.to(dev)
-    optimizer = make_optimizer(model, device_type)
+    optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda')
     iter_num, best_val_loss = 0, math.inf
     if checkpoint is not None:
         model.load_state_dict(checkpoint['model'], strict=False)
@@ -224,7 +224,7 @@ def main(config):
         # every rank knows the whole global batch, so each can scale its loss to the mean over all of
         # the batch's target tokens: the same gradient as one process on the whole batch
         all_targets = train_data.target_count(ids)
-        lr = lr_at(iter_num, total_iters)
+        lr = lr_at(iter_num, total_iters, learning_rate, min_lr, warmup_frac)
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(gradient_accumulation_steps):
