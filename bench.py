@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data import input_errors_exit
-from model import EOT, CaptionerConfig, build_captioner, pick_device
+from model import EOT, CaptionerConfig, build_captioner, pick_device, tokens_per_frame
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'
@@ -76,8 +76,7 @@ class Timer:
 def random_features(model, batch, dev):
     """CLIP features as prepare_coco.py stores them: float16 [B, 1, N, Dv], one frame per image."""
     vision = model.vision.config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    return torch.randn(batch, 1, tokens, vision.hidden_size, device=dev).to(torch.float16)
+    return torch.randn(batch, 1, tokens_per_frame(vision), vision.hidden_size, device=dev).to(torch.float16)
 
 
 def bench_train(model, dev, autocast, batch):

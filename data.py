@@ -50,6 +50,25 @@ def read_json(path):
         raise InputError(f'{path}: not valid JSON ({first_line(e)})')
 
 
+def atomic_write(path, write):
+    """Call write(temp_path), then rename the temp file over `path`: readers never see half a file."""
+    tmp = path + '.tmp'
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def decode_caption(encoder, tokens):
+    """The text of generated tokens on one line: GPT-2 can emit newlines and runs of spaces."""
+    return ' '.join(encoder.decode(tokens).split())
+
+
 class Captions:
     """One split written by prepare_coco.py or prepare_mlslt.py: every caption with the CLIP features of
     its image or video, memmapped. An image is a video of one frame. Every file is checked against

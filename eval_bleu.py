@@ -23,7 +23,8 @@ from collections import Counter
 
 import numpy as np
 
-from data import Captions, InputError, check_data_fits_model, first_line, input_errors_exit, read_meta
+from data import (Captions, InputError, check_data_fits_model, decode_caption, first_line, input_errors_exit,
+                  read_meta, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -484,7 +485,6 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     (file, id, reference captions)."""
     import tiktoken
     import torch
-    from prepare_coco import decode_caption
     data = Captions(data_dir, split_name, max_tokens=1)
     records = data.records()
     count = min(count or len(records), len(records))
@@ -511,7 +511,6 @@ if __name__ == '__main__':
         captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev)
     with input_errors_exit('eval_bleu.py'):
         metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
-    from prepare_coco import write_json
     write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,
                                                            **metrics))
     write_json(os.path.join(out_dir, 'captions.json'), [dict(file=r['file'], id=r['id'], caption=c)

@@ -486,8 +486,7 @@ class Captioner(nn.Module):
         are precomputed). Vocabulary padding is not counted: it is not the model's work.
         """
         n = lambda module: count_params(module)[0]
-        vision = self.vision.config
-        M = frames * ((vision.image_size // vision.patch_size) ** 2 + 1)  # media tokens
+        M = frames * tokens_per_frame(self.vision.config)  # media tokens
         P, T, D = self.prefix_len, self.prefix_len + caption_len, self.gpt.config.n_embd
         parts = []  # (forward FLOPs, trained?)
         for block in self.gpt.h:
@@ -755,6 +754,11 @@ def load_vision(name, pretrained=True):
     return from_pretrained(CLIPVisionModel, name, 'a CLIP vision tower',
                            ignored_prefixes=('text_model.', 'text_projection.', 'visual_projection.',
                                              'logit_scale'))
+
+
+def tokens_per_frame(vision_config):
+    """The CLIP tokens of one image: one per patch, and the class token."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
 # GPT-2 checkpoints store these as Conv1D weights, shaped (in, out): nn.Linear wants (out, in)

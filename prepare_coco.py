@@ -23,8 +23,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
-from data import InputError, input_errors_exit, read_json
-from model import load_vision, pick_device
+from data import InputError, atomic_write, input_errors_exit, read_json, write_json
+from model import load_vision, pick_device, tokens_per_frame
 
 # -----------------------------------------------------------------------------
 captions = ''  # the captions file: official COCO format or Karpathy's dataset_*.json
@@ -173,20 +173,6 @@ def stack_frames(items):
 
 # ----------------------------------------------------------------------------- writing
 
-def atomic_write(path, write):
-    """Call write(temp_path), then rename the temp file over `path`: readers never see half a file."""
-    tmp = path + '.tmp'
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write)
-
-
 def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0, world=1):
     """CLIP features of every frame of `files` (ImageFiles, or prepare_mlslt.py's VideoFiles), file after
     file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so that
@@ -197,7 +183,7 @@ def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0,
     from tqdm import tqdm
     config = model.config
     device = next(model.parameters()).device
-    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    tokens = tokens_per_frame(config)
     first_frame = np.concatenate([[0], np.cumsum(files.frame_counts)]).astype(np.int64)
     shape = (int(first_frame[-1]), tokens, config.hidden_size)
     partial = out_path + '.partial'
@@ -244,11 +230,6 @@ def barrier():
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
-
-
-def decode_caption(encoder, tokens):
-    """The text of generated tokens on one line: GPT-2 can emit newlines and runs of spaces."""
-    return ' '.join(encoder.decode(tokens).split())
 
 
 def write_captions(records, out_dir, split_name, encoder, media='image'):

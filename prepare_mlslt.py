@@ -20,10 +20,10 @@ import os
 
 import numpy as np
 
-from data import InputError, input_errors_exit, read_json
+from data import InputError, atomic_write, input_errors_exit, read_json, write_json
 from model import pick_device
-from prepare_coco import (FORMAT_VERSION, atomic_write, clip_preprocess, drop_bad_files, extract_features,
-                          start_output, write_captions, write_json)
+from prepare_coco import (FORMAT_VERSION, clip_preprocess, drop_bad_files, extract_features, start_output,
+                          write_captions)
 
 # -----------------------------------------------------------------------------
 root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4

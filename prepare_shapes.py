@@ -15,7 +15,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from prepare_coco import write_json
+from data import write_json
 
 # -----------------------------------------------------------------------------
 out_dir = 'data/shapes'

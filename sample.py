@@ -20,8 +20,8 @@ from html import escape
 
 from PIL import Image
 
-from data import InputError, input_errors_exit
-from prepare_coco import ImageFiles, atomic_write, decode_caption, load_rgb, stack_frames, write_json
+from data import InputError, atomic_write, decode_caption, input_errors_exit, write_json
+from prepare_coco import ImageFiles, load_rgb, stack_frames
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder

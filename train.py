@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
-from data import Captions, InputError, check_data_fits_model, input_errors_exit, read_meta
+from data import Captions, InputError, atomic_write, check_data_fits_model, input_errors_exit, read_meta
 from model import CaptionerConfig, build_captioner, pick_device, read_checkpoint, trainable_state
 
 # -----------------------------------------------------------------------------
@@ -87,8 +87,7 @@ def make_optimizer(model, lr, weight_decay, betas, fused):
 
 def save_checkpoint(path, checkpoint):
     """Atomically: a crash while saving leaves the previous checkpoint whole."""
-    torch.save(checkpoint, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def peak_flops(device_type):
