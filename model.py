@@ -694,7 +694,8 @@ def strip_eot(tokens):
 # -----------------------------------------------------------------------------
 # loading the pretrained parts
 
-def _quiet_transformers():
+def quiet_transformers():
+    """No progress bars or warnings from transformers' loading: our own errors say what is wrong."""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -744,7 +745,7 @@ def from_pretrained(model_class, name, what, ignored_prefixes=()):
 def load_vision(name, pretrained=True):
     """The CLIP vision tower of a hub name or local directory (a full CLIPModel checkpoint is fine)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
-    _quiet_transformers()
+    quiet_transformers()
     if not pretrained and name in CLIP_VISION_SIZES:
         return CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION_SIZES[name]))
     check_checkpoint_kind(name, ('clip', 'clip_vision_model'), 'a CLIP model')
@@ -768,7 +769,7 @@ _CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight'
 def load_gpt2(name, pretrained=True):
     """Our GPT-2 with the weights of a hub name or local directory, via transformers' GPT2LMHeadModel."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    _quiet_transformers()
+    quiet_transformers()
     if not pretrained and name in GPT2_SIZES:
         return GPT2(gpt_config(GPT2Config(**GPT2_SIZES[name])))
     check_checkpoint_kind(name, ('gpt2',), 'a GPT-2 model')

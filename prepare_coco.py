@@ -21,9 +21,9 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from data import InputError, atomic_write, input_errors_exit, read_json, write_json
+from data import (ImageFiles, InputError, atomic_write, find_bad_image, input_errors_exit, read_json, stack_frames,
+                  write_json)
 from model import load_vision, pick_device, tokens_per_frame
 
 # -----------------------------------------------------------------------------
@@ -39,8 +39,6 @@ skip_bad_images = False  # drop unreadable images (and their captions) instead o
 # -----------------------------------------------------------------------------
 
 FORMAT_VERSION = 1
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- caption files
@@ -111,70 +109,10 @@ def karpathy_images(images_list, image_root, path):
     return splits
 
 
-# ----------------------------------------------------------------------------- images
-
-def load_rgb(path):
-    """Any image file -> an upright RGB PIL image (EXIF orientation applied, any mode converted)."""
-    with Image.open(path) as image:
-        image.load()  # decodes the whole file: a truncated one fails here
-        image = ImageOps.exif_transpose(image)
-    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit or float grey: scale to 8 bits
-        pixels = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray((pixels * (255.0 / max(pixels.max(), 1.0))).astype(np.uint8))
-    return image.convert('RGB')
-
-
-def clip_preprocess(image, size=224):
-    """CLIP's preprocessing: shortest side to `size` (bicubic), centre crop, scale to [0, 1], normalise.
-    Returns float32 [3, size, size]."""
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(size * long / short)  # truncated, as CLIP's image processor does
-    image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
-    w, h = image.size
-    top, left = (h - size) // 2, (w - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
-
-
-def find_bad_image(path):
-    """None if the file is a readable image, else why not."""
-    if not os.path.exists(path):
-        return 'missing'
-    if os.path.getsize(path) == 0:
-        return 'empty file'
-    try:
-        load_rgb(path)
-    except Exception as e:  # PIL raises many kinds for a broken file
-        return f'not a readable image ({type(e).__name__}: {e})'
-    return None
-
-
-class ImageFiles:
-    """A torch Dataset of preprocessed images, decoded in DataLoader workers: one frame each."""
-
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-        self.frame_counts = [1] * len(paths)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return clip_preprocess(load_rgb(self.paths[i]), self.size)
-
-
-def stack_frames(items):
-    """Collate images [3, H, W] and videos [frames, 3, H, W] into one batch of frames [F, 3, H, W]."""
-    import torch
-    return torch.from_numpy(np.concatenate([item.reshape(-1, *item.shape[-3:]) for item in items]))
-
-
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- features
 
 def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0, world=1):
-    """CLIP features of every frame of `files` (ImageFiles, or prepare_mlslt.py's VideoFiles), file after
+    """CLIP features of every frame of `files` (data.py's ImageFiles or VideoFiles), file after
     file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so that
     memory stays flat. The frames go to the device the model is on. Under torchrun, rank r fills the
     frames of its own contiguous share of the files. Each rank saves its progress after every batch; a

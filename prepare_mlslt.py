@@ -20,10 +20,9 @@ import os
 
 import numpy as np
 
-from data import InputError, atomic_write, input_errors_exit, read_json, write_json
-from model import pick_device
-from prepare_coco import (FORMAT_VERSION, clip_preprocess, drop_bad_files, extract_features, start_output,
-                          write_captions)
+from data import InputError, VideoFiles, atomic_write, count_frames, input_errors_exit, read_json, write_json
+from model import CaptionerConfig, pick_device
+from prepare_coco import FORMAT_VERSION, drop_bad_files, extract_features, start_output, write_captions
 
 # -----------------------------------------------------------------------------
 root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4
@@ -40,7 +39,7 @@ skip_bad_videos = False  # drop unreadable videos (and their captions) instead o
 # -----------------------------------------------------------------------------
 
 SIGN_LANGUAGES = ('zh', 'uk', 'ru', 'bg', 'is', 'de', 'it', 'sv', 'lt', 'en')
-MAX_TIME_EMBEDDINGS = 500  # model.py's CaptionerConfig.max_frames
+MAX_TIME_EMBEDDINGS = CaptionerConfig.max_frames  # the resampler's, by default
 
 
 # ----------------------------------------------------------------------------- the split files
@@ -70,71 +69,6 @@ def load_split(root_dir, split_name, languages, target_lang):
         raise InputError(f'{os.path.join(root_dir, split_name)}: no video of the sign languages '
                          f'{",".join(languages)} for the {len(ids)} ids of {path}')
     return records
-
-
-# ----------------------------------------------------------------------------- videos
-
-def open_video(path):
-    """(container, its first video stream) of a video file; PyAV is needed only for videos."""
-    import av
-    container = av.open(path)
-    if not container.streams.video:
-        container.close()
-        raise ValueError('no video stream')
-    stream = container.streams.video[0]
-    stream.thread_type = 'AUTO'  # decode on several threads
-    return container, stream
-
-
-def count_frames(path):
-    """How many frames the video decodes to, or why it cannot be used (a str). Decoding every frame
-    is the only count that cannot disagree with the decoding that follows (headers can be wrong)."""
-    if not os.path.exists(path):
-        return 'missing'
-    if os.path.getsize(path) == 0:
-        return 'empty file'
-    try:
-        container, stream = open_video(path)
-        with container:
-            frames = sum(1 for _ in container.decode(stream))
-    except Exception as e:  # PyAV raises many kinds for a broken file
-        return f'not a readable video ({type(e).__name__}: {e})'.splitlines()[0]
-    return frames if frames else 'no frames'
-
-
-def frame_indices(frame_count, wanted):
-    """`wanted` frame indices spread evenly over frame_count frames: the middle of equal segments."""
-    return ((np.arange(wanted) + 0.5) * frame_count / wanted).astype(np.int64)
-
-
-def read_frames(path, most, frame_count):
-    """RGB PIL images of min(frame_count, most) frames spread evenly over the video's frame_count."""
-    wanted = set(frame_indices(frame_count, min(frame_count, most)).tolist())
-    container, stream = open_video(path)
-    with container:
-        frames = [frame.to_image() for i, frame in enumerate(container.decode(stream)) if i in wanted]
-    if len(frames) != len(wanted):
-        raise InputError(f'{path}: {len(frames)} of its frames {sorted(wanted)} decoded')
-    return frames
-
-
-def video_pixels(path, most, frame_count, size):
-    """CLIP's input for up to `most` frames of a video: float32 [frames, 3, size, size]."""
-    return np.stack([clip_preprocess(frame, size) for frame in read_frames(path, most, frame_count)])
-
-
-class VideoFiles:
-    """A torch Dataset of preprocessed videos [frames, 3, H, W], decoded in DataLoader workers."""
-
-    def __init__(self, paths, decoded_counts, most, size):
-        self.paths, self.decoded_counts, self.most, self.size = paths, decoded_counts, most, size
-        self.frame_counts = [min(n, most) for n in decoded_counts]  # the frames kept of each video
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return video_pixels(self.paths[i], self.most, self.decoded_counts[i], self.size)
 
 
 # ----------------------------------------------------------------------------- preparing

@@ -158,8 +158,8 @@ def save_tiny_models(root, size, seed):
     """Random stand-ins for CLIP and GPT-2, in the layouts of the real checkpoints."""
     import torch
     from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
-    from model import _quiet_transformers
-    _quiet_transformers()
+    from model import quiet_transformers
+    quiet_transformers()
     torch.manual_seed(seed)
     vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   image_size=size, patch_size=32)
@@ -185,7 +185,7 @@ def centre_vision_features(clip, clip_dir, image_paths):
     import numpy as np
     import torch
     from model import load_vision
-    from prepare_coco import clip_preprocess, load_rgb
+    from data import clip_preprocess, load_rgb
     vision = load_vision(clip_dir)
     pixels = torch.tensor(np.stack([clip_preprocess(load_rgb(p), vision.config.image_size)
                                     for p in image_paths]))

@@ -20,8 +20,8 @@ from html import escape
 
 from PIL import Image
 
-from data import InputError, atomic_write, decode_caption, input_errors_exit, write_json
-from prepare_coco import ImageFiles, load_rgb, stack_frames
+from data import (ImageFiles, InputError, atomic_write, count_frames, decode_caption, input_errors_exit, load_rgb,
+                  read_frames, stack_frames, video_pixels, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -89,7 +89,6 @@ class PreprocessedVideos:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from prepare_mlslt import count_frames, video_pixels
         path = self.paths[i]
         frame_count = count_frames(path)  # or why the video cannot be read
         if isinstance(frame_count, str):
@@ -137,7 +136,6 @@ def caption_files(model, files, options, batch, workers, dev, samples=1):
 def thumbnail_uri(path, size=256):
     """The image (or a video's middle frame) as a small inline JPEG, so the page needs no other file."""
     if path.lower().endswith(VIDEO_EXTENSIONS):
-        from prepare_mlslt import count_frames, read_frames
         image = read_frames(path, 1, count_frames(path))[0]
     else:
         image = load_rgb(path)

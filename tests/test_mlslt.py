@@ -11,10 +11,12 @@ import torch
 
 av = pytest.importorskip('av')
 
+import data  # noqa: E402
 import prepare_mlslt  # noqa: E402
 from conftest import record_generate_calls, run_script  # noqa: E402
+from data import clip_preprocess  # noqa: E402
 from model import load_captioner, load_vision  # noqa: E402
-from prepare_coco import clip_preprocess, extract_features  # noqa: E402
+from prepare_coco import extract_features  # noqa: E402
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220)}
 MAX_FRAMES = 6
@@ -74,9 +76,9 @@ def mlslt_data(tmp_path_factory, mlslt_root, tiny_clip_dir):
 
 
 def test_frame_indices_are_spread_evenly():
-    assert prepare_mlslt.frame_indices(10, 6).tolist() == [0, 2, 4, 5, 7, 9]
-    assert prepare_mlslt.frame_indices(4, 4).tolist() == [0, 1, 2, 3]
-    assert prepare_mlslt.frame_indices(1000, 3).tolist() == [166, 500, 833]
+    assert data.frame_indices(10, 6).tolist() == [0, 2, 4, 5, 7, 9]
+    assert data.frame_indices(4, 4).tolist() == [0, 1, 2, 3]
+    assert data.frame_indices(1000, 3).tolist() == [166, 500, 833]
 
 
 def test_split_file_gives_a_sample_per_id_and_sign_language(mlslt_root):
@@ -132,9 +134,9 @@ class Interrupted(Exception):
 
 def test_interrupted_video_extraction_resumes(tmp_path, mlslt_root, mlslt_data, tiny_clip_dir, monkeypatch):
     records = prepare_mlslt.load_split(str(mlslt_root), 'train', ['de', 'en'], 'en')
-    counts = [prepare_mlslt.count_frames(r['file']) for r in records]
+    counts = [data.count_frames(r['file']) for r in records]
     model = load_vision(tiny_clip_dir).eval()
-    files = prepare_mlslt.VideoFiles([r['file'] for r in records], counts, MAX_FRAMES, 32)
+    files = data.VideoFiles([r['file'] for r in records], counts, MAX_FRAMES, 32)
     real_forward, calls, crash = type(model).forward, [], [True]
 
     def crash_on_second_batch(self, *args, **kwargs):
@@ -256,7 +258,7 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
     # names red exactly for the red one
     model, _ = load_captioner(f'{video_run}/best.pt')
     for path, caption in lines:
-        frames = prepare_mlslt.read_frames(path, MAX_FRAMES, prepare_mlslt.count_frames(path))
+        frames = data.read_frames(path, MAX_FRAMES, data.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
         with torch.no_grad():
             assert caption == words(model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0])

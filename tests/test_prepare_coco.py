@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import prepare_coco
 from conftest import run_script
 from data import InputError
@@ -79,7 +80,7 @@ def test_preprocessing_matches_clip_image_processor(tmp_path, size):
     from transformers import CLIPImageProcessor
     image = Image.open(save_image(tmp_path / 'x.png', size))
     expected = CLIPImageProcessor()(images=image, return_tensors='np')['pixel_values'][0]
-    ours = prepare_coco.clip_preprocess(image.convert('RGB'))
+    ours = data.clip_preprocess(image.convert('RGB'))
     assert ours.shape == (3, 224, 224)
     assert np.abs(ours - expected).max() <= 1e-5
 
@@ -90,11 +91,11 @@ def test_every_mode_becomes_rgb(tmp_path):
     for mode, ext in modes.items():
         path = tmp_path / f'{mode.replace(";", "")}.{ext}'
         base.convert(mode).save(path)
-        image = prepare_coco.load_rgb(path)
+        image = data.load_rgb(path)
         assert image.mode == 'RGB' and image.size == (30, 20), mode
     sixteen = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
     sixteen.save(tmp_path / 'bright16.png')
-    assert np.asarray(prepare_coco.load_rgb(tmp_path / 'bright16.png')).max() == 255  # scaled, not clipped
+    assert np.asarray(data.load_rgb(tmp_path / 'bright16.png')).max() == 255  # scaled, not clipped
 
 
 # What a viewer shows of stored pixels [rows, columns, 3] for each EXIF orientation, as the EXIF spec defines
@@ -121,7 +122,7 @@ def test_exif_orientation_is_applied(tmp_path, ext, tolerance):
         exif[0x0112] = orientation
         path = tmp_path / f'{orientation}.{ext}'
         Image.fromarray(stored).save(path, exif=exif)
-        shown = np.asarray(prepare_coco.load_rgb(path), dtype=np.int16)
+        shown = np.asarray(data.load_rgb(path), dtype=np.int16)
         expected = upright(stored).astype(np.int16)
         assert shown.shape == expected.shape and np.abs(shown - expected).mean() <= tolerance, orientation
 
@@ -146,7 +147,7 @@ def test_features_and_captions_round_trip(tmp_path, dataset, tiny_clip_dir):
     assert meta['splits'] == {'train': dict(images=5, captions=26)}
     feats = np.memmap(tmp_path / 'out' / 'train_feats.bin', dtype=np.float16, mode='r').reshape(5, 17, 32)
     records = prepare_coco.load_captions(*dataset)['train']
-    pixels = torch.tensor(np.stack([prepare_coco.clip_preprocess(prepare_coco.load_rgb(r['file']), 32)
+    pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(r['file']), 32)
                                     for r in records]))
     with torch.no_grad():
         expected = load_vision(tiny_clip_dir)(pixel_values=pixels).last_hidden_state

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 
+import data
 import prepare_coco
 import prepare_shapes
 from model import load_gpt2, load_vision
@@ -60,7 +61,7 @@ def test_script_is_deterministic_and_prepare_coco_reads_it(tmp_path):
         splits = prepare_coco.load_captions(str(out / f'captions_{name}.json'), str(out / name))
         assert list(splits) == [name] and len(splits[name]) == count
         assert all(len(r['captions']) == 5 for r in splits[name])
-        assert prepare_coco.find_bad_image(splits[name][0]['file']) is None
+        assert data.find_bad_image(splits[name][0]['file']) is None
     assert load_vision(str(out / 'clip')).config.image_size == 224
     assert load_gpt2(str(out / 'gpt2')).config.vocab_size == 50257
 
@@ -71,7 +72,7 @@ def test_stand_in_vision_features_are_centred(tmp_path):
                     '--num_val=1', '--num_test=1'], check=True, capture_output=True)
     vision = load_vision(str(tmp_path / 'clip'))
     images = sorted((tmp_path / 'train').glob('*.png'))
-    pixels = torch.tensor(np.stack([prepare_coco.clip_preprocess(prepare_coco.load_rgb(p)) for p in images]))
+    pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(p)) for p in images]))
     with torch.no_grad():
         features = vision(pixel_values=pixels).last_hidden_state
     assert features.mean(dim=(0, 1)).abs().max() < 1e-4  # measured on these 40 images

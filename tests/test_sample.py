@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import COLOURS, SHAPES, draw_shape, record_generate_calls, run_script, shape_scenes
 from model import load_captioner
-from prepare_coco import clip_preprocess, load_rgb
+from data import clip_preprocess, load_rgb
 
 BAD_FILES = [('empty.jpg', 'empty file'), ('truncated.jpg', 'not a readable image'),
              ('text.png', 'not a readable image'), ('bomb.png', 'too large to be a photo')]
