@@ -24,8 +24,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import input_errors_exit
-from model import EOT, CaptionerConfig, build_captioner, pick_device, tokens_per_frame
+from data import input_errors_exit, tokens_per_frame
+from model import EOT, CaptionerConfig, build_captioner, pick_device
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'

@@ -3,12 +3,17 @@ What nanocap's stages share besides the model:
 - the error a user's bad input raises (InputError), printed by every script as one line;
 - media decoding: any image file to CLIP's input, exactly as CLIP's image processor does it, and the
   evenly spread frames of a video (prepare_coco.py, prepare_mlslt.py and sample.py decode alike);
-- the prepared data: atomic writes, and the reader of what prepare_coco.py and prepare_mlslt.py write and
-  train.py and eval_bleu.py read (memmapped CLIP features and caption tokens, checked against meta.json).
+- the prepared data: its writers (every file atomic; CLIP features streamed into a memmap, resumable, a
+  share per torchrun rank; caption tokens; meta.json's fields), used by prepare_coco.py and
+  prepare_mlslt.py, which only read their datasets' layouts, and its reader for train.py and eval_bleu.py
+  (memmapped features and tokens, every file checked against meta.json).
 """
+import glob
+import hashlib
 import json
 import math
 import os
+import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -54,6 +59,11 @@ def read_json(path):
 
 
 # ----------------------------------------------------------------------------- media decoding: images
+
+def tokens_per_frame(vision_config):
+    """The CLIP tokens of one image: one per patch, and the class token."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -182,7 +192,10 @@ class VideoFiles:
         return video_pixels(self.paths[i], self.most, self.decoded_counts[i], self.size)
 
 
-# ----------------------------------------------------------------------------- the prepared data
+# ----------------------------------------------------------------------------- writing the prepared data
+
+FORMAT_VERSION = 1
+
 
 def atomic_write(path, write):
     """Call write(temp_path), then rename the temp file over `path`: readers never see half a file."""
@@ -202,6 +215,130 @@ def decode_caption(encoder, tokens):
     """The text of generated tokens on one line: GPT-2 can emit newlines and runs of spaces."""
     return ' '.join(encoder.decode(tokens).split())
 
+
+def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0, world=1):
+    """CLIP features of every frame of `files` (data.py's ImageFiles or VideoFiles), file after
+    file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so that
+    memory stays flat. The frames go to the device the model is on. Under torchrun, rank r fills the
+    frames of its own contiguous share of the files. Each rank saves its progress after every batch; a
+    rerun continues from there."""
+    import torch
+    from tqdm import tqdm
+    config = model.config
+    device = next(model.parameters()).device
+    tokens = tokens_per_frame(config)
+    first_frame = np.concatenate([[0], np.cumsum(files.frame_counts)]).astype(np.int64)
+    shape = (int(first_frame[-1]), tokens, config.hidden_size)
+    partial = out_path + '.partial'
+    listing = json.dumps([files.paths, [int(n) for n in files.frame_counts]])
+    identity = dict(shape=list(shape), vision_model=config.name_or_path, world=world,
+                    files=hashlib.sha1(listing.encode()).hexdigest())
+    if rank == 0 and read_json(partial + '.json') != identity:  # start afresh
+        for stale in glob.glob(out_path + '.progress*'):
+            os.remove(stale)
+        np.memmap(partial, dtype=np.float16, mode='w+', shape=shape).flush()
+        write_json(partial + '.json', identity)
+    barrier()
+    start, end = len(files) * rank // world, len(files) * (rank + 1) // world
+    progress_path = f'{out_path}.progress{rank}'
+    done = (read_json(progress_path) or {}).get('done', start)  # files
+    if done > start:
+        print(f'{out_path}: rank {rank} resuming after {done - start:,} of {end - start:,} files')
+    feats = np.memmap(partial, dtype=np.float16, mode='r+', shape=shape)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(files, range(done, end)),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=stack_frames,
+                                         pin_memory=device.type == 'cuda')
+    with tqdm(total=end - start, initial=done - start, unit='file', disable=rank != 0,
+              desc=os.path.basename(out_path)) as bar:
+        for pixels in loader:
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                hidden = model(pixel_values=pixels.to(device)).last_hidden_state
+            row = first_frame[done]
+            feats[row:row + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
+            batch_files = int(np.searchsorted(first_frame, row + len(pixels))) - done
+            done += batch_files
+            feats.flush()  # the features first, then the claim that they are there
+            write_json(progress_path, dict(done=done))
+            bar.update(batch_files)
+    del feats
+    barrier()
+    if rank == 0:
+        os.replace(partial, out_path)
+        for leftover in [partial + '.json'] + glob.glob(out_path + '.progress*'):
+            os.remove(leftover)
+    return shape
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_captions(records, out_dir, split_name, encoder, media='image'):
+    """The tokenised captions of a split, with each one's offset and image (or video), and the list of
+    its images (or videos): <split>_images.json (or _videos.json)."""
+    token_lists = [encoder.encode_ordinary(c) for r in records for c in r['captions']]
+    image_index = [i for i, r in enumerate(records) for _ in r['captions']]
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tokens = np.fromiter((t for ts in token_lists for t in ts), dtype=np.uint16, count=int(lengths.sum()))
+    base = os.path.join(out_dir, split_name)
+    atomic_write(base + '_tokens.bin', tokens.tofile)
+    index = np.stack([offsets, lengths, np.array(image_index, dtype=np.int64)], axis=1)
+    atomic_write(base + '_captions.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
+    write_json(f'{base}_{media}s.json', [dict(file=r['file'], id=r['id'], captions=r['captions'])
+                                         for r in records])
+
+
+def inspect_files(records, inspect, workers):
+    """inspect(file) of every record, in `workers` processes."""
+    from multiprocessing import Pool
+    paths = [r['file'] for r in records]
+    if workers > 1:
+        with Pool(workers) as pool:
+            return pool.map(inspect, paths, chunksize=16)
+    return [inspect(p) for p in paths]
+
+
+def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, world=1):
+    """Check every file (an image or video: `kind`) before any feature is computed, each rank a share.
+    inspect(file) returns why the file cannot be used (a str), or what it learnt of a good one (anything
+    else). Fails with the list of bad files, or, with skip_bad, drops them and their captions. Returns
+    the good records and what inspect returned for each."""
+    found = inspect_files(records[len(records) * rank // world:len(records) * (rank + 1) // world],
+                          inspect, workers)
+    if world > 1:
+        import torch.distributed as dist
+        every_rank = [None] * world
+        dist.all_gather_object(every_rank, found)
+        found = [item for share in every_rank for item in share]
+    bad = [(r['file'], why) for r, why in zip(records, found) if isinstance(why, str)]
+    if bad and not skip_bad:
+        listing = '; '.join(f'{path}: {why}' for path, why in bad[:20])
+        raise InputError(f'{len(bad)} unusable {kind}(s) in split {name} (use --skip_bad_{kind}s=True '
+                         f'to drop them): {listing}')
+    good = [i for i, why in enumerate(found) if not isinstance(why, str)]
+    if bad and rank == 0:
+        dropped = sum(len(r['captions']) for r, why in zip(records, found) if isinstance(why, str))
+        print(f'split {name}: skipped {len(bad)} unusable {kind}(s) and their {dropped} caption(s)',
+              file=sys.stderr)
+    return [records[i] for i in good], [found[i] for i in good]
+
+
+def start_output(out_dir, vision, vision_model, **meta_fields):
+    """For the frozen vision tower `vision` (loaded from `vision_model`): the dtype to run it in, the GPT-2
+    tokenizer, the output folder, and meta.json's fields."""
+    import tiktoken
+    import torch
+    dtype = torch.float16 if next(vision.parameters()).device.type == 'cuda' else torch.float32
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
+                feature_dtype='float16', token_dtype='uint16', **meta_fields, splits={})
+    return dtype, tiktoken.get_encoding('gpt2'), meta
+
+
+# ----------------------------------------------------------------------------- reading the prepared data
 
 class Captions:
     """One split written by prepare_coco.py or prepare_mlslt.py: every caption with the CLIP features of

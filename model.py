@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import EOT, IGNORE_INDEX, InputError, first_line, input_errors_exit
+from data import EOT, IGNORE_INDEX, InputError, first_line, input_errors_exit, tokens_per_frame
 
 
 def pick_device(device=''):
@@ -755,11 +755,6 @@ def load_vision(name, pretrained=True):
     return from_pretrained(CLIPVisionModel, name, 'a CLIP vision tower',
                            ignored_prefixes=('text_model.', 'text_projection.', 'visual_projection.',
                                              'logit_scale'))
-
-
-def tokens_per_frame(vision_config):
-    """The CLIP tokens of one image: one per patch, and the class token."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
 # GPT-2 checkpoints store these as Conv1D weights, shaped (in, out): nn.Linear wants (out, in)

@@ -20,9 +20,9 @@ import os
 
 import numpy as np
 
-from data import InputError, VideoFiles, atomic_write, count_frames, input_errors_exit, read_json, write_json
-from model import CaptionerConfig, pick_device
-from prepare_coco import FORMAT_VERSION, drop_bad_files, extract_features, start_output, write_captions
+from data import (FORMAT_VERSION, InputError, VideoFiles, atomic_write, count_frames, drop_bad_files, extract_features,
+                  input_errors_exit, read_json, start_output, write_captions, write_json)
+from model import CaptionerConfig, load_vision, pick_device
 
 # -----------------------------------------------------------------------------
 root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4
@@ -79,7 +79,8 @@ def prepare(split_records, out_dir, vision_model, most, batch_size, workers, dev
     (rank 0 writes the captions)."""
     checked = {name: drop_bad_files(name, records, count_frames, 'video', workers, skip_bad, rank, world)
                for name, records in split_records.items()}
-    model, dtype, encoder, meta = start_output(out_dir, vision_model, device, media='video', max_frames=most)
+    model = load_vision(vision_model).to(device).eval()
+    dtype, encoder, meta = start_output(out_dir, model, vision_model, media='video', max_frames=most)
     for name, (records, decoded_counts) in checked.items():
         base = os.path.join(out_dir, name)
         files = VideoFiles([r['file'] for r in records], decoded_counts, most, model.config.image_size)

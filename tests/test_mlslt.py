@@ -14,9 +14,8 @@ av = pytest.importorskip('av')
 import data  # noqa: E402
 import prepare_mlslt  # noqa: E402
 from conftest import record_generate_calls, run_script  # noqa: E402
-from data import clip_preprocess  # noqa: E402
+from data import clip_preprocess, extract_features  # noqa: E402
 from model import load_captioner, load_vision  # noqa: E402
-from prepare_coco import extract_features  # noqa: E402
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220)}
 MAX_FRAMES = 6
