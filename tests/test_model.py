@@ -582,7 +582,8 @@ def test_lm_head_padding_changes_no_prediction():
     assert torch.allclose(logits[:, :50257], x @ weight.t(), atol=1e-5)
     assert torch.isneginf(logits[:, 50257:]).all()
     assert torch.allclose(logits.log_softmax(-1)[:, :50257], (x @ weight.t()).log_softmax(-1), atol=1e-5)
-    assert padded_head(weight, 1)[0].shape == weight.shape  # on a CPU: no padding
+    unpadded, no_bias = padded_head(weight, 1)  # on a CPU: no padding, and no copy of the matrix
+    assert unpadded is weight and no_bias is None
 
 
 def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
