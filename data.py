@@ -65,6 +65,7 @@ def tokens_per_frame(vision_config):
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
+# the normalisation of CLIP's image processor, per RGB channel
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
@@ -194,7 +195,7 @@ class VideoFiles:
 
 # ----------------------------------------------------------------------------- writing the prepared data
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # meta.json's format_version: raised whenever the files' layout changes
 
 
 def atomic_write(path, write):
