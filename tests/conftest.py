@@ -61,6 +61,18 @@ SHAPES = ('square', 'dot')
 TEMPLATES = ('a picture of a {colour} {shape}', 'there is a {colour} {shape} here', 'one {shape} that is {colour}')
 
 
+def colour_and_shape(text):
+    """The colours and the shapes a caption names, as two sets: ({'red'}, {'dot'}) for 'a picture of a red dot'."""
+    words = set(text.split())
+    return words & set(COLOURS), words & set(SHAPES)
+
+
+def caption_text(tokens):
+    """GPT-2 tokens as sample.py and eval_bleu.py write a caption: one line, single spaces."""
+    import tiktoken
+    return ' '.join(tiktoken.get_encoding('gpt2').decode(tokens).split())
+
+
 def draw_shape(colour, shape, shift):
     """A 32 x 32 picture of one coloured shape on white, moved by `shift` pixels from the centre."""
     image = Image.new('RGB', (32, 32), 'white')

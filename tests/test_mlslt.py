@@ -6,14 +6,13 @@ import shutil
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 
 av = pytest.importorskip('av')
 
 import data  # noqa: E402
 import prepare_mlslt  # noqa: E402
-from conftest import record_generate_calls, run_script  # noqa: E402
+from conftest import caption_text, record_generate_calls, run_script  # noqa: E402
 from data import clip_preprocess, extract_features  # noqa: E402
 from model import load_captioner, load_vision  # noqa: E402
 
@@ -205,10 +204,6 @@ def video_run(tmp_path_factory, mlslt_data, tiny_clip_dir, tiny_gpt2_dir):
     return str(out)
 
 
-def words(tokens):
-    return ' '.join(tiktoken.get_encoding('gpt2').decode(tokens).split())
-
-
 def test_training_and_evaluation_on_videos(video_run, mlslt_data):
     records = [json.loads(line) for line in open(f'{video_run}/log.jsonl')]
     losses = {r['iter']: r['loss'] for r in records if 'loss' in r}
@@ -230,7 +225,7 @@ def test_training_and_evaluation_on_videos(video_run, mlslt_data):
         with torch.no_grad():
             alone = model.generate(torch.tensor(feats[first:first + count][None], dtype=torch.float32),
                                    max_new_tokens=8)[0]
-        assert caption['caption'] == words(alone)
+        assert caption['caption'] == caption_text(alone)
         assert ('red' in caption['caption'].split()) == (caption['id'].split('/')[0] in RED), caption
 
 
@@ -260,7 +255,8 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
         frames = data.read_frames(path, MAX_FRAMES, data.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
         with torch.no_grad():
-            assert caption == words(model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0])
+            alone = model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0]
+        assert caption == caption_text(alone)
         assert ('red' in caption.split()) == (os.path.basename(os.path.dirname(path)) in RED), (path, caption)
 
 

@@ -11,11 +11,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 from PIL import Image
 
-from conftest import COLOURS, SHAPES, draw_shape, record_generate_calls, run_script, shape_scenes
+from conftest import caption_text, colour_and_shape, draw_shape, record_generate_calls, run_script, shape_scenes
 from model import load_captioner
 from data import clip_preprocess, load_rgb
 
@@ -28,15 +27,11 @@ def sample(run_dir, *options):
     return run_script('sample.py', f'--out_dir={run_dir}', '--num_workers=0', '--device=cpu', *options)
 
 
-def words(tokens):
-    return ' '.join(tiktoken.get_encoding('gpt2').decode(tokens).split())
-
-
 def caption_alone(model, path, **options):
     """The checkpoint's caption of one image, given to model.generate on its own."""
     pixels = torch.tensor(clip_preprocess(load_rgb(path), model.vision.config.image_size))[None]
     with torch.no_grad():
-        return words(model.generate(*model.encode_pixels(pixels, [1]), **options)[0])
+        return caption_text(model.generate(*model.encode_pixels(pixels, [1]), **options)[0])
 
 
 @pytest.fixture(scope='module')
@@ -102,8 +97,7 @@ def test_captions_name_the_colour_and_shape_drawn(captioned, folder):
     """The same, independent of the model code: each picture's caption names what was drawn in it."""
     captions = dict(captioned.lines)
     for path, (colour, shape) in folder.drawn.items():
-        said = set(captions[path].split())
-        assert (said & set(COLOURS), said & set(SHAPES)) == ({colour}, {shape}), (path, captions[path])
+        assert colour_and_shape(captions[path]) == ({colour}, {shape}), (path, captions[path])
 
 
 def test_unreadable_files_are_reported_and_the_rest_captioned(captioned, folder):
