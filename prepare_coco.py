@@ -17,7 +17,6 @@ An interrupted run resumes where it stopped.
 import os
 import sys
 
-
 from data import (FORMAT_VERSION, ImageFiles, InputError, drop_bad_files, extract_features, find_bad_image,
                   input_errors_exit, read_json, start_output, write_captions, write_json)
 from model import load_vision, pick_device
