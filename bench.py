@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data import input_errors_exit, tokens_per_frame
-from model import EOT, CaptionerConfig, build_captioner, pick_device
+from model import EOT, CaptionerConfig, build_captioner, pick_device, training_flops
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'
@@ -105,10 +105,10 @@ def bench_train(model, dev, autocast, batch):
         for _ in range(train_steps):
             step()
     seconds = timer.seconds / train_steps
-    # FLOPs per caption, from Captioner.training_flops: forward 2 per weight per token it touches plus
+    # FLOPs per caption, from model.training_flops: forward 2 per weight per token it touches plus
     # attention; backward 2x forward for the trained bridge (input and weight gradients) but only 1x for
     # the frozen GPT-2 blocks and LM head (input gradients only: no weight gradients are computed)
-    flops = model.training_flops(caption_len) * batch
+    flops = training_flops(model, caption_len) * batch
     peak = train.peak_flops(dev.split(':')[0])
     return dict(batch=batch, ms_per_iter=1000 * seconds, captions_per_s=batch / seconds,
                 tokens_per_s=batch * caption_len / seconds, tflops=flops / seconds / 1e12,

@@ -120,40 +120,6 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, T, H * D)
 
 
-class KVCache:
-    """
-    The keys and values of one attention layer, for all max_len positions of a caption from the start.
-    A decoding step writes its position in place and attends to all max_len positions, masking the
-    ones not written yet: every step then has the same shapes and reads the same memory, which is what
-    lets a GPU replay one captured step (a CUDA graph) instead of launching ~400 kernels per token.
-    """
-
-    def __init__(self, max_len):
-        self.max_len = max_len
-        self.k = self.v = None
-
-    def prefill(self, k, v):
-        """Store the prompt's keys/values [B, H, t, D] at positions 0..t-1."""
-        B, H, t, D = k.shape
-        self.k, self.v = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
-        self.k[:, :, :t], self.v[:, :, :t] = k, v
-
-    def write(self, k, v, pos):
-        """Store one position's keys/values [B, H, 1, D] at position pos (a 1-element tensor)."""
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-        return self.k, self.v
-
-    def reorder(self, index):
-        """Keep the batch rows `index` (beam search moves and copies hypotheses): in place, unless the
-        number of rows changes."""
-        if len(index) == self.k.shape[0]:
-            self.k.copy_(self.k[index])
-            self.v.copy_(self.v[index])
-        else:
-            self.k, self.v = self.k[index], self.v[index]
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention, causal in GPT-2 and bidirectional in the transformer mapper."""
 
@@ -163,17 +129,59 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(dim, 3 * dim)  # q, k, v in one matrix product (GPT-2's layout)
         self.c_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cache=None, mask=None, pos=None):
-        """x [B, T, C]. With a cache: the prompt (pos None) fills it, a decoding step (T = 1) writes
-        position `pos` and attends where `mask` [1, max_len] is True, positions 0..pos."""
+    def forward(self, x, mask=None, cache=None, layer=0):
+        """x [B, T, C]; mask [B or 1, 1, T or 1, keys] (True = attend). With a KVCache (decoding), this
+        call's keys and values are stored as `layer`'s, and the queries attend to all cached ones."""
         q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(x.shape[-1], dim=2))
-        if cache is not None and pos is not None:
-            k, v = cache.write(k, v, pos)
-        elif cache is not None:
-            cache.prefill(k, v)
+        if cache is not None:
+            k, v, mask = cache.update(layer, k, v)
         is_causal = self.causal and q.shape[2] > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.c_proj(merge_heads(y))
+
+
+class KVCache:
+    """
+    The keys and values of every self-attention layer, for max_len positions of a caption from the start.
+    The prompt fills positions 0..t-1; then each decoding step writes position `pos` in place and attends
+    to all max_len positions, masking those not written yet. Every step then has the same shapes and
+    reads the same memory, which is what lets a GPU replay one captured step (a CUDA graph) instead of
+    launching ~400 kernels per token. `pos` is a tensor, moved in place, for the same reason.
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = None  # [1]: where the next token goes; None until the prompt is in
+
+    def update(self, layer, k, v):
+        """Store one layer's new keys/values [B, H, t, D]; return the (keys, values, mask) to attend to."""
+        if self.pos is None:  # the prompt: it attends (causally) to itself only
+            B, H, t, D = k.shape
+            self.k[layer], self.v[layer] = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
+            self.k[layer][:, :, :t], self.v[layer][:, :, :t] = k, v
+            return k, v, None
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        written = torch.arange(self.max_len, device=k.device) <= self.pos  # this position included
+        return self.k[layer], self.v[layer], written[None]
+
+    def advance(self, n):
+        """After a forward pass of n new positions."""
+        if self.pos is None:
+            self.pos = torch.tensor([n], device=self.k[0].device)
+        else:
+            self.pos.add_(n)
+
+    def reorder(self, index):
+        """Keep the batch rows `index` (beam search moves and copies hypotheses): in place, unless the
+        number of rows changes."""
+        for cached in (self.k, self.v):
+            for layer, t in enumerate(cached):
+                if len(index) == t.shape[0]:
+                    t.copy_(t[index])
+                else:
+                    cached[layer] = t[index]
 
 
 class MLP(nn.Module):
@@ -196,13 +204,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_hidden)
 
-    def forward(self, x, cache=None, mask=None, pos=None):
-        x = x + self.attn(self.ln_1(x), cache, mask, pos)
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(nn.Module):
-    """GPT-2's weights. The forward pass lives in Captioner, which interleaves cross-attention."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -213,6 +220,35 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(C, config.n_head, 4 * C, eps=config.layer_norm_eps)
                                for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
+
+    def forward(self, tokens, prefix=None, cross=None, cache=None):
+        """
+        tokens [B, T] -> final hidden states [B, P + T, C], after a prefix of P input embeddings [B, P, C]
+        if given (the captioner's visual prefix). GPT-2 knows nothing of images: cross(i, x), if given,
+        runs before block i (the captioner's gated cross-attention). With a KVCache: the first call (the
+        prompt) fills it, and each later call is one decoding step, a token at position cache.pos.
+        """
+        x = self.wte(tokens)
+        if cache is not None and cache.pos is not None:
+            positions = cache.pos
+        else:
+            if prefix is not None:
+                x = torch.cat([prefix.to(x.dtype), x], dim=1)
+            self.check_length(x.shape[1])
+            positions = torch.arange(x.shape[1], device=x.device)
+        x = x + self.wpe(positions)
+        for i, block in enumerate(self.h):
+            if cross is not None:
+                x = cross(i, x)
+            x = block(x, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.ln_f(x)
+
+    def check_length(self, positions):
+        if positions > self.config.block_size:
+            raise InputError(f'a sequence of {positions} positions (prefix + caption) is longer than '
+                             f"the language model's {self.config.block_size}")
 
     def lm_head(self, x):
         """Next-token logits, tied to the token embedding as in GPT-2. On a GPU the vocabulary is padded to
@@ -434,30 +470,12 @@ class Captioner(nn.Module):
             media_kv = {i: block.media_kv(latents) for i, block in self.xattn.items()}
         return prefix, media_kv
 
-    def embed(self, tokens, prefix=None):
-        """Token embeddings, after the prefix if given, plus position embeddings."""
-        x = self.gpt.wte(tokens)
-        if prefix is not None:
-            x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        self._check_length(x.shape[1])
-        return x + self.gpt.wpe(torch.arange(x.shape[1], device=tokens.device))
-
-    def _check_length(self, positions):
-        if positions > self.gpt.config.block_size:
-            raise InputError(f'a sequence of {positions} positions (prefix + caption) is longer than '
-                             f"the language model's {self.gpt.config.block_size}")
-
-    def run_text(self, x, media_kv, caches=None, pos=None):
-        """The GPT-2 blocks with their gated cross-attention blocks, then the final norm. With caches:
-        the prompt fills them, or, given pos, one decoding step at position pos (see KVCache)."""
-        mask = None
-        if pos is not None:  # the positions written so far, this one included
-            mask = (torch.arange(caches[0].max_len, device=x.device) <= pos)[None]  # [1 query, keys]
-        for i, block in enumerate(self.gpt.h):
-            if str(i) in media_kv:
-                x = self.xattn[str(i)](x, media_kv[str(i)])
-            x = block(x, caches[i] if caches else None, mask, pos)
-        return self.gpt.ln_f(x)
+    def cross_attention(self, media_kv):
+        """GPT2.forward's `cross`: before GPT-2 block i, gated cross-attention block i, if there is one,
+        reads the media."""
+        def cross(i, x):
+            return self.xattn[str(i)](x, media_kv[str(i)]) if str(i) in media_kv else x
+        return cross
 
     def forward(self, features, feature_mask, tokens, targets=None, target_positions=None):
         """
@@ -472,7 +490,7 @@ class Captioner(nn.Module):
         the GPU (one sync per step), and gives torch.compile a shape it cannot know in advance.
         """
         prefix, media_kv = self.encode(features, feature_mask)
-        h = self.run_text(self.embed(tokens, prefix), media_kv)[:, self.prefix_len:]
+        h = self.gpt(tokens, prefix, self.cross_attention(media_kv))[:, self.prefix_len:]
         if targets is None:
             return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None
         if target_positions is None:
@@ -480,61 +498,22 @@ class Captioner(nn.Module):
         logits = self.gpt.lm_head(h.reshape(-1, h.shape[-1])[target_positions])
         return logits, F.cross_entropy(logits.float(), targets.flatten()[target_positions])
 
-    def training_flops(self, caption_len, frames=1, targets=None):
-        """
-        Matrix-product FLOPs of one training step on one caption of caption_len tokens, `targets` of them
-        (default all) through the LM head (the PaLM / nanoGPT model-FLOPs convention). Forward: 2 per
-        weight per token it touches, plus attention scores and weighted sums. Backward: twice the forward
-        for trained parts (input and weight gradients), once for frozen parts that still pass gradients
-        back (the GPT-2 blocks and the LM head need input gradients only), none for CLIP (its features
-        are precomputed). Vocabulary padding is not counted: it is not the model's work.
-        """
-        n = lambda module: count_params(module)[0]
-        M = frames * tokens_per_frame(self.vision.config)  # media tokens
-        P, T, D = self.prefix_len, self.prefix_len + caption_len, self.gpt.config.n_embd
-        parts = []  # (forward FLOPs, trained?)
-        for block in self.gpt.h:
-            parts.append((2 * n(block) * T + 4 * T * T * D, block.ln_1.weight.requires_grad))
-        targets = caption_len if targets is None else targets
-        parts.append((2 * self.gpt.wte.weight.numel() * targets, self.gpt.wte.weight.requires_grad))
-        if self.resampler is not None:
-            L = self.resampler.latents.shape[0]
-            for attn, ff in self.resampler.layers:
-                parts.append((2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * (M + L)
-                              + 4 * L * (M + L) * attn.to_q.out_features, True))
-            for block in self.xattn.values():
-                parts.append((2 * (n(block.to_q) + n(block.to_out) + n(block.ff)) * T + 2 * n(block.to_kv) * L
-                              + 4 * T * L * block.to_q.out_features, True))
-        if isinstance(self.mapper, MLPMapper):
-            parts.append((2 * n(self.mapper), True))
-        elif self.mapper is not None:
-            depth = len(self.mapper.blocks)
-            parts.append((2 * n(self.mapper) * (M + P) + 4 * depth * (M + P) ** 2 * D, True))
-        return sum(flops * (3 if trained else 2) for flops, trained in parts)
+    # decoding, one token at a time; the search strategies are the functions after this class
 
-    # -------------------------------------------------------------------------
-    # generation
-
-    def _start(self, features, feature_mask, max_new_tokens):
-        """Encode the media and run the prompt [prefix; <|endoftext|>] through the model, filling the
-        KV caches. Returns (next-token logits [B, vocab], decoding state)."""
-        max_len = self.prefix_len + 1 + max_new_tokens
-        self._check_length(max_len)  # fail now, not in the middle of decoding
+    def start(self, features, feature_mask, max_new_tokens):
+        """Encode the media and run the prompt [prefix; <|endoftext|>], filling a KV cache for
+        max_new_tokens more. Returns the next-token logits [B, vocab] and the state that step() reads."""
+        cache = KVCache(self.gpt.config.n_layer, self.prefix_len + 1 + max_new_tokens)
+        self.gpt.check_length(cache.max_len)  # fail now, not in the middle of decoding
         prefix, media_kv = self.encode(features, feature_mask)
-        caches = [KVCache(max_len) for _ in self.gpt.h]
         bos = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
-        x = self.embed(bos, prefix)
-        h = self.run_text(x, media_kv, caches)
-        pos = torch.tensor([x.shape[1]], device=x.device)  # where the next token goes
-        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, caches=caches, pos=pos)
+        h = self.gpt(bos, prefix, self.cross_attention(media_kv), cache)
+        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache)
 
-    def _step(self, token, state):
-        """Feed one token per row [B] at position state['pos'], then advance it (in place); returns
-        next-token logits [B, vocab]. The same shapes and memory every step (see KVCache)."""
-        pos = state['pos']
-        x = self.gpt.wte(token[:, None]) + self.gpt.wpe(pos)
-        h = self.run_text(x, state['media_kv'], state['caches'], pos)
-        pos.add_(1)
+    def step(self, token, state):
+        """Feed one token per row [B] at the cache's next position; returns the next-token logits
+        [B, vocab]. The same shapes and memory every step (see KVCache)."""
+        h = self.gpt(token[:, None], cross=self.cross_attention(state['media_kv']), cache=state['cache'])
         return self.next_token_logits(h[:, -1])
 
     def next_token_logits(self, h):
@@ -544,37 +523,6 @@ class Captioner(nn.Module):
         autocast head: one row per step here, thousands there."""
         with torch.autocast(h.device.type, enabled=False):
             return self.gpt.lm_head(h.float())
-
-    def _stepper(self, token, state):
-        """A function of the next tokens [B] that runs _step. On a GPU, the step is captured once as a
-        CUDA graph and replayed: one launch instead of hundreds, which is most of a step's time at
-        small batches. The returned logits tensor is the graph's own, rewritten by every step."""
-        if not token.is_cuda:
-            return lambda next_token: self._step(next_token, state)
-        with torch.cuda.device(token.device):  # streams and graphs on the model's GPU, not the current one
-            return self._captured_stepper(token, state)
-
-    def _captured_stepper(self, token, state):
-        static_token = token.clone()
-        side = torch.cuda.Stream()  # warm up (cuBLAS workspaces, autotuning) off the capture
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(static_token, state)
-        torch.cuda.current_stream().wait_stream(side)
-        state['pos'].sub_(1)  # the warm-up step's writes are overwritten by the first real one
-        graph = torch.cuda.CUDAGraph()
-        # autocast's cast cache would outlive the capture's memory: capture without it. Thread-local
-        # capture: a DataLoader's pin-memory thread may call CUDA meanwhile (sample.py)
-        with torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False,
-                            enabled=torch.is_autocast_enabled('cuda')), \
-                torch.cuda.graph(graph, capture_error_mode='thread_local'):
-            logits = self._step(static_token, state)
-
-        def replay(next_token):
-            static_token.copy_(next_token)
-            graph.replay()
-            return logits
-        return replay
 
     @torch.no_grad()
     def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
@@ -587,92 +535,96 @@ class Captioner(nn.Module):
         <|endoftext|>.
         """
         if decoding == 'beam':
-            tokens = self._beam_search(features, feature_mask, max_new_tokens, beam_width, length_penalty,
-                                       min_new_tokens)
+            tokens = beam_search(self, features, feature_mask, max_new_tokens, beam_width, length_penalty,
+                                 min_new_tokens)
         elif decoding in ('greedy', 'sample'):
             pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
                 lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
-            tokens = self._decode(features, feature_mask, max_new_tokens, pick, min_new_tokens)
+            tokens = decode(self, features, feature_mask, max_new_tokens, pick, min_new_tokens)
         else:
             raise InputError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
         return [strip_eot(row) for row in tokens.tolist()]
 
-    def _decode(self, features, feature_mask, max_new_tokens, pick, min_new_tokens):
-        """One token per step for every row; rows that have ended keep emitting <|endoftext|>."""
-        logits, state = self._start(features, feature_mask, max_new_tokens)
-        B = logits.shape[0]
-        out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
-        ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
-        step = None
-        for t in range(max_new_tokens):
-            if t < min_new_tokens:
-                logits[:, EOT] = -math.inf
-            token = pick(logits).masked_fill(ended, EOT)
-            out[:, t] = token
-            ended |= token == EOT
-            if t == max_new_tokens - 1 or ended.all():
-                break
-            step = step or self._stepper(token, state)
-            logits = step(token)
-        return out
 
-    def _beam_search(self, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens):
-        logits, state = self._start(features, feature_mask, max_new_tokens)
-        B, V = logits.shape
-        device = logits.device
-        # every image's state is copied to its K beams; at first only beam 0 is alive, so that the
-        # K beams do not start as K copies of the same hypothesis
-        rows = torch.arange(B, device=device).repeat_interleave(K)
-        for cache in state['caches']:
-            cache.reorder(rows)
-        # beams never move between images, so the media keys/values need no reordering after this
-        state['media_kv'] = {i: (k[rows], v[rows]) for i, (k, v) in state['media_kv'].items()}
-        logprobs = logits.float().log_softmax(-1)[rows]
-        beam_scores = torch.full((B, K), -math.inf, device=device)
-        beam_scores[:, 0] = 0.0
-        beams = torch.full((B, K, max_new_tokens), EOT, dtype=torch.long, device=device)
-        # the K best hypotheses that ended with <|endoftext|>, by length-normalised score
-        done_beams = beams.clone()
-        done_scores = torch.full((B, K), -math.inf, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)  # no live beam can win any more
-        rank = torch.arange(2 * K, device=device)
-        step = None
-        for t in range(max_new_tokens):
-            if t < min_new_tokens:
-                logprobs[:, EOT] = -math.inf
-            length_norm = (t + 1) ** length_penalty
-            # the 2K best extensions: at most K of them end, so at least K stay alive
-            scores = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
-            top_scores, top_index = scores.topk(2 * K, dim=1)
-            source, token = top_index // V, top_index % V
-            candidates = beams.gather(1, source[:, :, None].expand(-1, -1, max_new_tokens))
-            candidates[:, :, t] = token
-            # extensions by <|endoftext|> among the K best enter the pool of ended hypotheses
-            ends = token == EOT
-            end_scores = torch.where(ends & (rank < K) & ~finished[:, None], top_scores / length_norm,
-                                     -math.inf)
-            done_scores, keep = torch.cat([done_scores, end_scores], 1).topk(K, dim=1)
-            done_beams = torch.cat([done_beams, candidates], 1).gather(
-                1, keep[:, :, None].expand(-1, -1, max_new_tokens))
-            # the K best extensions that did not end stay alive
-            beam_scores, alive = top_scores.masked_fill(ends, -math.inf).topk(K, dim=1)
-            beams = candidates.gather(1, alive[:, :, None].expand(-1, -1, max_new_tokens))
-            # an image is finished once its worst ended hypothesis beats its best live one (as
-            # transformers' beam search does, comparing at the current length)
-            finished |= done_scores[:, -1] >= beam_scores[:, 0] / length_norm
-            if t == max_new_tokens - 1 or finished.all():
-                break
-            parent = torch.arange(B, device=device)[:, None] * K + source.gather(1, alive)
-            for cache in state['caches']:
-                cache.reorder(parent.view(-1))
-            token = beams[:, :, t].reshape(-1)
-            step = step or self._stepper(token, state)
-            logprobs = step(token).float().log_softmax(-1)
-        # at max_new_tokens, the beams still alive are hypotheses too
-        live_scores = beam_scores.masked_fill(finished[:, None], -math.inf) / (t + 1) ** length_penalty
-        all_scores = torch.cat([done_scores, live_scores], 1)
-        best = all_scores.argmax(dim=1)
-        return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
+# -----------------------------------------------------------------------------
+# generation: greedy, sampling and beam search, over Captioner.start and Captioner.step
+
+def decode(model, features, feature_mask, max_new_tokens, pick, min_new_tokens):
+    """One token per step for every row, chosen by pick(logits); rows that have ended keep emitting
+    <|endoftext|>."""
+    logits, state = model.start(features, feature_mask, max_new_tokens)
+    B = logits.shape[0]
+    out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
+    ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    step = None
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits[:, EOT] = -math.inf
+        token = pick(logits).masked_fill(ended, EOT)
+        out[:, t] = token
+        ended |= token == EOT
+        if t == max_new_tokens - 1 or ended.all():
+            break
+        step = step or stepper(model, token, state)
+        logits = step(token)
+    return out
+
+
+def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens):
+    logits, state = model.start(features, feature_mask, max_new_tokens)
+    B, V = logits.shape
+    device = logits.device
+    # every image's state is copied to its K beams; at first only beam 0 is alive, so that the
+    # K beams do not start as K copies of the same hypothesis
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    state['cache'].reorder(rows)
+    # beams never move between images, so the media keys/values need no reordering after this
+    state['media_kv'] = {i: (k[rows], v[rows]) for i, (k, v) in state['media_kv'].items()}
+    logprobs = logits.float().log_softmax(-1)[rows]
+    beam_scores = torch.full((B, K), -math.inf, device=device)
+    beam_scores[:, 0] = 0.0
+    beams = torch.full((B, K, max_new_tokens), EOT, dtype=torch.long, device=device)
+    # the K best hypotheses that ended with <|endoftext|>, by length-normalised score
+    done_beams = beams.clone()
+    done_scores = torch.full((B, K), -math.inf, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # no live beam can win any more
+    rank = torch.arange(2 * K, device=device)
+    step = None
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logprobs[:, EOT] = -math.inf
+        length_norm = (t + 1) ** length_penalty
+        # the 2K best extensions: at most K of them end, so at least K stay alive
+        scores = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+        top_scores, top_index = scores.topk(2 * K, dim=1)
+        source, token = top_index // V, top_index % V
+        candidates = beams.gather(1, source[:, :, None].expand(-1, -1, max_new_tokens))
+        candidates[:, :, t] = token
+        # extensions by <|endoftext|> among the K best enter the pool of ended hypotheses
+        ends = token == EOT
+        end_scores = torch.where(ends & (rank < K) & ~finished[:, None], top_scores / length_norm,
+                                 -math.inf)
+        done_scores, keep = torch.cat([done_scores, end_scores], 1).topk(K, dim=1)
+        done_beams = torch.cat([done_beams, candidates], 1).gather(
+            1, keep[:, :, None].expand(-1, -1, max_new_tokens))
+        # the K best extensions that did not end stay alive
+        beam_scores, alive = top_scores.masked_fill(ends, -math.inf).topk(K, dim=1)
+        beams = candidates.gather(1, alive[:, :, None].expand(-1, -1, max_new_tokens))
+        # an image is finished once its worst ended hypothesis beats its best live one (as
+        # transformers' beam search does, comparing at the current length)
+        finished |= done_scores[:, -1] >= beam_scores[:, 0] / length_norm
+        if t == max_new_tokens - 1 or finished.all():
+            break
+        parent = torch.arange(B, device=device)[:, None] * K + source.gather(1, alive)
+        state['cache'].reorder(parent.view(-1))
+        token = beams[:, :, t].reshape(-1)
+        step = step or stepper(model, token, state)
+        logprobs = step(token).float().log_softmax(-1)
+    # at max_new_tokens, the beams still alive are hypotheses too
+    live_scores = beam_scores.masked_fill(finished[:, None], -math.inf) / (t + 1) ** length_penalty
+    all_scores = torch.cat([done_scores, live_scores], 1)
+    best = all_scores.argmax(dim=1)
+    return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -693,6 +645,44 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
 def strip_eot(tokens):
     """Token ids up to (not including) the first <|endoftext|>."""
     return tokens[:tokens.index(EOT)] if EOT in tokens else tokens
+
+
+def stepper(model, token, state):
+    """model.step as a function of the next tokens [B]. On a CPU, that is all; on a GPU, the step is
+    captured once as a CUDA graph and replayed."""
+    if not token.is_cuda:
+        return lambda next_token: model.step(next_token, state)
+    with torch.cuda.device(token.device):  # streams and graphs on the model's GPU, not the current one
+        return cuda_graph_step(model, token, state)
+
+
+def cuda_graph_step(model, token, state):
+    """
+    CUDA graphs (GPU only): record one decoding step and return a function that replays it, one launch
+    instead of hundreds, which is most of a step's time at small batches. A replay rewrites the same
+    tensors that the capture wrote: the token is copied into the captured input, and the logits returned
+    are the graph's own output, overwritten by the next replay.
+    """
+    static_token = token.clone()
+    side = torch.cuda.Stream()  # warm up (cuBLAS workspaces, autotuning) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.step(static_token, state)
+    torch.cuda.current_stream().wait_stream(side)
+    state['cache'].pos.sub_(1)  # the warm-up step's writes are overwritten by the first real one
+    graph = torch.cuda.CUDAGraph()
+    # autocast's cast cache would outlive the capture's memory: capture without it. Thread-local
+    # capture: a DataLoader's pin-memory thread may call CUDA meanwhile (sample.py)
+    with torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False,
+                        enabled=torch.is_autocast_enabled('cuda')), \
+            torch.cuda.graph(graph, capture_error_mode='thread_local'):
+        logits = model.step(static_token, state)
+
+    def replay(next_token):
+        static_token.copy_(next_token)
+        graph.replay()
+        return logits
+    return replay
 
 
 # -----------------------------------------------------------------------------
@@ -847,7 +837,7 @@ def load_captioner(checkpoint_path, device='cpu'):
 
 
 # -----------------------------------------------------------------------------
-# parameter counts
+# parameter counts and FLOPs
 
 def count_params(module):
     """(total, trainable) parameters; shared tensors (the tied LM head) are counted once."""
@@ -861,6 +851,40 @@ def param_table(model: Captioner):
              ('resampler', model.resampler), (f'gated x-attn x{len(model.xattn)}', model.xattn),
              ('total', model)]
     return [(name, *count_params(module)) for name, module in parts]
+
+
+def training_flops(model: Captioner, caption_len, frames=1, targets=None):
+    """
+    Matrix-product FLOPs of one training step on one caption of caption_len tokens, `targets` of them
+    (default all) through the LM head (the PaLM / nanoGPT model-FLOPs convention). Forward: 2 per
+    weight per token it touches, plus attention scores and weighted sums. Backward: twice the forward
+    for trained parts (input and weight gradients), once for frozen parts that still pass gradients
+    back (the GPT-2 blocks and the LM head need input gradients only), none for CLIP (its features
+    are precomputed). Vocabulary padding is not counted: it is not the model's work.
+    """
+    n = lambda module: count_params(module)[0]
+    gpt = model.gpt
+    M = frames * tokens_per_frame(model.vision.config)  # media tokens
+    P, T, D = model.prefix_len, model.prefix_len + caption_len, gpt.config.n_embd
+    parts = []  # (forward FLOPs, trained?)
+    for block in gpt.h:
+        parts.append((2 * n(block) * T + 4 * T * T * D, block.ln_1.weight.requires_grad))
+    targets = caption_len if targets is None else targets
+    parts.append((2 * gpt.config.vocab_size * D * targets, gpt.wte.weight.requires_grad))
+    if model.resampler is not None:
+        L = model.resampler.latents.shape[0]
+        for attn, ff in model.resampler.layers:
+            parts.append((2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * (M + L)
+                          + 4 * L * (M + L) * attn.to_q.out_features, True))
+        for block in model.xattn.values():
+            parts.append((2 * (n(block.to_q) + n(block.to_out) + n(block.ff)) * T + 2 * n(block.to_kv) * L
+                          + 4 * T * L * block.to_q.out_features, True))
+    if isinstance(model.mapper, MLPMapper):
+        parts.append((2 * n(model.mapper), True))
+    elif model.mapper is not None:
+        depth = len(model.mapper.blocks)
+        parts.append((2 * n(model.mapper) * (M + P) + 4 * depth * (M + P) ** 2 * D, True))
+    return sum(flops * (3 if trained else 2) for flops, trained in parts)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
 from data import Captions, InputError, atomic_write, check_data_fits_model, input_errors_exit, read_meta
-from model import CaptionerConfig, build_captioner, pick_device, read_checkpoint, trainable_state
+from model import CaptionerConfig, build_captioner, pick_device, read_checkpoint, trainable_state, training_flops
 
 # -----------------------------------------------------------------------------
 # defaults: the reference model and hyperparameters on COCO (Karpathy split)
@@ -237,8 +237,8 @@ def main(config):
             share = train_data.target_count(micro_ids) / all_targets
             scaler.scale(loss * share * world).backward()  # DDP averages over ranks: undo it
             window_loss += loss.detach() * share
-            window_flops += len(micro_ids) * raw_model.training_flops(tokens.shape[1], mask.shape[1],
-                                                                      len(positions) / len(micro_ids))
+            window_flops += len(micro_ids) * training_flops(raw_model, tokens.shape[1], mask.shape[1],
+                                                            len(positions) / len(micro_ids))
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)

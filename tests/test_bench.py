@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import run_script
-from model import CaptionerConfig, build_captioner
+from model import CaptionerConfig, build_captioner, training_flops
 
 
 def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
@@ -23,7 +23,7 @@ def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
     assert train['tokens_per_s'] == pytest.approx(16 * train['captions_per_s'])
     config = CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
                              resampler_depth=1, heads=2, dim_head=16, mapper_hidden=32)
-    flops = build_captioner(config, init_from='scratch').training_flops(16) * 8
+    flops = training_flops(build_captioner(config, init_from='scratch'), 16) * 8
     assert train['tflops'] * 1e12 * train['ms_per_iter'] / 1000 == pytest.approx(flops)
     assert [(g['decoding'], g['batch']) for g in report['generate']] == [
         ('greedy', 1), ('beam', 1), ('greedy', 3), ('beam', 3)]

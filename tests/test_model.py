@@ -12,8 +12,8 @@ from transformers import CLIPModel, GPT2LMHeadModel
 from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
 from data import InputError
 import torch.nn.functional as F
-from model import (EOT, IGNORE_INDEX, CaptionerConfig, build_captioner, count_params, load_gpt2, load_vision,
-                   padded_head, param_table, pick_device, sample_token)
+from model import (EOT, IGNORE_INDEX, CaptionerConfig, KVCache, build_captioner, count_params, load_gpt2,
+                   load_vision, padded_head, param_table, pick_device, sample_token, training_flops)
 
 
 def build(config, **changes):
@@ -294,7 +294,8 @@ def test_xattn_every_2_runs_cross_attention_before_blocks_0_and_2(tiny_config):
     assert list(model.xattn) == ['0', '2']
     features, (tokens, _) = random_features(2), caption_batch()
     prefix, media_kv = model.encode(features)
-    x = model.embed(tokens, prefix)
+    x = torch.cat([prefix, model.gpt.wte(tokens)], dim=1)
+    x = x + model.gpt.wpe(torch.arange(x.shape[1]))
     for i, block in enumerate(model.gpt.h):
         if i in (0, 2):
             x = model.xattn[str(i)](x, media_kv[str(i)])
@@ -431,10 +432,10 @@ class MarkovLM:
         self.slot[self.TOKENS] = torch.arange(4)
 
     def install(self, model, monkeypatch):
-        state = dict(caches=[], media_kv={})
-        monkeypatch.setattr(model, '_start', lambda features, mask, n: (self.logits(
+        state = dict(cache=KVCache(0, 0), media_kv={})
+        monkeypatch.setattr(model, 'start', lambda features, mask, n: (self.logits(
             torch.full((features.shape[0],), EOT)), state))
-        monkeypatch.setattr(model, '_step', lambda token, state: self.logits(token))
+        monkeypatch.setattr(model, 'step', lambda token, state: self.logits(token))
 
     def logits(self, last_token):
         return self.rows[self.slot[last_token]]
@@ -470,7 +471,7 @@ def test_beam_search_against_exhaustive_search(tiny_config, monkeypatch, seed):
 def reference_beam_search(model, features, K, max_new_tokens, length_penalty=1.0, min_new_tokens=0):
     """
     Beam search the slow, plain way: one image at a time, every hypothesis through forward() at every
-    step, by the rules of Captioner._beam_search. Of the 2K best extensions of the live hypotheses, those
+    step, by the rules of model.beam_search. Of the 2K best extensions of the live hypotheses, those
     among the K best that end with <|endoftext|> join the K best ended ones (scored by log-probability /
     length ** length_penalty) and the K best others stay alive. An image is done once its K-th best ended
     hypothesis scores at least its best live one (at the current length); at max_new_tokens, the live
@@ -552,7 +553,7 @@ def test_sampled_first_tokens_follow_the_tempered_top_k_softmax(captioner):
     about a third each)."""
     image = random_features(1)
     with torch.no_grad():
-        logits, _ = captioner._start(image, None, 1)
+        logits, _ = captioner.start(image, None, 1)
     best = logits[0].topk(3)
     expected = (best.values / 0.05).softmax(-1)
     firsts = captioner.generate(image.expand(500, -1, -1, -1), decoding='sample', top_k=3, temperature=0.05,
@@ -596,7 +597,7 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
     assert expected.abs().mean() > 10
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = captioner.next_token_logits(h)
-        first_logits, _ = captioner._start(random_features(2), None, max_new_tokens=3)
+        first_logits, _ = captioner.start(random_features(2), None, max_new_tokens=3)
     assert logits.dtype == first_logits.dtype == torch.float32
     assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
 
@@ -628,9 +629,9 @@ def test_training_flops():
     # mapping network only, 15 caption tokens + 1 prefix token: the MLP runs once per caption
     lm_head, mapper = 2 * V * D * 15, 2 * 787_712
     expected = 2 * (12 * gpt2_block(16) + lm_head) + 3 * mapper
-    assert meta_captioner(enable_resampler_xattn=False).training_flops(15) == expected
+    assert training_flops(meta_captioner(enable_resampler_xattn=False), 15) == expected
     # the LM head runs only on the positions that have a target
-    fewer = meta_captioner(enable_resampler_xattn=False).training_flops(15, targets=10)
+    fewer = training_flops(meta_captioner(enable_resampler_xattn=False), 15, targets=10)
     assert expected - fewer == 2 * 2 * V * D * 5
 
     def resampler_layer(Dv, M, L=64, inner=6 * 64):  # L latents read M media tokens and themselves
@@ -643,7 +644,7 @@ def test_training_flops():
         return 2 * (D * inner + inner * D + ff) * T + 2 * Dv * 2 * inner * L + 4 * T * L * inner
 
     # the reference configuration: CLIP ViT-B/32 (768 wide, 7 x 7 patches + CLS), everything on
-    reference = meta_captioner().training_flops(15)
+    reference = training_flops(meta_captioner(), 15)
     assert reference == (2 * (12 * gpt2_block(16) + lm_head)
                          + 3 * (mapper + 4 * resampler_layer(768, 50) + 12 * xattn_block(768, 16)))
     assert 16.5e9 < reference < 17.5e9  # the README's "about 17 GFLOP per caption"
@@ -656,6 +657,6 @@ def test_training_flops():
     mapper = 2 * mapper_weights * (M + P) + 4 * 8 * (M + P) ** 2 * D
     model = meta_captioner(vision_model='openai/clip-vit-large-patch14', mapper='transformer', prefix_len=P,
                            xattn_every=4, unfreeze_layers=1)
-    assert model.training_flops(15, frames=3, targets=10) == (
+    assert training_flops(model, 15, frames=3, targets=10) == (
         2 * (11 * gpt2_block(T) + 2 * V * D * 10)
         + 3 * (gpt2_block(T) + mapper + 4 * resampler_layer(1024, M) + 3 * xattn_block(1024, T)))
