@@ -214,8 +214,16 @@ class GPT2(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        C = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, C)
+        C, V = config.n_embd, config.vocab_size
+        # The token embedding is also the LM head (tied, as in GPT-2). Its rows are padded once, here, with
+        # zeros to a multiple of 64 (50,257 -> 50,304), where a GPU multiplies 5 to 7x faster; the padding's
+        # logits are -inf, so no padding row is ever predicted or adds anything to a softmax.
+        padded = -(-V // 64) * 64
+        self.wte = nn.Embedding.from_pretrained(torch.cat([torch.randn(V, C), torch.zeros(padded - V, C)]),
+                                                freeze=False)
+        bias = torch.zeros(padded)
+        bias[V:] = -math.inf
+        self.register_buffer('vocab_bias', bias, persistent=False)
         self.wpe = nn.Embedding(config.block_size, C)
         self.h = nn.ModuleList(Block(C, config.n_head, 4 * C, eps=config.layer_norm_eps)
                                for _ in range(config.n_layer))
@@ -251,22 +259,8 @@ class GPT2(nn.Module):
                              f"the language model's {self.config.block_size}")
 
     def lm_head(self, x):
-        """Next-token logits, tied to the token embedding as in GPT-2. On a GPU the vocabulary is padded to
-        a multiple of 64 (50,257 -> 50,304), where an H100 multiplies 5 to 7x faster; the padding's
-        logits are -inf, so it is never predicted and adds nothing to a softmax."""
-        return F.linear(x, *padded_head(self.wte.weight, 64 if x.is_cuda else 1))
-
-
-def padded_head(weight, multiple):
-    """(weight padded with zero rows to a multiple of `multiple` rows, bias: 0, or -inf on the padding);
-    (weight, None) when no row is missing: padding copies the whole matrix, 154 MB for GPT-2, which on a
-    CPU took 7x longer than the product itself (102 ms against 15 ms for one row)."""
-    pad = -weight.shape[0] % multiple
-    if pad == 0:
-        return weight, None
-    bias = torch.zeros(weight.shape[0] + pad, dtype=weight.dtype, device=weight.device)
-    bias[weight.shape[0]:] = -math.inf
-    return F.pad(weight, (0, 0, 0, pad)), bias
+        """Next-token logits [..., padded vocabulary] (see __init__)."""
+        return F.linear(x, self.wte.weight, self.vocab_bias)
 
 
 # -----------------------------------------------------------------------------
@@ -482,7 +476,7 @@ class Captioner(nn.Module):
         features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
         tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
         on padding. Without targets: logits [B, S, vocab] of the caption positions (the prefix needs no
-        LM head). With targets: logits [K, vocab or more] of the K positions that have a target, in
+        LM head). With targets: logits [K, padded vocab] of the K positions that have a target, in
         order, and their mean cross-entropy. Over GPT-2's 50,257 words the LM head and its softmax are
         most of a small model's work, and a third of a batch padded to its longest caption is padding.
         target_positions [K]: the flat indices (into B * S) of those positions. Give them when they are
@@ -492,7 +486,7 @@ class Captioner(nn.Module):
         prefix, media_kv = self.encode(features, feature_mask)
         h = self.gpt(tokens, prefix, self.cross_attention(media_kv))[:, self.prefix_len:]
         if targets is None:
-            return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None
+            return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None  # the real words'
         if target_positions is None:
             target_positions = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.gpt.lm_head(h.reshape(-1, h.shape[-1])[target_positions])
@@ -771,6 +765,7 @@ def load_gpt2(name, pretrained=True):
     for key in model.state_dict():
         weight = hf_state['transformer.' + key]
         state[key] = weight.t() if key.endswith(_CONV1D_WEIGHTS) else weight
+    state['wte.weight'] = F.pad(state['wte.weight'], (0, 0, 0, model.wte.num_embeddings - model.config.vocab_size))
     model.load_state_dict(state)
     return model
 

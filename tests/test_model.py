@@ -13,7 +13,7 @@ from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
 from data import InputError
 import torch.nn.functional as F
 from model import (EOT, IGNORE_INDEX, CaptionerConfig, KVCache, build_captioner, count_params, load_gpt2,
-                   load_vision, padded_head, param_table, pick_device, sample_token, training_flops)
+                   load_vision, param_table, pick_device, sample_token, training_flops)
 
 
 def build(config, **changes):
@@ -163,9 +163,10 @@ def meta_captioner(**changes):
 
 def test_reference_parameter_counts():
     table = {name: (total, trainable) for name, total, trainable in param_table(meta_captioner())}
-    assert table == {'CLIP vision': (87_456_000, 0), 'GPT-2': (124_439_808, 0),
+    padding = (50304 - 50257) * 768  # the LM head's vocabulary padding
+    assert table == {'CLIP vision': (87_456_000, 0), 'GPT-2': (124_439_808 + padding, 0),
                      'mapper': (787_712, 787_712), 'resampler': (9_890_304, 9_890_304),
-                     'gated x-attn x12': (28_348_440, 28_348_440), 'total': (250_922_264, 39_026_456)}
+                     'gated x-attn x12': (28_348_440, 28_348_440), 'total': (250_958_360, 39_026_456)}
 
 
 @pytest.mark.parametrize('changes, trainable', [
@@ -175,7 +176,7 @@ def test_reference_parameter_counts():
 def test_ablation_parameter_counts(changes, trainable):
     total, got = count_params(meta_captioner(**changes))
     assert got == trainable
-    assert total - got == 211_895_808  # CLIP vision + GPT-2, frozen
+    assert total - got == 211_931_904  # CLIP vision + GPT-2 (vocabulary padded), frozen
 
 
 def test_parameter_counts_when_vision_and_text_widths_differ():
@@ -201,14 +202,14 @@ def test_xattn_every_and_unfreeze_layers():
     assert all(p.requires_grad for p in model.gpt.h[-1].parameters())
     assert not any(p.requires_grad for p in model.gpt.h[-3].parameters())
     assert not model.gpt.wte.weight.requires_grad  # the tied LM head stays frozen
-    embeddings = 50257 * 768 + 1024 * 768
+    embeddings = 50304 * 768 + 1024 * 768  # the padded vocabulary, and the positions
     assert count_params(meta_captioner(train_embeddings=True).gpt)[1] == embeddings
 
 
 def test_model_script_prints_exact_counts():
     out = subprocess.run([sys.executable, 'model.py', '--init_from=scratch'], capture_output=True,
                          text=True, check=True).stdout
-    assert out.splitlines()[-1] == 'params total=250922264 trainable=39026456 frozen=211895808'
+    assert out.splitlines()[-1] == 'params total=250958360 trainable=39026456 frozen=211931904'
 
 
 def test_model_script_reports_bad_setting_in_one_line():
@@ -238,11 +239,12 @@ def test_loss_is_cross_entropy_over_caption_tokens_only(tiny_config, mapper):
     tokens, targets = caption_batch()
     features = random_features(2)
     logits, loss = model(features, None, tokens, targets)
-    assert logits.shape == (6 + 3, 50257)  # only the positions with a target: no prefix, no padding
+    assert logits.shape == (6 + 3, 50304)  # only the positions with a target: no prefix, no padding
     all_logits, _ = model(features, None, tokens)
     assert all_logits.shape == (2, tokens.shape[1], 50257)  # every caption position, not the prefix
     has_target = targets != IGNORE_INDEX
-    assert torch.allclose(logits, all_logits[has_target], atol=1e-5)
+    assert torch.allclose(logits[:, :50257], all_logits[has_target], atol=1e-5)
+    assert torch.isneginf(logits[:, 50257:]).all()
     logprobs = all_logits.log_softmax(-1)
     picked = [-logprobs[b, s, targets[b, s]] for b in range(2) for s in range(tokens.shape[1])
               if has_target[b, s]]
@@ -300,7 +302,7 @@ def test_xattn_every_2_runs_cross_attention_before_blocks_0_and_2(tiny_config):
         if i in (0, 2):
             x = model.xattn[str(i)](x, media_kv[str(i)])
         x = block(x)
-    expected = model.gpt.lm_head(model.gpt.ln_f(x))[:, model.prefix_len:]
+    expected = (model.gpt.ln_f(x) @ model.gpt.wte.weight[:50257].T)[:, model.prefix_len:]
     logits, _ = model(features, None, tokens)
     assert (logits - expected).abs().max().item() <= 1e-6
 
@@ -574,17 +576,21 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert seen(top_k=3, temperature=1e-6) == {0}
 
 
-def test_lm_head_padding_changes_no_prediction():
-    """On a GPU the LM head pads GPT-2's 50,257 words to 50,304: same logits, the padding never wins."""
-    weight, x = torch.randn(50257, 16), torch.randn(5, 16)
-    padded_weight, bias = padded_head(weight, 64)
-    logits = F.linear(x, padded_weight, bias)
-    assert logits.shape == (5, 50304)
-    assert torch.allclose(logits[:, :50257], x @ weight.t(), atol=1e-5)
-    assert torch.isneginf(logits[:, 50257:]).all()
-    assert torch.allclose(logits.log_softmax(-1)[:, :50257], (x @ weight.t()).log_softmax(-1), atol=1e-5)
-    unpadded, no_bias = padded_head(weight, 1)  # on a CPU: no padding, and no copy of the matrix
-    assert unpadded is weight and no_bias is None
+def test_gpt2_forward_and_its_padded_lm_head_match_transformers(sharp_gpt2_dir, monkeypatch):
+    """GPT-2 whole, on its own: its 50,257 words are padded to 50,304 once, in the embedding itself, so
+    the real words' logits are transformers' and the padding's are -inf: it never wins, and adds
+    nothing to a softmax."""
+    gpt = load_gpt2(sharp_gpt2_dir)
+    tokens = random_tokens(2, 12)
+    with torch.no_grad():
+        expected = GPT2LMHeadModel.from_pretrained(sharp_gpt2_dir).eval()(tokens).logits
+        monkeypatch.setattr(F, 'pad', None)  # no copy of the embedding per call
+        logits = gpt.lm_head(gpt(tokens))
+    assert logits.shape == (2, 12, 50304)
+    assert (logits[..., :50257] - expected).abs().max().item() <= 1e-6
+    assert torch.isneginf(logits[..., 50257:]).all()
+    # log-probabilities near -11, where float32's step is 1e-6
+    assert (logits.log_softmax(-1)[..., :50257] - expected.log_softmax(-1)).abs().max().item() <= 4e-6
 
 
 def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
@@ -593,7 +599,7 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
     with torch.no_grad():
         captioner.gpt.wte.weight *= 100  # logits of GPT-2's real size (the tiny model's are ~0.5)
     h = torch.randn(4, captioner.gpt.config.n_embd)
-    expected = h @ captioner.gpt.wte.weight.T
+    expected = h @ captioner.gpt.wte.weight[:50257].T
     assert expected.abs().mean() > 10
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = captioner.next_token_logits(h)
