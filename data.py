@@ -339,6 +339,24 @@ def start_output(out_dir, vision, vision_model, **meta_fields):
     return dtype, tiktoken.get_encoding('gpt2'), meta
 
 
+def write_image_splits(splits, out_dir, vision, vision_model, batch_size, workers, skip_bad, rank=0, world=1):
+    """The features and caption tokens of every split ({name: [dict(file, id, captions)]}) of images,
+    with `vision` loaded from `vision_model`; returns meta.json's content (rank 0 writes the captions)."""
+    splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
+                                   world)[0]
+              for name, records in splits.items()}
+    dtype, encoder, meta = start_output(out_dir, vision, vision_model)
+    for name, records in splits.items():
+        base = os.path.join(out_dir, name)
+        files = ImageFiles([r['file'] for r in records], vision.config.image_size)
+        shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
+        meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
+        meta['splits'][name] = dict(images=shape[0], captions=sum(len(r['captions']) for r in records))
+        if rank == 0:
+            write_captions(records, out_dir, name, encoder)
+    return meta
+
+
 # ----------------------------------------------------------------------------- reading the prepared data
 
 class Captions:

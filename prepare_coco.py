@@ -17,8 +17,7 @@ An interrupted run resumes where it stopped.
 import os
 import sys
 
-from data import (FORMAT_VERSION, ImageFiles, InputError, drop_bad_files, extract_features, find_bad_image,
-                  input_errors_exit, read_json, start_output, write_captions, write_json)
+from data import FORMAT_VERSION, InputError, input_errors_exit, read_json, write_image_splits, write_json
 from model import load_vision, pick_device
 
 # -----------------------------------------------------------------------------
@@ -101,24 +100,6 @@ def karpathy_images(images_list, image_root, path):
     return splits
 
 
-def prepare(splits, out_dir, vision_model, batch_size, workers, device, skip_bad, rank=0, world=1):
-    """Features and tokens of every split; returns meta.json's content (rank 0 writes the captions)."""
-    splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
-                                   world)[0]
-              for name, records in splits.items()}
-    model = load_vision(vision_model).to(device).eval()
-    dtype, encoder, meta = start_output(out_dir, model, vision_model)
-    for name, records in splits.items():
-        base = os.path.join(out_dir, name)
-        files = ImageFiles([r['file'] for r in records], model.config.image_size)
-        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
-        meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
-        meta['splits'][name] = dict(images=shape[0], captions=sum(len(r['captions']) for r in records))
-        if rank == 0:
-            write_captions(records, out_dir, name, encoder)
-    return meta
-
-
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
@@ -140,8 +121,9 @@ if __name__ == '__main__':
             raise InputError(f"{meta_path} holds features of {meta.get('vision_model')!r} (format "
                              f"{meta.get('format_version')}); use another --out_dir for {vision_model!r}")
         splits = load_captions(captions, images, split)
-        prepared = prepare(splits, out_dir, vision_model, batch_size, num_workers, dev, skip_bad_images,
-                           rank, world)
+        vision = load_vision(vision_model).to(dev).eval()
+        prepared = write_image_splits(splits, out_dir, vision, vision_model, batch_size, num_workers,
+                                      skip_bad_images, rank, world)
     if rank != 0:
         sys.exit(0)
     for entry in prepared['splits'].values():

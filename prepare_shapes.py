@@ -1,13 +1,15 @@
 """
 The offline demo dataset: pictures of 1 to 3 coloured shapes, each with 5 captions a person might write,
-in the official COCO captions format so that prepare_coco.py reads it unchanged.
+and their features, ready for train.py.
 
-    python prepare_shapes.py --out_dir=data/shapes
+    python prepare_shapes.py
 
-writes data/shapes/{train,val,test}/*.png, data/shapes/captions_{train,val,test}.json, and two tiny
-randomly initialised checkpoints, data/shapes/clip (a full CLIPModel) and data/shapes/gpt2 (a
-GPT2LMHeadModel), saved with save_pretrained: the demo's stand-ins for the pretrained models, loaded by
-the same from_pretrained code. Seeded: the same settings give the same files.
+writes data/shapes/{train,val,test}/*.png with data/shapes/captions_{train,val,test}.json in the official
+COCO captions format, and two tiny randomly initialised checkpoints, data/shapes/clip (a full CLIPModel)
+and data/shapes/gpt2 (a GPT2LMHeadModel), saved with save_pretrained: the demo's stand-ins for the
+pretrained models, loaded by the same from_pretrained code. Then, as prepare_coco.py would from those
+captions files, the stand-in CLIP's features and the caption tokens into data/shapes_clip. Seeded: the
+same settings give the same files.
 """
 import glob
 import os
@@ -15,15 +17,19 @@ import random
 
 from PIL import Image, ImageDraw
 
-from data import write_json
+from data import input_errors_exit, write_image_splits, write_json
 
 # -----------------------------------------------------------------------------
-out_dir = 'data/shapes'
+out_dir = 'data/shapes'  # the pictures, their captions files and the stand-in checkpoints
+features_dir = 'data/shapes_clip'  # their features and caption tokens, for train.py
 num_train = 3000
 num_val = 250
 num_test = 250
 image_size = 224
 seed = 1337
+batch_size = 64  # of feature extraction
+num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
+device = ''  # of feature extraction; default: cuda when available, else cpu
 # -----------------------------------------------------------------------------
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (240, 200, 30),
@@ -138,20 +144,23 @@ def captions_for(scene, rng):
 
 
 def write_split(name, count, rng, root, size):
-    """Images and an official-format captions file for one split."""
+    """Images and an official-format captions file for one split; returns its records for data.py."""
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    images, annotations = [], []
+    images, annotations, records = [], [], []
     for image_id in range(count):
         scene = random_scene(rng)
         file_name = f'{image_id:06d}.png'
         draw(scene, size).save(os.path.join(folder, file_name))
         images.append(dict(id=image_id, file_name=file_name, width=size, height=size))
-        for caption in captions_for(scene, rng):
+        captions = captions_for(scene, rng)
+        for caption in captions:
             annotations.append(dict(id=len(annotations), image_id=image_id, caption=caption))
+        records.append(dict(file=os.path.join(folder, file_name), id=image_id, captions=captions))
     write_json(os.path.join(root, f'captions_{name}.json'),
                dict(info=dict(description='nanocap shapes demo'), licenses=[], images=images,
                     annotations=annotations))
+    return records
 
 
 def save_tiny_models(root, size, seed):
@@ -199,9 +208,19 @@ def centre_vision_features(clip, clip_dir, image_paths):
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    from model import load_vision, pick_device
     rng = random.Random(seed)
-    for split_name, count in (('train', num_train), ('val', num_val), ('test', num_test)):
-        write_split(split_name, count, rng, out_dir, image_size)
+    splits = {name: write_split(name, count, rng, out_dir, image_size)
+              for name, count in (('train', num_train), ('val', num_val), ('test', num_test))}
     save_tiny_models(out_dir, image_size, seed)
     print(f'wrote {out_dir}: {num_train} / {num_val} / {num_test} images (train / val / test), '
           f'5 captions each, and tiny random clip/ and gpt2/ checkpoints')
+    clip_dir = os.path.join(out_dir, 'clip')
+    with input_errors_exit('prepare_shapes.py'):
+        vision = load_vision(clip_dir).to(pick_device(device)).eval()
+        meta = write_image_splits(splits, features_dir, vision, clip_dir, batch_size, num_workers, skip_bad=False)
+    for name, entry in meta['splits'].items():
+        entry['source'] = dict(captions=os.path.abspath(os.path.join(out_dir, f'captions_{name}.json')),
+                               images=os.path.abspath(os.path.join(out_dir, name)))
+    write_json(os.path.join(features_dir, 'meta.json'), meta)
+    print(f'wrote {features_dir}: their features and caption tokens')

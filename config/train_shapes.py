@@ -1,5 +1,5 @@
 # The offline demo: prepare_shapes.py's pictures of coloured shapes, a few minutes on a laptop CPU.
-# python prepare_shapes.py, then prepare_coco.py on each split (see README), then:
+# python prepare_shapes.py (pictures, stand-in models, features), then:
 # python train.py config/train_shapes.py
 out_dir = 'out-shapes'
 data_dir = 'data/shapes_clip'

@@ -4,6 +4,7 @@ import json
 import runpy
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -137,6 +138,12 @@ def record_generate_calls(monkeypatch):
         return generate(self, features, feature_mask, **options)
     monkeypatch.setattr(Captioner, 'generate', recorded_generate)
     return calls
+
+
+def stored_features(path):
+    """A <split>_feats.bin file read as the on-disk format defines it, without data.py: float16
+    [images or frames, TOKENS_PER_FRAME, VISION_DIM]."""
+    return np.fromfile(path, dtype=np.float16).reshape(-1, TOKENS_PER_FRAME, VISION_DIM)
 
 
 def run_script(script, *args):

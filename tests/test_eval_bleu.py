@@ -3,12 +3,11 @@ import os
 import random
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 import eval_bleu
-from conftest import TOKENS_PER_FRAME, VISION_DIM, caption_text, colour_and_shape, record_generate_calls, run_script
+from conftest import caption_text, colour_and_shape, record_generate_calls, run_script, stored_features
 from model import load_captioner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -219,7 +218,7 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
         captions = json.load(f)
     assert [(c['file'], c['id']) for c in captions] == [(r['file'], r['id']) for r in records]
     model = load_captioner(tmp_path / 'chosen.pt')[0]
-    feats = np.fromfile(f'{data_dir}/train_feats.bin', dtype=np.float16).reshape(-1, TOKENS_PER_FRAME, VISION_DIM)
+    feats = stored_features(f'{data_dir}/train_feats.bin')
     for i, (caption, record) in enumerate(zip(captions, records)):
         with torch.no_grad():
             alone = model.generate(torch.tensor(feats[i:i + 1], dtype=torch.float32), decoding='beam', beam_width=3,

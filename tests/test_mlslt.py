@@ -12,7 +12,7 @@ av = pytest.importorskip('av')
 
 import data  # noqa: E402
 import prepare_mlslt  # noqa: E402
-from conftest import caption_text, record_generate_calls, run_script  # noqa: E402
+from conftest import caption_text, record_generate_calls, run_script, stored_features  # noqa: E402
 from data import clip_preprocess, extract_features  # noqa: E402
 from model import load_captioner, load_vision  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_features_frames_and_captions(mlslt_data, mlslt_root, tiny_clip_dir):
     pixels = torch.tensor(np.stack([clip_preprocess(decoded[i], 32) for i in [0, 2, 3, 5, 6, 8]]))
     with torch.no_grad():
         expected = load_vision(tiny_clip_dir)(pixel_values=pixels).last_hidden_state
-    feats = np.memmap(f'{mlslt_data}/train_feats.bin', dtype=np.float16, mode='r').reshape(-1, 17, 32)
+    feats = stored_features(f'{mlslt_data}/train_feats.bin')
     assert torch.allclose(torch.tensor(feats[6:12].astype(np.float32)), expected, atol=2e-3)
     videos = json.load(open(f'{mlslt_data}/train_videos.json'))
     assert videos[1] == dict(file=str(mlslt_root / 'train' / 'a1' / 'en.mp4'), id='a1/en',
@@ -218,7 +218,7 @@ def test_training_and_evaluation_on_videos(video_run, mlslt_data):
     # one batch of videos of 6 and of 3 frames: each caption is the checkpoint's for that video alone, unpadded
     # (the padding frames of the shorter ones are masked), and names red exactly for the red one
     model, _ = load_captioner(f'{video_run}/best.pt')
-    feats = np.fromfile(f'{mlslt_data}/test_feats.bin', dtype=np.float16).reshape(-1, 17, 32)
+    feats = stored_features(f'{mlslt_data}/test_feats.bin')
     frames = np.load(f'{mlslt_data}/test_frames.npy')
     assert frames[:, 1].tolist() == [6, 6, 3, 3]
     for caption, (first, count) in zip(captions, frames):

@@ -8,7 +8,7 @@ from PIL import Image
 
 import data
 import prepare_coco
-from conftest import run_script
+from conftest import run_script, stored_features
 from data import InputError
 from model import load_vision
 
@@ -137,15 +137,16 @@ def dataset(tmp_path):
 
 def run_prepare(dataset, out_dir, clip_dir, **options):
     splits = prepare_coco.load_captions(*dataset)
-    return prepare_coco.prepare(splits, str(out_dir), clip_dir, batch_size=2, workers=0, device='cpu',
-                                skip_bad=options.get('skip_bad', False))
+    return data.write_image_splits(splits, str(out_dir), load_vision(clip_dir), clip_dir, batch_size=2,
+                                   workers=0, skip_bad=options.get('skip_bad', False))
 
 
 def test_features_and_captions_round_trip(tmp_path, dataset, tiny_clip_dir):
     import tiktoken
     meta = run_prepare(dataset, tmp_path / 'out', tiny_clip_dir)
     assert meta['splits'] == {'train': dict(images=5, captions=26)}
-    feats = np.memmap(tmp_path / 'out' / 'train_feats.bin', dtype=np.float16, mode='r').reshape(5, 17, 32)
+    feats = stored_features(tmp_path / 'out' / 'train_feats.bin')
+    assert len(feats) == 5
     records = prepare_coco.load_captions(*dataset)['train']
     pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(r['file']), 32)
                                     for r in records]))
@@ -213,13 +214,14 @@ def test_torchrun_ranks_share_the_work(tmp_path, dataset, tiny_clip_dir):
     import sys
     captions_path, folder = dataset
     run_prepare(dataset, tmp_path / 'ranks1', tiny_clip_dir)
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', 'prepare_coco.py',
-                    f'--captions={captions_path}', f'--images={folder}', f"--out_dir={tmp_path / 'ranks2'}",
-                    f'--vision_model={tiny_clip_dir}', '--num_workers=0', '--batch_size=2', '--device=cpu'],
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                    'prepare_coco.py', f'--captions={captions_path}', f'--images={folder}',
+                    f"--out_dir={tmp_path / 'ranks2'}", f'--vision_model={tiny_clip_dir}', '--num_workers=0',
+                    '--batch_size=2', '--device=cpu'],
                    check=True, capture_output=True)
     outputs = {ranks: {name: (tmp_path / f'ranks{ranks}' / name).read_bytes() for name in
                        ('train_tokens.bin', 'train_captions.npy', 'train_images.json')} for ranks in (1, 2)}
-    feats1, feats2 = (np.fromfile(tmp_path / f'ranks{ranks}' / 'train_feats.bin', dtype=np.float16) for ranks in (1, 2))
+    feats1, feats2 = (stored_features(tmp_path / f'ranks{ranks}' / 'train_feats.bin') for ranks in (1, 2))
     assert outputs[1] == outputs[2]
     assert (np.abs(feats2.reshape(5, -1)).sum(1) > 0).all()  # every rank wrote its slice
     assert np.allclose(feats1, feats2, atol=2e-3)

@@ -5,8 +5,8 @@ import sys
 import numpy as np
 
 import data
-import prepare_coco
 import prepare_shapes
+from conftest import run_script
 from model import load_gpt2, load_vision
 
 
@@ -47,21 +47,26 @@ def test_relations_and_counts():
     assert prepare_shapes.count_phrase([a, b, c]) == 'two circles and a square'
 
 
-def test_script_is_deterministic_and_prepare_coco_reads_it(tmp_path):
+def test_script_is_deterministic_and_writes_what_prepare_coco_would(tmp_path):
     outputs = []
     for run in ('first', 'second'):
         out = tmp_path / run
-        subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={out}', '--num_train=6',
-                        '--num_val=2', '--num_test=2'], check=True, capture_output=True)
-        outputs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob('*'))
-                        if p.is_file() and p.parent.name in ('train', 'val', 'test', run)})
-    assert outputs[0] == outputs[1] and len(outputs[0]) == 6 + 2 + 2 + 3
+        assert run_script('prepare_shapes.py', f'--out_dir={out}', f'--features_dir={out}_clip', '--num_train=6',
+                          '--num_val=2', '--num_test=2', '--num_workers=0') is None
+        # the files, their paths and the paths in them with the run's name left out
+        outputs.append({str(p.relative_to(tmp_path)).replace(run, ''): p.read_bytes().replace(run.encode(), b'')
+                        for p in sorted(tmp_path.glob(f'{run}*/**/*')) if p.is_file()
+                        and p.parent.name in (run + '_clip', 'train', 'val', 'test', run)})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6 + 2 + 2 + 3 + 3 * 4 + 1
+    # its features and caption files are byte for byte what prepare_coco.py makes of the captions files
     out = tmp_path / 'first'
-    for name, count in (('train', 6), ('val', 2), ('test', 2)):
-        splits = prepare_coco.load_captions(str(out / f'captions_{name}.json'), str(out / name))
-        assert list(splits) == [name] and len(splits[name]) == count
-        assert all(len(r['captions']) == 5 for r in splits[name])
-        assert data.find_bad_image(splits[name][0]['file']) is None
+    for name in ('train', 'val', 'test'):
+        assert run_script('prepare_coco.py', f'--captions={out}/captions_{name}.json', f'--images={out}/{name}',
+                          f'--vision_model={out}/clip', f'--out_dir={tmp_path}/coco', '--num_workers=0') is None
+    written = sorted(p.name for p in (tmp_path / 'first_clip').iterdir())
+    assert written == sorted(p.name for p in (tmp_path / 'coco').iterdir())
+    for name in written:
+        assert (tmp_path / 'first_clip' / name).read_bytes() == (tmp_path / 'coco' / name).read_bytes(), name
     assert load_vision(str(out / 'clip')).config.image_size == 224
     assert load_gpt2(str(out / 'gpt2')).config.vocab_size == 50257
 
