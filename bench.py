@@ -18,19 +18,19 @@ import os
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+import train
 from data import input_errors_exit, tokens_per_frame
 from model import EOT, CaptionerConfig, build_captioner, pick_device, training_flops
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'
 device = ''  # default: cuda when available, else cpu
-dtype = ''  # default: bfloat16 on cuda, float32 on cpu
+dtype = ''  # default: train.py's (bfloat16 where supported, else float16 on cuda, float32 on cpu)
 compile = False  # torch.compile the training step's model
 seed = 1337
 # training
@@ -81,7 +81,6 @@ def random_features(model, batch, dev):
 
 def bench_train(model, dev, autocast, batch):
     """train.py's step on fixed-length captions: every position has a target."""
-    import train
     model.train()
     step_model = torch.compile(model) if compile else model
     # train.py's defaults: the values change nothing in the speed
@@ -178,9 +177,8 @@ def rate(x):
 def main():
     dev = pick_device(device)
     gpu = torch.device(dev).type == 'cuda'
-    amp = dtype or ('bfloat16' if gpu else 'float32')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[amp]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(torch.device(dev).type, dtype=ptdtype)
+    ptdtype, autocast = train.mixed_precision(torch.device(dev).type, dtype)
+    amp = str(ptdtype).removeprefix('torch.')
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

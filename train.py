@@ -101,6 +101,18 @@ def peak_flops(device_type):
     return None
 
 
+def mixed_precision(device_type, dtype):
+    """(torch dtype, autocast context) of the dtype setting; '' picks bfloat16 on a GPU that has it,
+    else float16 there, and float32 on a CPU."""
+    name = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported()
+                     else 'float16' if device_type == 'cuda' else 'float32')
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if name not in dtypes:
+        raise InputError(f"dtype must be one of {', '.join(dtypes)}, not {name!r}")
+    autocast = nullcontext() if name == 'float32' else torch.autocast(device_type, dtype=dtypes[name])
+    return dtypes[name], autocast
+
+
 def main(config):
     # ------------------------------------------------------------------ devices, DDP and precision
     ddp = 'RANK' in os.environ
@@ -113,13 +125,7 @@ def main(config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
-    amp_dtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported()
-                          else 'float16' if device_type == 'cuda' else 'float32')
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-    if amp_dtype not in dtypes:
-        raise InputError(f"dtype must be one of {', '.join(dtypes)}, not {amp_dtype!r}")
-    ptdtype = dtypes[amp_dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    ptdtype, autocast = mixed_precision(device_type, dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 
     # ------------------------------------------------------------------ model, data, optimiser

@@ -27,7 +27,7 @@ def train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options):
 def train(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options, ranks=1):
     """Run train.py with a tiny model; returns its log records."""
     launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={ranks}']
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}']
     args = train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options)
     result = subprocess.run(launcher + ['train.py', *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
