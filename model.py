@@ -129,7 +129,7 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(dim, 3 * dim)  # q, k, v in one matrix product (GPT-2's layout)
         self.c_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=None):
         """x [B, T, C]; mask [B or 1, 1, T or 1, keys] (True = attend). With a KVCache (decoding), this
         call's keys and values are stored as `layer`'s, and the queries attend to all cached ones."""
         q, k, v = (split_heads(t, self.n_head) for t in self.c_attn(x).split(x.shape[-1], dim=2))
@@ -163,7 +163,8 @@ class KVCache:
             return k, v, None
         self.k[layer].index_copy_(2, self.pos, k)
         self.v[layer].index_copy_(2, self.pos, v)
-        written = torch.arange(self.max_len, device=k.device) <= self.pos  # this position included
+        # the positions written so far, this one included (a few microseconds per layer; in a CUDA graph, less)
+        written = torch.arange(self.max_len, device=k.device) <= self.pos
         return self.k[layer], self.v[layer], written[None]
 
     def advance(self, n):
@@ -204,12 +205,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_hidden)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=None):
         x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(nn.Module):
+    """GPT-2: token and position embeddings, n_layer blocks, a final LayerNorm, and the LM head tied to
+    the token embedding."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -217,10 +220,11 @@ class GPT2(nn.Module):
         C, V = config.n_embd, config.vocab_size
         # The token embedding is also the LM head (tied, as in GPT-2). Its rows are padded once, here, with
         # zeros to a multiple of 64 (50,257 -> 50,304), where a GPU multiplies 5 to 7x faster; the padding's
-        # logits are -inf, so no padding row is ever predicted or adds anything to a softmax.
+        # logits are -inf, so no padding row is ever predicted or adds anything to a softmax. The real rows
+        # are drawn as nn.Embedding(V, C) would draw them, so a seed gives the same model as unpadded.
         padded = -(-V // 64) * 64
-        self.wte = nn.Embedding.from_pretrained(torch.cat([torch.randn(V, C), torch.zeros(padded - V, C)]),
-                                                freeze=False)
+        real_rows = torch.randn(V, C)
+        self.wte = nn.Embedding.from_pretrained(torch.cat([real_rows, torch.zeros(padded - V, C)]), freeze=False)
         bias = torch.zeros(padded)
         bias[V:] = -math.inf
         self.register_buffer('vocab_bias', bias, persistent=False)
@@ -451,7 +455,7 @@ class Captioner(nn.Module):
         return features, mask.to(features.device)
 
     def encode(self, features, feature_mask=None):
-        """CLIP features -> (prefix [B, P, Dt] or None, {block index: cross-attention keys/values})."""
+        """CLIP features -> (prefix [B, P, Dt] or None, {GPT-2 block index: cross-attention keys/values})."""
         if features.dim() == 3:  # one image: [B, N, Dv]
             features = features[:, None]
         if feature_mask is None:
@@ -461,14 +465,14 @@ class Captioner(nn.Module):
         media_kv = {}
         if self.resampler is not None:
             latents = self.resampler(features, feature_mask)
-            media_kv = {i: block.media_kv(latents) for i, block in self.xattn.items()}
+            media_kv = {int(i): block.media_kv(latents) for i, block in self.xattn.items()}
         return prefix, media_kv
 
-    def cross_attention(self, media_kv):
+    def cross_hook(self, media_kv):
         """GPT2.forward's `cross`: before GPT-2 block i, gated cross-attention block i, if there is one,
         reads the media."""
         def cross(i, x):
-            return self.xattn[str(i)](x, media_kv[str(i)]) if str(i) in media_kv else x
+            return self.xattn[str(i)](x, media_kv[i]) if i in media_kv else x
         return cross
 
     def forward(self, features, feature_mask, tokens, targets=None, target_positions=None):
@@ -484,7 +488,7 @@ class Captioner(nn.Module):
         the GPU (one sync per step), and gives torch.compile a shape it cannot know in advance.
         """
         prefix, media_kv = self.encode(features, feature_mask)
-        h = self.gpt(tokens, prefix, self.cross_attention(media_kv))[:, self.prefix_len:]
+        h = self.gpt(tokens, prefix, self.cross_hook(media_kv))[:, self.prefix_len:]
         if targets is None:
             return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None  # the real words'
         if target_positions is None:
@@ -501,22 +505,22 @@ class Captioner(nn.Module):
         self.gpt.check_length(cache.max_len)  # fail now, not in the middle of decoding
         prefix, media_kv = self.encode(features, feature_mask)
         bos = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
-        h = self.gpt(bos, prefix, self.cross_attention(media_kv), cache)
+        h = self.gpt(bos, prefix, self.cross_hook(media_kv), cache)
         return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache)
 
     def step(self, token, state):
         """Feed one token per row [B] at the cache's next position; returns the next-token logits
         [B, vocab]. The same shapes and memory every step (see KVCache)."""
-        h = self.gpt(token[:, None], cross=self.cross_attention(state['media_kv']), cache=state['cache'])
+        h = self.gpt(token[:, None], cross=self.cross_hook(state['media_kv']), cache=state['cache'])
         return self.next_token_logits(h[:, -1])
 
     def next_token_logits(self, h):
-        """Decoding's logits [B, vocab] of final hidden states [B, C], in float32 even under autocast:
-        bfloat16 logits come in steps of 0.25 to 0.5 at typical sizes, coarse enough to tie or swap the
-        best tokens and beams, so a GPU would caption differently from a CPU. Training keeps the
-        autocast head: one row per step here, thousands there."""
+        """Decoding's logits [B, vocab] of final hidden states [B, C], over the real words only (no
+        padding), in float32 even under autocast: bfloat16 logits come in steps of 0.25 to 0.5 at typical
+        sizes, coarse enough to tie or swap the best tokens and beams, so a GPU would caption differently
+        from a CPU. Training keeps the autocast head: one row per step here, thousands there."""
         with torch.autocast(h.device.type, enabled=False):
-            return self.gpt.lm_head(h.float())
+            return self.gpt.lm_head(h.float())[:, :self.gpt.config.vocab_size]
 
     @torch.no_grad()
     def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
@@ -534,7 +538,7 @@ class Captioner(nn.Module):
         elif decoding in ('greedy', 'sample'):
             pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
                 lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
-            tokens = decode(self, features, feature_mask, max_new_tokens, pick, min_new_tokens)
+            tokens = greedy_or_sample(self, features, feature_mask, max_new_tokens, pick, min_new_tokens)
         else:
             raise InputError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
         return [strip_eot(row) for row in tokens.tolist()]
@@ -543,9 +547,10 @@ class Captioner(nn.Module):
 # -----------------------------------------------------------------------------
 # generation: greedy, sampling and beam search, over Captioner.start and Captioner.step
 
-def decode(model, features, feature_mask, max_new_tokens, pick, min_new_tokens):
-    """One token per step for every row, chosen by pick(logits); rows that have ended keep emitting
-    <|endoftext|>."""
+@torch.no_grad()
+def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens):
+    """Token ids [B, max_new_tokens]: one token per step for every row, chosen by pick(logits) (the
+    best, or a sample); rows that have ended keep emitting <|endoftext|>."""
     logits, state = model.start(features, feature_mask, max_new_tokens)
     B = logits.shape[0]
     out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
@@ -564,7 +569,10 @@ def decode(model, features, feature_mask, max_new_tokens, pick, min_new_tokens):
     return out
 
 
+@torch.no_grad()
 def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens):
+    """Token ids [B, max_new_tokens]: each input's best hypothesis of K beams, by log-probability over
+    length ** length_penalty; a hypothesis ends at <|endoftext|> (the rest is <|endoftext|>)."""
     logits, state = model.start(features, feature_mask, max_new_tokens)
     B, V = logits.shape
     device = logits.device
@@ -663,7 +671,9 @@ def cuda_graph_step(model, token, state):
     with torch.cuda.stream(side):
         model.step(static_token, state)
     torch.cuda.current_stream().wait_stream(side)
-    state['cache'].pos.sub_(1)  # the warm-up step's writes are overwritten by the first real one
+    # the warm-up advanced the cache's position (GPT2.forward -> KVCache.advance): step it back, so that
+    # the first replay writes that position again
+    state['cache'].pos.sub_(1)
     graph = torch.cuda.CUDAGraph()
     # autocast's cast cache would outlive the capture's memory: capture without it. Thread-local
     # capture: a DataLoader's pin-memory thread may call CUDA meanwhile (sample.py)
@@ -765,6 +775,7 @@ def load_gpt2(name, pretrained=True):
     for key in model.state_dict():
         weight = hf_state['transformer.' + key]
         state[key] = weight.t() if key.endswith(_CONV1D_WEIGHTS) else weight
+    # the checkpoint has vocab_size rows, ours are padded (see GPT2.__init__)
     state['wte.weight'] = F.pad(state['wte.weight'], (0, 0, 0, model.wte.num_embeddings - model.config.vocab_size))
     model.load_state_dict(state)
     return model
@@ -820,15 +831,20 @@ def load_captioner(checkpoint_path, device='cpu'):
     pretrained weights named in its config, the trained ones from the file."""
     checkpoint = read_checkpoint(checkpoint_path)
     model = build_captioner(checkpoint['model_config'])
-    expected = set(trainable_state(model))
-    if set(checkpoint['model']) != expected:
+    load_trained_weights(model, checkpoint['model'], checkpoint_path)
+    return model.to(device).eval(), checkpoint
+
+
+def load_trained_weights(model, state, checkpoint_path):
+    """Put a checkpoint's trained weights into the model, failing in one line unless they are exactly its
+    trainable ones, in the same shapes."""
+    if set(state) != set(trainable_state(model)):
         raise InputError(f'{checkpoint_path}: its weights do not fit the model its config describes')
     try:
-        model.load_state_dict(checkpoint['model'], strict=False)
+        model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ: other vision or text widths
         raise InputError(f'{checkpoint_path}: its weights do not fit the models it names '
                          f'({str(e).splitlines()[-1].strip()})')
-    return model.to(device).eval(), checkpoint
 
 
 # -----------------------------------------------------------------------------

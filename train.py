@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
 from data import Captions, InputError, atomic_write, check_data_fits_model, input_errors_exit, read_meta
-from model import CaptionerConfig, build_captioner, pick_device, read_checkpoint, trainable_state, training_flops
+from model import (CaptionerConfig, build_captioner, load_trained_weights, pick_device, read_checkpoint,
+                   trainable_state, training_flops)
 
 # -----------------------------------------------------------------------------
 # defaults: the reference model and hyperparameters on COCO (Karpathy split)
@@ -153,7 +154,7 @@ def main(config):
     optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda')
     iter_num, best_val_loss = 0, math.inf
     if checkpoint is not None:
-        model.load_state_dict(checkpoint['model'], strict=False)
+        load_trained_weights(model, checkpoint['model'], path)
         optimizer.load_state_dict(checkpoint['optimizer'])
         scaler.load_state_dict(checkpoint['scaler'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -161,7 +162,9 @@ def main(config):
     if compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
+        # no buffer changes in training (CLIP's position ids, the vocabulary's -inf mask): none to broadcast
+        model = DDP(model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None,
+                    broadcast_buffers=False)
 
     def to_device(array):
         tensor = torch.from_numpy(np.ascontiguousarray(array))

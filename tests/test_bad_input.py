@@ -217,6 +217,22 @@ def resume_from_truncated_checkpoint(root, f):
             'not a readable nanocap checkpoint')
 
 
+def weight_of_another_shape(path):
+    """One trained weight one row short, as in a checkpoint of GPT-2's unpadded vocabulary."""
+    checkpoint = torch.load(path, weights_only=True)
+    name = sorted(checkpoint['model'])[0]
+    checkpoint['model'][name] = checkpoint['model'][name][:-1]
+    torch.save(checkpoint, path)
+
+
+@case
+def resume_from_checkpoint_of_other_shapes(root, f):
+    shutil.copytree(f['run_dir'], root / 'run')
+    weight_of_another_shape(root / 'run' / 'ckpt.pt')
+    return (*train_args(f['data_dir'], root, f, '--init_from=resume'), root / 'run' / 'ckpt.pt',
+            'its weights do not fit the models it names (size mismatch for')
+
+
 @case
 def text_model_is_a_clip(root, f):
     script, args = train_args(f['data_dir'], root, f)
@@ -281,6 +297,12 @@ def checkpoint_of_another_version(root, f):
         torch.save(checkpoint, path)
     run, path = run_copy(root, f, damage)
     return (*sample_args(run, root), path, "unexpected keyword argument 'vision_pooling'")
+
+
+@case
+def checkpoint_of_other_shapes(root, f):
+    run, path = run_copy(root, f, weight_of_another_shape)
+    return (*sample_args(run, root), path, 'its weights do not fit the models it names (size mismatch for')
 
 
 @case

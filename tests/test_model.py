@@ -300,7 +300,7 @@ def test_xattn_every_2_runs_cross_attention_before_blocks_0_and_2(tiny_config):
     x = x + model.gpt.wpe(torch.arange(x.shape[1]))
     for i, block in enumerate(model.gpt.h):
         if i in (0, 2):
-            x = model.xattn[str(i)](x, media_kv[str(i)])
+            x = model.xattn[str(i)](x, media_kv[i])
         x = block(x)
     expected = (model.gpt.ln_f(x) @ model.gpt.wte.weight[:50257].T)[:, model.prefix_len:]
     logits, _ = model(features, None, tokens)
@@ -338,12 +338,12 @@ def test_resampler_and_gated_cross_attention_by_hand(tiny_config):
     latents = resampler.norm(latents)
     _, media_kv = model.encode(video, mask)
     k, v = block.to_kv(latents).chunk(2, -1)
-    assert (media_kv['1'][0].transpose(1, 2).flatten(2) - k).abs().max().item() <= 1e-6
-    assert (media_kv['1'][1].transpose(1, 2).flatten(2) - v).abs().max().item() <= 1e-6
+    assert (media_kv[1][0].transpose(1, 2).flatten(2) - k).abs().max().item() <= 1e-6
+    assert (media_kv[1][1].transpose(1, 2).flatten(2) - v).abs().max().item() <= 1e-6
     x = torch.randn(2, 5, TEXT_DIM)
     y = x + math.tanh(0.7) * block.to_out(attention(block.to_q(block.norm(x)), k, v, heads))
     y = y + math.tanh(-0.4) * block.ff(y)
-    assert (block(x, media_kv['1']) - y).abs().max().item() <= 1e-6
+    assert (block(x, media_kv[1]) - y).abs().max().item() <= 1e-6
 
 
 def test_mappers_read_every_real_frame(tiny_config):
@@ -506,7 +506,7 @@ def reference_beam_search(model, features, K, max_new_tokens, length_penalty=1.0
 
 @pytest.mark.parametrize('beam_width', [2, 3])
 def test_beam_search_equals_reference_beam_search(captioner, beam_width):
-    """Small beams, where pruning decides, with the real KV caches (they must follow the beams), and
+    """Small beams, where pruning decides, with the real KV cache (they must follow the beams), and
     length penalties that favour short and long captions."""
     features = random_features(4)
     captions = {}
@@ -606,6 +606,21 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
         first_logits, _ = captioner.start(random_features(2), None, max_new_tokens=3)
     assert logits.dtype == first_logits.dtype == torch.float32
     assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_cuda_graph_replays_decode_as_eager_steps(captioner, monkeypatch):
+    """On a GPU each decoding step is captured once and replayed; the captions must be those of eager
+    steps, greedy and beam (whose reorders copy the cache in place, under the graph's feet)."""
+    import copy
+    import model as model_module
+    gpu_model, features = copy.deepcopy(captioner).cuda(), random_features(6).cuda()
+
+    def captions():
+        return [gpu_model.generate(features, decoding=d, beam_width=3, max_new_tokens=12) for d in ('greedy', 'beam')]
+    replayed = captions()
+    monkeypatch.setattr(model_module, 'cuda_graph_step', lambda model, token, state: lambda t: model.step(t, state))
+    assert captions() == replayed
 
 
 @pytest.mark.parametrize('decoding', ['greedy', 'beam'])
