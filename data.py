@@ -357,6 +357,27 @@ def write_image_splits(splits, out_dir, vision, vision_model, batch_size, worker
     return meta
 
 
+def write_video_splits(splits, out_dir, vision, vision_model, most, batch_size, workers, skip_bad, rank=0,
+                       world=1):
+    """As write_image_splits, for videos: at most `most` frames of each, spread evenly over it, with the
+    table of each video's first frame and frame count (<split>_frames.npy)."""
+    checked = {name: drop_bad_files(name, records, count_frames, 'video', workers, skip_bad, rank, world)
+               for name, records in splits.items()}
+    dtype, encoder, meta = start_output(out_dir, vision, vision_model, media='video', max_frames=most)
+    for name, (records, decoded_counts) in checked.items():
+        base = os.path.join(out_dir, name)
+        files = VideoFiles([r['file'] for r in records], decoded_counts, most, vision.config.image_size)
+        shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
+        meta.update(tokens_per_image=shape[1], feature_dim=shape[2])  # tokens per frame
+        meta['splits'][name] = dict(videos=len(records), frames=shape[0], captions=len(records))
+        if rank == 0:
+            counts = np.array(files.frame_counts, dtype=np.int64)
+            index = np.stack([np.cumsum(counts) - counts, counts], axis=1)
+            atomic_write(base + '_frames.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
+            write_captions(records, out_dir, name, encoder, media='video')
+    return meta
+
+
 # ----------------------------------------------------------------------------- reading the prepared data
 
 class Captions:

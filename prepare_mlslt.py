@@ -18,10 +18,7 @@ An interrupted run resumes where it stopped. Needs PyAV (pip install av).
 """
 import os
 
-import numpy as np
-
-from data import (FORMAT_VERSION, InputError, VideoFiles, atomic_write, count_frames, drop_bad_files, extract_features,
-                  input_errors_exit, read_json, start_output, write_captions, write_json)
+from data import FORMAT_VERSION, InputError, input_errors_exit, read_json, write_json, write_video_splits
 from model import CaptionerConfig, load_vision, pick_device
 
 # -----------------------------------------------------------------------------
@@ -73,28 +70,6 @@ def load_split(root_dir, split_name, languages, target_lang):
 
 # ----------------------------------------------------------------------------- preparing
 
-def prepare(split_records, out_dir, vision_model, most, batch_size, workers, device, skip_bad, rank=0,
-            world=1):
-    """Features and tokens of every split, at most `most` frames per video; returns meta.json's content
-    (rank 0 writes the captions)."""
-    checked = {name: drop_bad_files(name, records, count_frames, 'video', workers, skip_bad, rank, world)
-               for name, records in split_records.items()}
-    model = load_vision(vision_model).to(device).eval()
-    dtype, encoder, meta = start_output(out_dir, model, vision_model, media='video', max_frames=most)
-    for name, (records, decoded_counts) in checked.items():
-        base = os.path.join(out_dir, name)
-        files = VideoFiles([r['file'] for r in records], decoded_counts, most, model.config.image_size)
-        shape = extract_features(model, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
-        meta.update(tokens_per_image=shape[1], feature_dim=shape[2])  # tokens per frame
-        meta['splits'][name] = dict(videos=len(records), frames=shape[0], captions=len(records))
-        if rank == 0:
-            counts = np.array(files.frame_counts, dtype=np.int64)
-            index = np.stack([np.cumsum(counts) - counts, counts], axis=1)
-            atomic_write(base + '_frames.npy', lambda tmp: np.save(open(tmp, 'wb'), index))
-            write_captions(records, out_dir, name, encoder, media='video')
-    return meta
-
-
 def main(rank, world):
     if not root:
         raise InputError('give --root=FOLDER (the one with train.json, dev.json, test.json)')
@@ -120,8 +95,9 @@ def main(rank, world):
                          f"--out_dir")
     dev = pick_device(device)  # under torchrun: this rank's own GPU
     split_records = {name: load_split(root, name, languages, text_lang) for name in splits.split(',')}
-    prepared = prepare(split_records, out_dir, vision_model, max_frames, batch_size, num_workers,
-                       dev, skip_bad_videos, rank, world)
+    vision = load_vision(vision_model).to(dev).eval()
+    prepared = write_video_splits(split_records, out_dir, vision, vision_model, max_frames, batch_size,
+                                  num_workers, skip_bad_videos, rank, world)
     prepared['text_lang'] = text_lang
     if rank != 0:
         return
