@@ -10,8 +10,11 @@ downloaded), on CPU or GPU:
 Measures the real code paths: train.py's step (its optimiser, autocast, precomputed float16 features,
 captions of caption_len tokens), Captioner.generate from features (greedy and beam search, every caption
 new_tokens long), and sample.py's CLIP pipeline on a folder of JPEGs (decode + preprocess in DataLoader
-workers + CLIP forward), alone and end to end with captioning. Prints a table, then one JSON line with
-every figure.
+workers + CLIP forward), alone and end to end with captioning. First it measures what the machine does
+at best, dense matrix products and memory reads, and reads the figures against it: the training step's
+MFU (against the datasheet peak on a GPU, the measured one on a CPU), and how fast decoding reads its
+weights (every step reads them all once: at batch 1 memory bandwidth is the limit). Prints a table, then
+one JSON line with every figure.
 """
 import json
 import os
@@ -25,7 +28,7 @@ import torch
 
 import train
 from data import input_errors_exit, tokens_per_frame
-from model import EOT, CaptionerConfig, build_captioner, pick_device, training_flops
+from model import EOT, CaptionerConfig, build_captioner, onednn_linears, pick_device, training_flops
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'
@@ -44,8 +47,8 @@ new_tokens = 20
 beam_width = 5
 # CLIP on JPEGs, as sample.py runs it
 images = ''  # a folder of JPEGs (default: synthetic 640x480 JPEGs, the size of COCO's)
-num_images = 0  # images to run (0: 8192 on a GPU, 32 on a CPU); the folder's files are cycled
-extract_batch = 256
+num_images = 0  # images to run (0: 8192 on a GPU, 16 on a CPU); the folder's files are cycled
+extract_batch = 0  # images per batch (0: 256 on a GPU, 8 on a CPU)
 num_workers = min(16, os.cpu_count() or 1)
 # the model: every field of model.py's CaptionerConfig
 globals().update(asdict(CaptionerConfig()))
@@ -73,13 +76,43 @@ class Timer:
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
 
 
+def best_time(fn, dev, repeats=5):
+    """The shortest of a few timed calls of fn(), after one untimed."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        with Timer(dev) as timer:
+            fn()
+        times.append(timer.seconds)
+    return min(times)
+
+
+def machine_limits(dev, ptdtype):
+    """What this machine does at best, measured here, to read every figure against: dense matrix
+    products in the training dtype (FLOP/s) and reading memory (bytes/s)."""
+    n = 4096 if dev.startswith('cuda') else 2048
+    a, b = (torch.randn(n, n, device=dev, dtype=ptdtype) for _ in range(2))
+    big = torch.ones(2 ** 28, device=dev)  # 1 GiB of float32: far more than any cache
+    return dict(matmul_tflops=2 * n ** 3 / best_time(lambda: a @ b, dev) / 1e12,
+                read_gbs=big.numel() * 4 / best_time(big.sum, dev) / 1e9)
+
+
+def decoding_bytes(model):
+    """Bytes of the weights that every decoding step reads: the GPT-2 blocks and LM head, and the
+    cross-attention blocks but their keys/values of the media (computed once per image)."""
+    xattn_kv = [block.to_kv for block in model.xattn.values()]
+    per_image = {id(p) for module in xattn_kv for p in module.parameters()}
+    params = [p for module in (model.gpt, model.xattn) for p in module.parameters() if id(p) not in per_image]
+    return sum(p.numel() * p.element_size() for p in params) - model.gpt.wpe.weight.nbytes
+
+
 def random_features(model, batch, dev):
     """CLIP features as prepare_coco.py stores them: float16 [B, 1, N, Dv], one frame per image."""
     vision = model.vision.config
     return torch.randn(batch, 1, tokens_per_frame(vision), vision.hidden_size, device=dev).to(torch.float16)
 
 
-def bench_train(model, dev, autocast, batch):
+def bench_train(model, dev, autocast, batch, peak):
     """train.py's step on fixed-length captions: every position has a target."""
     model.train()
     step_model = torch.compile(model) if compile else model
@@ -108,13 +141,12 @@ def bench_train(model, dev, autocast, batch):
     # attention; backward 2x forward for the trained bridge (input and weight gradients) but only 1x for
     # the frozen GPT-2 blocks and LM head (input gradients only: no weight gradients are computed)
     flops = training_flops(model, caption_len) * batch
-    peak = train.peak_flops(dev.split(':')[0])
     return dict(batch=batch, ms_per_iter=1000 * seconds, captions_per_s=batch / seconds,
                 tokens_per_s=batch * caption_len / seconds, tflops=flops / seconds / 1e12,
                 mfu=flops / seconds / peak if peak else None, peak_gib=timer.peak_gib)
 
 
-def bench_generate(model, dev, autocast, batch, decoding):
+def bench_generate(model, dev, autocast, batch, decoding, weight_bytes):
     model.eval()
     features = random_features(model, batch, dev)
     options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=new_tokens,
@@ -125,7 +157,8 @@ def bench_generate(model, dev, autocast, batch, decoding):
             captions = model.generate(features, **options)
     assert all(len(c) == new_tokens for c in captions)
     return dict(decoding=decoding, batch=batch, captions_per_s=batch / timer.seconds,
-                ms_per_batch=1000 * timer.seconds, peak_gib=timer.peak_gib)
+                ms_per_batch=1000 * timer.seconds, peak_gib=timer.peak_gib,
+                weights_gbs=weight_bytes * new_tokens / timer.seconds / 1e9)
 
 
 def synthetic_jpegs(folder, count=64):
@@ -143,14 +176,14 @@ def synthetic_jpegs(folder, count=64):
     return paths
 
 
-def bench_extract(model, dev, autocast, paths):
+def bench_extract(model, dev, autocast, paths, batch):
     """CLIP features of JPEGs as sample.py makes them: alone, and end to end with greedy and beam captions."""
     from sample import PreprocessedImages, caption_files, collate_files
     model.eval()
     files = PreprocessedImages(paths, model.vision.config.image_size)
 
     def clip_only():
-        loader = torch.utils.data.DataLoader(files, batch_size=extract_batch, num_workers=num_workers,
+        loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=num_workers,
                                              collate_fn=collate_files, pin_memory=torch.device(dev).type == 'cuda')
         for _, frame_counts, frames, _ in loader:
             with torch.no_grad(), autocast:
@@ -160,11 +193,11 @@ def bench_extract(model, dev, autocast, paths):
     for name, run in [('CLIP features', clip_only)] + [
             (f'sample.py, {decoding}', lambda decoding=decoding: caption_files(
                 model, files, dict(decoding=decoding, beam_width=beam_width, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens), extract_batch, num_workers, dev))
+                                   min_new_tokens=new_tokens), batch, num_workers, dev))
             for decoding in ('greedy', 'beam')]:
         with Timer(dev) as timer:
             run()
-        results.append(dict(stage=name, images=len(paths), images_per_s=len(paths) / timer.seconds,
+        results.append(dict(stage=name, images=len(paths), batch=batch, images_per_s=len(paths) / timer.seconds,
                             peak_gib=timer.peak_gib))
     return results
 
@@ -186,35 +219,46 @@ def main():
     config = CaptionerConfig(**{k: globals()[k] for k in asdict(CaptionerConfig())})
     model = build_captioner(config, init_from='scratch').to(dev)
     device_name = torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'
+    limits = machine_limits(dev, ptdtype)
     report = dict(device=device_name, dtype=amp, compile=compile, vision_model=config.vision_model,
-                  text_model=config.text_model, torch=torch.__version__)
+                  text_model=config.text_model, torch=torch.__version__, limits=limits)
     stages = what.split(',')
     rows = []  # (stage, settings, figure)
     if 'train' in stages:
-        r = report['train'] = bench_train(model, dev, autocast, batch_size or (1024 if gpu else 8))
+        # MFU against the GPU's datasheet peak (as nanoGPT's), or the matrix products measured on a CPU
+        peak = train.peak_flops('cuda') if gpu else limits['matmul_tflops'] * 1e12
+        r = report['train'] = bench_train(model, dev, autocast, batch_size or (1024 if gpu else 8), peak)
         mfu = f", MFU {100 * r['mfu']:.1f}%" if r['mfu'] is not None else ''
         rows.append(('train step', f"batch {r['batch']} x {caption_len} tokens",
                      f"{r['ms_per_iter']:.1f} ms/iter, {rate(r['captions_per_s'])} captions/s, "
                      f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.1f} TFLOP/s{mfu}, "
                      f"peak {r['peak_gib']:.2f} GiB"))
+    weight_bytes = decoding_bytes(model)
+    if not gpu:  # as sample.py and eval_bleu.py caption on a CPU (after the training step: it cannot train)
+        onednn_linears(model)
     if 'generate' in stages:
         report['generate'] = []
         for batch in [int(b) for b in (gen_batch_sizes or ('16,64,256,1024' if gpu else '1,8')).split(',')]:
             for decoding in ('greedy', 'beam'):
-                r = bench_generate(model, dev, autocast, batch, decoding)
+                r = bench_generate(model, dev, autocast, batch, decoding, weight_bytes)
                 report['generate'].append(r)
+                # a step reads every weight once, whatever the batch: at batch 1 that is the limit
+                share = r['weights_gbs'] / limits['read_gbs']
                 rows.append((f'{decoding} from features', f'batch {batch}, {new_tokens} tokens',
-                             f"{rate(r['captions_per_s'])} captions/s, peak {r['peak_gib']:.2f} GiB"))
+                             f"{rate(r['captions_per_s'])} captions/s, weights read at {r['weights_gbs']:.1f} "
+                             f"GB/s ({100 * share:.0f}% of the bandwidth), peak {r['peak_gib']:.2f} GiB"))
     if 'extract' in stages:
         with tempfile.TemporaryDirectory() as tmp:
             paths = sorted(os.path.join(images, f) for f in os.listdir(images)
                            if f.lower().endswith(('.jpg', '.jpeg'))) if images else synthetic_jpegs(tmp)
-            cycled = [paths[i % len(paths)] for i in range(num_images or (8192 if gpu else 32))]
-            report['extract'] = bench_extract(model, dev, autocast, cycled)
+            cycled = [paths[i % len(paths)] for i in range(num_images or (8192 if gpu else 16))]
+            report['extract'] = bench_extract(model, dev, autocast, cycled, extract_batch or (256 if gpu else 8))
         for r in report['extract']:
-            rows.append((r['stage'], f"{r['images']} JPEGs, {num_workers} workers",
+            rows.append((r['stage'], f"{r['images']} JPEGs, batch {r['batch']}, {num_workers} workers",
                          f"{rate(r['images_per_s'])} images/s, peak {r['peak_gib']:.2f} GiB"))
     print(f"{device_name}, {amp}, compile={compile}, {config.vision_model} + {config.text_model}")
+    print(f"measured limits: matrix products {limits['matmul_tflops']:.3g} TFLOP/s ({amp}), "
+          f"memory reads {limits['read_gbs']:.0f} GB/s")
     width = max(len(stage) for stage, _, _ in rows), max(len(settings) for _, settings, _ in rows)
     for stage, settings, figure in rows:
         print(f'{stage:<{width[0]}}  {settings:<{width[1]}}  {figure}')

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from conftest import run_script
+from bench import decoding_bytes
 from model import CaptionerConfig, build_captioner, training_flops
 
 
@@ -15,11 +16,13 @@ def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
                       '--num_workers=0') is None
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
-    assert [line.split('  ')[0] for line in lines[1:-1]] == (
+    assert lines[1].startswith('measured limits: matrix products ')
+    assert [line.split('  ')[0] for line in lines[2:-1]] == (
         ['train step'] + ['greedy from features', 'beam from features'] * 2
         + ['CLIP features', 'sample.py, greedy', 'sample.py, beam'])
     train = report['train']
-    assert train['batch'] == 8 and train['mfu'] is None  # no MFU without a known peak
+    assert train['batch'] == 8
+    assert train['mfu'] == pytest.approx(train['tflops'] / report['limits']['matmul_tflops'])  # a CPU's own
     assert train['tokens_per_s'] == pytest.approx(16 * train['captions_per_s'])
     config = CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
                              resampler_depth=1, heads=2, dim_head=16, mapper_hidden=32)
@@ -30,3 +33,13 @@ def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
     assert all(g['captions_per_s'] > 0 for g in report['generate'])
     assert [(e['stage'], e['images']) for e in report['extract']] == [
         ('CLIP features', 6), ('sample.py, greedy', 6), ('sample.py, beam', 6)]
+
+
+def test_decoding_bytes_by_hand():
+    """What a decoding step reads of GPT-2 small with 12 gated cross-attention blocks, in float32."""
+    import torch
+    with torch.device('meta'):
+        model = build_captioner(CaptionerConfig(), init_from='scratch')
+    blocks, ln_f, lm_head = 12 * 7_087_872, 2 * 768, 50304 * 768  # the LM head is the padded embedding
+    xattn_block = 28_348_440 // 12 - 768 * 2 * 6 * 64  # but the keys/values of the media, once per image
+    assert decoding_bytes(model) == 4 * (blocks + ln_f + lm_head + 12 * xattn_block)
