@@ -499,13 +499,15 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    from model import load_captioner, pick_device
+    from model import load_captioner, onednn_linears, pick_device
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('eval_bleu.py'):
         if official:
             require_official_toolkit()  # before the captioning, not after
         dev = pick_device(device)
         model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
+        if dev == 'cpu':
+            onednn_linears(model)
         check_data_fits_model(read_meta(data_dir), model, data_dir)
         options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
         captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev)

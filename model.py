@@ -689,6 +689,25 @@ def cuda_graph_step(model, token, state):
     return replay
 
 
+def onednn_linears(model):
+    """
+    For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention become
+    oneDNN's (torch.utils.mkldnn.MkldnnLinear, weights kept in oneDNN's blocked layout). A decoding step
+    multiplies one to a few rows by every weight, so reading the weights is its limit: MKL's
+    matrix-vector product reads them with one core, oneDNN's with all of them (on 2 cores: 19 against
+    32 GB/s). The model can then only caption, and only on the CPU. Where PyTorch was built without
+    oneDNN, nothing changes.
+    """
+    from torch.utils.mkldnn import MkldnnLinear
+    if not torch.backends.mkldnn.is_available():
+        return model
+    for parent in [*model.gpt.h.modules(), *model.xattn.modules()]:
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, MkldnnLinear(child, torch.float32))
+    return model
+
+
 # -----------------------------------------------------------------------------
 # loading the pretrained parts
 

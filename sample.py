@@ -163,7 +163,7 @@ def write_html(path, results):
 
 def main():
     import torch
-    from model import load_captioner, pick_device
+    from model import load_captioner, onednn_linears, pick_device
     if bool(images) == bool(videos):
         raise InputError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
     if num_samples > 1 and decoding != 'sample':
@@ -174,6 +174,8 @@ def main():
         raise InputError(f'no {kind} files found at {spec!r}')
     dev = pick_device(device)
     model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
+    if dev == 'cpu':
+        onednn_linears(model)
     size = model.vision.config.image_size
     if videos:
         if model.resampler is not None and max_frames > model.config.max_frames:

@@ -13,7 +13,7 @@ from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
 from data import InputError
 import torch.nn.functional as F
 from model import (EOT, IGNORE_INDEX, CaptionerConfig, KVCache, build_captioner, count_params, load_gpt2,
-                   load_vision, param_table, pick_device, sample_token, training_flops)
+                   load_vision, onednn_linears, param_table, pick_device, sample_token, training_flops)
 
 
 def build(config, **changes):
@@ -606,6 +606,22 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
         first_logits, _ = captioner.start(random_features(2), None, max_new_tokens=3)
     assert logits.dtype == first_logits.dtype == torch.float32
     assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
+
+
+def test_onednn_linears_caption_as_the_plain_model(captioner):
+    """sample.py and eval_bleu.py swap the CPU's linear layers for oneDNN's: the same captions, greedy and
+    beam, and the same logits within float32's error (its sums run in another order)."""
+    import copy
+    from torch.utils.mkldnn import MkldnnLinear
+    converted = onednn_linears(copy.deepcopy(captioner))
+    assert sum(isinstance(m, MkldnnLinear) for m in converted.modules()) == 3 * 4 + 3 * 5  # blocks, x-attn
+    features, (tokens, _) = random_features(6), caption_batch()
+    for decoding in ('greedy', 'beam'):
+        assert converted.generate(features, decoding=decoding, max_new_tokens=12) == \
+            captioner.generate(features, decoding=decoding, max_new_tokens=12)
+    with torch.no_grad():
+        expected = captioner(features[:2], None, tokens)[0]
+        assert (converted(features[:2], None, tokens)[0] - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
