@@ -440,6 +440,7 @@ class Captioner(nn.Module):
         if c.train_embeddings:
             self.gpt.wte.requires_grad_(True)
             self.gpt.wpe.requires_grad_(True)
+        self.cpu_head = None  # oneDNN's copy of the LM head, for decoding on a CPU (see onednn_linears)
 
     @property
     def prefix_len(self):
@@ -520,7 +521,8 @@ class Captioner(nn.Module):
         sizes, coarse enough to tie or swap the best tokens and beams, so a GPU would caption differently
         from a CPU. Training keeps the autocast head: one row per step here, thousands there."""
         with torch.autocast(h.device.type, enabled=False):
-            return self.gpt.lm_head(h.float())[:, :self.gpt.config.vocab_size]
+            head = self.gpt.lm_head if self.cpu_head is None else self.cpu_head
+            return head(h.float().contiguous())[:, :self.gpt.config.vocab_size]
 
     @torch.no_grad()
     def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
@@ -692,11 +694,11 @@ def cuda_graph_step(model, token, state):
 def onednn_linears(model):
     """
     For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention become
-    oneDNN's (torch.utils.mkldnn.MkldnnLinear, weights kept in oneDNN's blocked layout). A decoding step
-    multiplies one to a few rows by every weight, so reading the weights is its limit: MKL's
-    matrix-vector product reads them with one core, oneDNN's with all of them (on 2 cores: 19 against
-    32 GB/s). The model can then only caption, and only on the CPU. Where PyTorch was built without
-    oneDNN, nothing changes.
+    oneDNN's (torch.utils.mkldnn.MkldnnLinear, weights kept in oneDNN's blocked layout), and decoding's
+    LM head a oneDNN copy of the tied embedding. A decoding step multiplies one to a few rows by every
+    weight, so reading the weights is its limit: MKL's matrix-vector product reads them with one core,
+    oneDNN's with all of them (on 2 cores: 19 against 32 GB/s). The model can then only caption, and
+    only on the CPU. Where PyTorch was built without oneDNN, nothing changes.
     """
     from torch.utils.mkldnn import MkldnnLinear
     if not torch.backends.mkldnn.is_available():
@@ -705,6 +707,10 @@ def onednn_linears(model):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
                 setattr(parent, name, MkldnnLinear(child, torch.float32))
+    with torch.device('meta'):  # only a holder of the tied weights: nothing to draw
+        head = nn.Linear(model.gpt.config.n_embd, model.gpt.wte.num_embeddings)
+    head.weight, head.bias = model.gpt.wte.weight, nn.Parameter(model.gpt.vocab_bias)
+    model.cpu_head = MkldnnLinear(head, torch.float32)
     return model
 
 

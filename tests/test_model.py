@@ -614,7 +614,7 @@ def test_onednn_linears_caption_as_the_plain_model(captioner):
     import copy
     from torch.utils.mkldnn import MkldnnLinear
     converted = onednn_linears(copy.deepcopy(captioner))
-    assert sum(isinstance(m, MkldnnLinear) for m in converted.modules()) == 3 * 4 + 3 * 5  # blocks, x-attn
+    assert sum(isinstance(m, MkldnnLinear) for m in converted.modules()) == 3 * 4 + 3 * 5 + 1  # + the LM head
     features, (tokens, _) = random_features(6), caption_batch()
     for decoding in ('greedy', 'beam'):
         assert converted.generate(features, decoding=decoding, max_new_tokens=12) == \
@@ -622,6 +622,9 @@ def test_onednn_linears_caption_as_the_plain_model(captioner):
     with torch.no_grad():
         expected = captioner(features[:2], None, tokens)[0]
         assert (converted(features[:2], None, tokens)[0] - expected).abs().max().item() <= 1e-5
+        h = torch.randn(4, TEXT_DIM)
+        expected = captioner.next_token_logits(h)
+        assert (converted.next_token_logits(h) - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
