@@ -162,9 +162,7 @@ def main(config):
     if compile:
         model = torch.compile(model)
     if ddp:
-        # no buffer changes in training (CLIP's position ids, the vocabulary's -inf mask): none to broadcast
-        model = DDP(model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None,
-                    broadcast_buffers=False)
+        model = DDP(model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
 
     def to_device(array):
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -294,6 +292,7 @@ def main(config):
                     save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
             t_last = time.time()  # evaluation time is not training time
     if ddp:
+        dist.barrier()  # every rank is done with the others (rank 0 was saving): only then tear down
         dist.destroy_process_group()
 
 
