@@ -1,10 +1,18 @@
 """
 Precompute the frozen CLIP features of a captioning dataset once, into memory-mapped files, so that
-training never runs CLIP. Reads the official COCO captions files and Karpathy's split file:
+training never runs CLIP. Reads the official COCO captions files, Karpathy's split files (COCO,
+Flickr8k, Flickr30k), and your own captions: a CSV with a header (image,caption[,split]), JSON Lines
+({"image": ..., "caption": ...} or {"image": ..., "captions": [...]}, optional "split"), or a folder of
+images, each with a same-named .txt beside it (one caption per line):
 
     python prepare_coco.py --captions=coco/dataset_coco.json --images=coco --out_dir=data/coco
     python prepare_coco.py --captions=coco/annotations/captions_val2017.json --images=coco/val2017 \
         --out_dir=data/coco_val2017
+    python prepare_coco.py --captions=mine/captions.csv --images=mine --val_images=100 --test_images=100 \
+        --out_dir=data/mine
+
+Your own captions get their split from a split column or field, else from --split=NAME, else from a
+seeded hold-out of --val_images and --test_images images (the rest is train).
 
 Writes per split, each file atomically (temp file + rename):
   <split>_feats.bin      float16 [images, tokens, width]: CLIP's last_hidden_state of each image
@@ -14,17 +22,23 @@ Writes per split, each file atomically (temp file + rename):
   meta.json              vision model, shapes, dtypes, counts, tokenizer, sources, format version
 An interrupted run resumes where it stopped.
 """
+import csv
+import json
 import os
+import random
 import sys
 
 from data import FORMAT_VERSION, InputError, input_errors_exit, read_json, write_image_splits, write_json
 from model import load_vision, pick_device
 
 # -----------------------------------------------------------------------------
-captions = ''  # the captions file: official COCO format or Karpathy's dataset_*.json
-images = ''  # the folder the captions file's image paths are relative to
+captions = ''  # the captions: a COCO or Karpathy JSON file, a .csv, a .jsonl, or a folder of images + .txt
+images = ''  # the folder the captions' image paths are relative to
 out_dir = 'data/coco'
-split = ''  # official COCO files hold one split: its name (default: 'train' or 'val' from the file name)
+split = ''  # the split of a file that holds one (default for official COCO files: 'train' or 'val' from its name)
+val_images = 0  # your own captions without a split: hold out this many images for val ...
+test_images = 0  # ... and this many for test, chosen at random (seeded); the rest is train
+seed = 1337
 vision_model = 'openai/clip-vit-base-patch32'  # hub name or local directory
 batch_size = 64
 num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
@@ -34,8 +48,12 @@ skip_bad_images = False  # drop unreadable images (and their captions) instead o
 
 # ----------------------------------------------------------------------------- caption files
 
-def load_captions(path, image_root, split_name=''):
-    """{split: [{'file': path, 'id': image id, 'captions': [str, ...]}, ...]} from either format."""
+def load_captions(path, image_root, split_name='', val_images=0, test_images=0, seed=1337):
+    """{split: [{'file': path, 'id': image id, 'captions': [str, ...]}, ...]} from any supported format."""
+    own = folder_rows if os.path.isdir(path) else csv_rows if path.lower().endswith('.csv') else \
+        jsonl_rows if path.lower().endswith('.jsonl') else None
+    if own:
+        return own_splits(own(path), image_root, path, split_name, val_images, test_images, seed)
     data = read_json(path)
     if data is None:
         raise InputError(f'{path}: no such captions file')
@@ -47,6 +65,124 @@ def load_captions(path, image_root, split_name=''):
     raise InputError(f'{path}: expected the official COCO captions format (images[] with id/file_name, '
                      f'annotations[] with image_id/caption) or Karpathy\'s split file (images[] with '
                      f'filename, split and sentences[].raw)')
+
+
+# Your own captions: each reader yields (image path relative to --images, caption, split or None, where)
+
+def csv_rows(path):
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such captions file')
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ('image', 'caption') if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path}:1: the header has no {' or '.join(missing)} column "
+                             f"(expected image,caption and optionally split)")
+        for row in reader:
+            where = f'{path}:{reader.line_num}'
+            if None in row.values() or None in row:
+                raise InputError(f'{where}: {len(reader.fieldnames)} columns expected')
+            yield from own_row(row.get('image'), [row['caption']], row.get('split'), 'split' in row, where)
+
+
+def jsonl_rows(path):
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such captions file')
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            where = f'{path}:{number}'
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f'{where}: not JSON ({e})')
+            if not isinstance(item, dict) or ('caption' in item) == ('captions' in item):
+                raise InputError(f'{where}: expected an object with "image" and "caption" or "captions"')
+            texts = item['captions'] if 'captions' in item else [item['caption']]
+            if not isinstance(texts, list):
+                raise InputError(f'{where}: "captions" is not a list')
+            yield from own_row(item.get('image'), texts, item.get('split'), 'split' in item, where)
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+def folder_rows(folder):
+    """Every image below folder with a same-named .txt beside it; the others, and .txt files without an
+    image, are named on stderr and left out."""
+    images, texts = {}, set()
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            stem, ext = os.path.splitext(os.path.relpath(os.path.join(directory, name), folder))
+            if ext.lower() in IMAGE_EXTENSIONS:
+                images[stem] = stem + ext
+            elif ext.lower() == '.txt':
+                texts.add(stem)
+    for what, names in (('images have no .txt beside them', sorted(images.keys() - texts)),
+                        ('.txt files have no image beside them', sorted(texts - images.keys()))):
+        if names:
+            print(f"{folder}: {len(names):,} {what} and are left out: {', '.join(names[:5])}"
+                  + (', ...' if len(names) > 5 else ''), file=sys.stderr)
+    for stem in sorted(images.keys() & texts):
+        txt = os.path.join(folder, stem + '.txt')
+        with open(txt, encoding='utf-8') as f:
+            lines = [line.strip() for line in f if line.strip()]
+        yield from own_row(images[stem], lines, None, False, txt)
+
+
+def own_row(image, texts, split_name, has_split, where):
+    """Check one row: (image, caption, split, where) for each of its captions."""
+    if not isinstance(image, str) or not image.strip():
+        raise InputError(f'{where}: no image')
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise InputError(f'{where}: an empty caption')
+    if has_split and (not isinstance(split_name, str) or not split_name.strip()):
+        raise InputError(f'{where}: an empty split')
+    return [(image.strip(), t.strip(), split_name.strip() if has_split else None, where) for t in texts]
+
+
+def own_splits(rows, image_root, path, split_name, val_images, test_images, seed):
+    """Rows -> {split: records}, an image's captions gathered in one record, in the order first seen."""
+    records = {}
+    for image, caption, row_split, where in rows:
+        record = records.setdefault(image, dict(file=os.path.join(image_root, image), id=image, captions=[],
+                                                split=row_split, where=where))
+        if row_split != record['split']:
+            raise InputError(f"{where}: {image} is in split {row_split!r} here, in {record['split']!r} at "
+                             f"{record['where']}")
+        record['captions'].append(caption)
+    if not records:
+        raise InputError(f'{path}: no captions')
+    records = list(records.values())
+    with_split = [r for r in records if r['split'] is not None]
+    if with_split and len(with_split) < len(records):
+        without = next(r for r in records if r['split'] is None)
+        raise InputError(f"{without['where']}: no split, while {with_split[0]['where']} has one")
+    if not with_split:
+        assign_splits(records, path, split_name, val_images, test_images, seed)
+    splits = {}
+    for record in records:
+        splits.setdefault(record.pop('split'), []).append(record)
+        del record['where']
+    return splits
+
+
+def assign_splits(records, path, split_name, val_images, test_images, seed):
+    if split_name:
+        for record in records:
+            record['split'] = split_name
+        return
+    if not val_images and not test_images:
+        raise InputError(f'{path}: no split column: give --split=NAME, or --val_images=N and/or '
+                         f'--test_images=N to hold out that many images')
+    if val_images + test_images >= len(records):
+        raise InputError(f'{path}: {len(records)} images, too few to hold out {val_images} + {test_images}')
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    for rank, i in enumerate(order):
+        records[i]['split'] = 'test' if rank < test_images else 'val' if rank < test_images + val_images \
+            else 'train'
 
 
 def split_from_name(path):
@@ -120,7 +256,7 @@ if __name__ == '__main__':
         if meta and (meta.get('format_version'), meta.get('vision_model')) != (FORMAT_VERSION, vision_model):
             raise InputError(f"{meta_path} holds features of {meta.get('vision_model')!r} (format "
                              f"{meta.get('format_version')}); use another --out_dir for {vision_model!r}")
-        splits = load_captions(captions, images, split)
+        splits = load_captions(captions, images, split, val_images, test_images, seed)
         vision = load_vision(vision_model).to(dev).eval()
         prepared = write_image_splits(splits, out_dir, vision, vision_model, batch_size, num_workers,
                                       skip_bad_images, rank, world)

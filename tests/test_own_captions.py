@@ -1,0 +1,130 @@
+"""prepare_coco.py on your own captions: a CSV, JSON Lines, a folder of images with .txt files beside
+them, and Karpathy's Flickr split files; splits from the data, from --split, or a seeded hold-out."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import prepare_coco
+from conftest import run_script, stored_features
+from data import InputError
+
+
+def load(path, **options):
+    """{split: [(image id, file, captions)]} as prepare_coco.py reads `path`, images under 'root'."""
+    splits = prepare_coco.load_captions(str(path), 'root', **options)
+    return {name: [(r['id'], r['file'], r['captions']) for r in records] for name, records in splits.items()}
+
+
+def write(path, text):
+    path.write_text(text, encoding='utf-8')
+    return path
+
+
+def test_csv_with_a_split_column(tmp_path):
+    path = write(tmp_path / 'captions.csv', 'image,caption,split\n'
+                 'a.jpg,A dog runs.,train\n'
+                 'b/c.jpg," A cat, asleep. ",val\n'
+                 'a.jpg,"A dog, running ""fast"".",train\n')
+    assert load(path) == {
+        'train': [('a.jpg', os.path.join('root', 'a.jpg'), ['A dog runs.', 'A dog, running "fast".'])],
+        'val': [('b/c.jpg', os.path.join('root', 'b/c.jpg'), ['A cat, asleep.'])]}
+
+
+def test_jsonl_caption_or_captions_and_the_split_setting(tmp_path):
+    path = write(tmp_path / 'captions.jsonl', '{"image": "a.jpg", "caption": "One."}\n\n'
+                 '{"image": "b.jpg", "captions": ["Two.", "Three."]}\n{"image": "a.jpg", "caption": "Four."}\n')
+    assert load(path, split_name='test') == {'test': [
+        ('a.jpg', os.path.join('root', 'a.jpg'), ['One.', 'Four.']),
+        ('b.jpg', os.path.join('root', 'b.jpg'), ['Two.', 'Three.'])]}
+    with pytest.raises(InputError, match='no split column: give --split=NAME'):
+        load(path)
+
+
+def test_hold_out_is_by_image_seeded_and_complete(tmp_path):
+    rows = ''.join(f'{i}.jpg,Caption {j} of {i}.\n' for i in range(20) for j in range(3))
+    path = write(tmp_path / 'captions.csv', 'image,caption\n' + rows)
+    splits = load(path, val_images=3, test_images=2, seed=7)
+    assert {name: len(records) for name, records in splits.items()} == {'train': 15, 'val': 3, 'test': 2}
+    images = [image for records in splits.values() for image, _, captions in records if len(captions) == 3]
+    assert sorted(images) == sorted(f'{i}.jpg' for i in range(20))  # every image once, with all its captions
+    assert load(path, val_images=3, test_images=2, seed=7) == splits
+    held_out = lambda s: {image for name in ('val', 'test') for image, _, _ in s[name]}
+    assert held_out(load(path, val_images=3, test_images=2, seed=8)) != held_out(splits)
+    with pytest.raises(InputError, match='20 images, too few to hold out 10 \\+ 10'):
+        load(path, val_images=10, test_images=10)
+
+
+def test_folder_of_images_with_text_files(tmp_path, capsys):
+    folder = tmp_path / 'mine'
+    (folder / 'sub').mkdir(parents=True)
+    for name in ('a.jpg', 'b.png', 'sub/d.JPG'):
+        Image.new('RGB', (8, 8)).save(folder / name, format='PNG' if name.endswith('png') else 'JPEG')
+    write(folder / 'a.txt', 'A red square.\n\n  A square, red.  \n')
+    write(folder / 'sub' / 'd.txt', 'Dark.\n')
+    write(folder / 'c.txt', 'An orphan caption.\n')
+    assert load(folder, split_name='train') == {'train': [
+        ('a.jpg', os.path.join('root', 'a.jpg'), ['A red square.', 'A square, red.']),
+        ('sub/d.JPG', os.path.join('root', 'sub/d.JPG'), ['Dark.'])]}
+    err = capsys.readouterr().err
+    assert f'{folder}: 1 images have no .txt beside them and are left out: b' in err
+    assert f'{folder}: 1 .txt files have no image beside them and are left out: c' in err
+
+
+@pytest.mark.parametrize('name, text, message', [
+    ('c.csv', 'image,text\na.jpg,x\n', 'c.csv:1: the header has no caption column'),
+    ('c.csv', 'image,caption\na.jpg,x\nb.jpg,\n', 'c.csv:3: an empty caption'),
+    ('c.csv', 'image,caption\na.jpg,x,extra\n', 'c.csv:2: 2 columns expected'),
+    ('c.csv', 'image,caption,split\na.jpg,x,train\na.jpg,y,val\n', "c.csv:3: a.jpg is in split 'val' here, "
+                                                                 "in 'train' at "),
+    ('c.jsonl', '{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", caption: 1}\n', 'c.jsonl:2: not JSON'),
+    ('c.jsonl', '{"image": "a.jpg", "caption": "x", "captions": ["y"]}\n',
+     'c.jsonl:1: expected an object with "image" and "caption" or "captions"'),
+    ('c.jsonl', '{"caption": "x"}\n', 'c.jsonl:1: no image'),
+    ('c.jsonl', '{"image": "a.jpg", "caption": "x", "split": "val"}\n{"image": "b.jpg", "caption": "y"}\n',
+     'c.jsonl:2: no split, while '),
+])
+def test_a_malformed_row_is_named_by_file_and_line(tmp_path, name, text, message):
+    path = write(tmp_path / name, text)
+    with pytest.raises(InputError) as error:
+        load(path)
+    assert str(error.value).startswith(f'{path}:') and message in str(error.value), str(error.value)
+    assert '\n' not in str(error.value)
+
+
+def test_real_flickr8k_split_file():
+    """Karpathy's dataset_flickr8k.json as it ships: no filepath, no cocoid, images in one folder."""
+    path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'schema_samples',
+                        'karpathy_dataset_flickr8k_excerpt.json')
+    if not os.path.isfile(path):
+        pytest.skip('no ../shared beside the repository')
+    shipped = json.load(open(path))['images']
+    splits = prepare_coco.load_captions(path, 'Flickr8k_Dataset')
+    assert {name: len(records) for name, records in splits.items()} == \
+        {name: sum(im['split'] == name for im in shipped) for name in ('train', 'val', 'test')}
+    first = next(r for r in splits[shipped[0]['split']] if r['id'] == shipped[0]['imgid'])
+    assert first['file'] == os.path.join('Flickr8k_Dataset', shipped[0]['filename'])
+    assert first['captions'] == [s['raw'].strip() for s in shipped[0]['sentences']]
+
+
+def test_prepare_script_on_a_csv_with_missing_images_and_a_hold_out(tmp_path, tiny_clip_dir, capsys):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for i in range(6):
+        Image.new('RGB', (40, 30), (40 * i, 0, 0)).save(folder / f'{i}.png')
+    rows = ''.join(f'{i}.png,Photo {i}.\n' for i in range(6)) + 'gone.png,A photo that is not there.\n'
+    csv_path = write(tmp_path / 'captions.csv', 'image,caption\n' + rows)
+    args = [f'--captions={csv_path}', f'--images={folder}', f"--out_dir={tmp_path / 'out'}",
+            f'--vision_model={tiny_clip_dir}', '--num_workers=0', '--val_images=2', '--test_images=1']
+    message = run_script('prepare_coco.py', *args)
+    assert message.startswith('prepare_coco.py: 1 unusable image(s) in split ') and 'gone.png' in message
+    assert run_script('prepare_coco.py', *args, '--skip_bad_images=True') is None
+    held_out = prepare_coco.load_captions(str(csv_path), str(folder), val_images=2, test_images=1)
+    expected = {name: sum(not r['file'].endswith('gone.png') for r in records)
+                for name, records in held_out.items()}
+    meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
+    assert {name: entry['images'] for name, entry in meta['splits'].items()} == expected
+    assert sum(expected.values()) == 6 and len(held_out['val']) == 2 and len(held_out['test']) == 1
+    assert len(stored_features(tmp_path / 'out' / 'train_feats.bin')) == expected['train']
+    capsys.readouterr()
