@@ -119,16 +119,20 @@ def folder_rows(folder):
                 images[stem] = stem + ext
             elif ext.lower() == '.txt':
                 texts.add(stem)
-    for what, names in (('images have no .txt beside them', sorted(images.keys() - texts)),
-                        ('.txt files have no image beside them', sorted(texts - images.keys()))):
-        if names:
-            print(f"{folder}: {len(names):,} {what} and are left out: {', '.join(names[:5])}"
-                  + (', ...' if len(names) > 5 else ''), file=sys.stderr)
+    name_left_out(folder, 'images have no .txt beside them', sorted(images.keys() - texts))
+    name_left_out(folder, '.txt files have no image beside them', sorted(texts - images.keys()))
     for stem in sorted(images.keys() & texts):
         txt = os.path.join(folder, stem + '.txt')
         with open(txt, encoding='utf-8') as f:
             lines = [line.strip() for line in f if line.strip()]
         yield from own_row(images[stem], lines, None, False, txt)
+
+
+def name_left_out(source, what, names):
+    """Say on stderr how many entries of `source` are left out, and which: nothing goes silently."""
+    if names:
+        print(f"{source}: {len(names):,} {what} and are left out: {', '.join(names[:5])}"
+              + (', ...' if len(names) > 5 else ''), file=sys.stderr)
 
 
 def own_row(image, texts, split_name, has_split, where):
@@ -212,10 +216,8 @@ def coco_images(data, image_root, path):
         by_id.setdefault(image_id, []).append(field(annotation, 'caption', str, where).strip())
     if not by_id:
         raise InputError(f'{path}: no captions (annotations[] is empty)')
-    uncaptioned = len(files) - len(by_id)
-    if uncaptioned:
-        print(f'{path}: {uncaptioned:,} of its {len(files):,} images have no caption and are left out',
-              file=sys.stderr)
+    name_left_out(path, f'of its {len(files):,} images have no caption',
+                  sorted(name for i, name in files.items() if i not in by_id))
     records = [dict(file=os.path.join(image_root, files[i]), id=i, captions=captions) for i, captions in by_id.items()]
     return sorted(records, key=lambda r: r['id'])
 

@@ -34,8 +34,10 @@ def coco_file(tmp_path, image_files, name='captions_train2017.json'):
     return str(path)
 
 
-def test_official_coco_format(tmp_path):
-    splits = prepare_coco.load_captions(coco_file(tmp_path, ['b.jpg', 'a.jpg']), 'root')
+def test_official_coco_format(tmp_path, capsys):
+    path = coco_file(tmp_path, ['b.jpg', 'a.jpg'])
+    splits = prepare_coco.load_captions(path, 'root')
+    assert f'{path}: 1 of its 3 images have no caption and are left out: uncaptioned.jpg' in capsys.readouterr().err
     assert list(splits) == ['train']
     assert [(r['id'], r['file'], len(r['captions'])) for r in splits['train']] == \
         [(100, os.path.join('root', 'b.jpg'), 6), (101, os.path.join('root', 'a.jpg'), 5)]
