@@ -343,41 +343,55 @@ def bleu(hypotheses, references, max_n=4):
     return [s * brevity for s in scores]
 
 
-def cider_d(hypotheses, references, max_n=4, sigma=6.0):
-    """CIDEr-D: tf-idf weighted n-gram cosine similarity (idf from the references of this corpus), with
-    clipped counts and a Gaussian penalty on the length difference, x10 - as coco-caption computes it,
-    including its use of the bigram count as a caption's "length"."""
-    def counts(words):
-        return Counter(g for n in range(1, max_n + 1) for g in ngrams(words, n).elements())
-    hyp_counts = [counts(h) for h in hypotheses]
-    ref_counts = [[counts(r) for r in refs] for refs in references]
-    doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
-    log_docs = math.log(len(references))
+class CiderD:
+    """
+    CIDEr-D: tf-idf weighted n-gram cosine similarity, with clipped counts and a Gaussian penalty on the
+    length difference, x10 - as coco-caption computes it, including its use of the bigram count as a
+    caption's "length". The idf comes from a corpus of references given once: coco-caption's is the
+    evaluated captions' own references (cider_d); a reward for training (SCST) takes the training split's.
+    """
 
-    def vector(c):
-        vec = [{} for _ in range(max_n)]
-        norm = [0.0] * max_n
-        for gram, tf in c.items():
-            weight = tf * (log_docs - math.log(max(1.0, doc_freq[gram])))
+    def __init__(self, corpus, max_n=4, sigma=6.0):
+        """corpus: [[words] of each reference] of each image."""
+        self.max_n, self.sigma = max_n, sigma
+        self.doc_freq = Counter(g for refs in corpus for g in set().union(*map(self.counts, refs)))
+        self.log_docs = math.log(len(corpus))
+
+    def counts(self, words):
+        return Counter(g for n in range(1, self.max_n + 1) for g in ngrams(words, n).elements())
+
+    def vector(self, words):
+        vec = [{} for _ in range(self.max_n)]
+        norm = [0.0] * self.max_n
+        counts = self.counts(words)
+        for gram, tf in counts.items():
+            weight = tf * (self.log_docs - math.log(max(1.0, self.doc_freq[gram])))
             vec[len(gram) - 1][gram] = weight
             norm[len(gram) - 1] += weight ** 2
-        length = sum(tf for gram, tf in c.items() if len(gram) == 2)
+        length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
         return vec, [math.sqrt(x) for x in norm], length
 
-    scores = []
-    for hyp, refs in zip(hyp_counts, ref_counts):
-        vec, norm, length = vector(hyp)
-        total = np.zeros(max_n)
-        for ref in refs:
-            ref_vec, ref_norm, ref_length = vector(ref)
-            penalty = math.exp(-((length - ref_length) ** 2) / (2 * sigma ** 2))
-            for n in range(max_n):
-                value = sum(min(w, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, w in vec[n].items())
-                if norm[n] and ref_norm[n]:
-                    value /= norm[n] * ref_norm[n]
-                total[n] += value * penalty
-        scores.append(10.0 * total.mean() / len(refs))
-    return float(np.mean(scores))
+    def scores(self, hypotheses, references):
+        """The CIDEr-D of each hypothesis [words] against its references [[words]]."""
+        scores = []
+        for hyp, refs in zip(hypotheses, references):
+            vec, norm, length = self.vector(hyp)
+            total = np.zeros(self.max_n)
+            for ref in refs:
+                ref_vec, ref_norm, ref_length = self.vector(ref)
+                penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma ** 2))
+                for n in range(self.max_n):
+                    value = sum(min(w, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, w in vec[n].items())
+                    if norm[n] and ref_norm[n]:
+                        value /= norm[n] * ref_norm[n]
+                    total[n] += value * penalty
+            scores.append(10.0 * total.mean() / len(refs))
+        return scores
+
+
+def cider_d(hypotheses, references):
+    """Corpus CIDEr-D as coco-caption reports it: the mean over captions, idf from these references."""
+    return float(np.mean(CiderD(references).scores(hypotheses, references)))
 
 
 def lcs_length(a, b):

@@ -48,6 +48,29 @@ def test_scores_equal_coco_caption_toolkit(seed):
         assert abs(ours[name] - expected[name]) <= 1e-6, name
 
 
+@pytest.mark.parametrize('seed', range(3))
+def test_cider_d_of_each_caption_equals_coco_caption_toolkit(seed):
+    """SCST rewards each caption with its own CIDEr-D: the toolkit's per-image scores, not only their mean."""
+    from pycocoevalcap.cider.cider import Cider
+    captions, references = random_corpus(seed)
+    hyps = [eval_bleu.tokenize(c) for c in captions]
+    refs = [[eval_bleu.tokenize(r) for r in rs] for rs in references]
+    _, expected = Cider().compute_score({i: [' '.join(r) for r in rs] for i, rs in enumerate(refs)},
+                                        {i: [' '.join(h)] for i, h in enumerate(hyps)})
+    ours = eval_bleu.CiderD(refs).scores(hyps, refs)
+    assert len(ours) == len(expected) and max(abs(a - b) for a, b in zip(ours, expected)) <= 1e-6
+
+
+def test_cider_d_idf_comes_from_the_corpus_it_was_given():
+    """With the idf of a training corpus where 'a' starts every caption, 'a' weighs nothing: an exact
+    match then scores 10 x mean(1, 1, 1, 0) = 7.5 (no 4-gram), where the scored references alone (one
+    image, every n-gram in every document) would give every n-gram weight 0."""
+    corpus = [[['a', 'red', 'square']], [['a', 'blue', 'dot']]]
+    hyp = ['a', 'red', 'square']
+    assert eval_bleu.CiderD(corpus).scores([hyp], [[hyp]]) == [pytest.approx(7.5)]
+    assert eval_bleu.CiderD([[hyp]]).scores([hyp], [[hyp]]) == [0.0]
+
+
 def test_tokenize_and_perfect_score():
     assert eval_bleu.tokenize('A red circle, on the LEFT.') == ['a', 'red', 'circle', 'on', 'the', 'left']
     refs = [['a big red circle on the left', 'a red disc'], ['two blue squares side by side']]
