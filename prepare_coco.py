@@ -116,6 +116,8 @@ def folder_rows(folder):
         for name in names:
             stem, ext = os.path.splitext(os.path.relpath(os.path.join(directory, name), folder))
             if ext.lower() in IMAGE_EXTENSIONS:
+                if stem in images:
+                    raise InputError(f'{folder}: {images[stem]} and {stem + ext} would share {stem}.txt')
                 images[stem] = stem + ext
             elif ext.lower() == '.txt':
                 texts.add(stem)
@@ -136,7 +138,7 @@ def name_left_out(source, what, names):
 
 
 def own_row(image, texts, split_name, has_split, where):
-    """Check one row: (image, caption, split, where) for each of its captions."""
+    """A row, checked, as one (image, caption, split or None, where) per caption."""
     if not isinstance(image, str) or not image.strip():
         raise InputError(f'{where}: no image')
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):

@@ -70,6 +70,9 @@ def test_folder_of_images_with_text_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f'{folder}: 1 images have no .txt beside them and are left out: b' in err
     assert f'{folder}: 1 .txt files have no image beside them and are left out: c' in err
+    Image.new('RGB', (8, 8)).save(folder / 'a.png')
+    with pytest.raises(InputError, match='would share a.txt$'):
+        load(folder, split_name='train')
 
 
 @pytest.mark.parametrize('name, text, message', [
