@@ -26,7 +26,9 @@ import csv
 import json
 import os
 import random
+import re
 import sys
+from contextlib import contextmanager
 
 from data import FORMAT_VERSION, InputError, input_errors_exit, read_json, write_image_splits, write_json
 from model import load_vision, pick_device
@@ -70,25 +72,26 @@ def load_captions(path, image_root, split_name='', val_images=0, test_images=0, 
 # Your own captions: each reader yields (image path relative to --images, caption, split or None, where)
 
 def csv_rows(path):
-    if not os.path.isfile(path):
-        raise InputError(f'{path}: no such captions file')
-    with open(path, newline='', encoding='utf-8') as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ('image', 'caption') if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{path}:1: the header has no {' or '.join(missing)} column "
-                             f"(expected image,caption and optionally split)")
-        for row in reader:
-            where = f'{path}:{reader.line_num}'
-            if None in row.values() or None in row:
-                raise InputError(f'{where}: {len(reader.fieldnames)} columns expected')
-            yield from own_row(row.get('image'), [row['caption']], row.get('split'), 'split' in row, where)
+    with open_text(path) as f:
+        reader = csv.DictReader(f, strict=True)  # strict: an unbalanced quote is an error, not a merged row
+        try:
+            missing = [c for c in ('image', 'caption') if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}:1: the header has no {' or '.join(missing)} column "
+                                 f"(expected image,caption and optionally split)")
+            for row in reader:
+                where = f'{path}:{reader.line_num}'
+                if None in row.values() or None in row:
+                    raise InputError(f'{where}: {len(reader.fieldnames)} columns expected')
+                if '\n' in row['caption'] or '\r' in row['caption']:
+                    raise InputError(f'{where}: a caption over several lines (an unbalanced quote?)')
+                yield from own_row(row.get('image'), [row['caption']], row.get('split'), 'split' in row, where)
+        except csv.Error as e:  # in the row after the last one read
+            raise InputError(f'{path}:{reader.line_num + 1}: not a well-formed CSV row ({e})')
 
 
 def jsonl_rows(path):
-    if not os.path.isfile(path):
-        raise InputError(f'{path}: no such captions file')
-    with open(path, encoding='utf-8') as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             where = f'{path}:{number}'
             if not line.strip():
@@ -111,7 +114,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 def folder_rows(folder):
     """Every image below folder with a same-named .txt beside it; the others, and .txt files without an
     image, are named on stderr and left out."""
-    images, texts = {}, set()
+    images, texts = {}, {}  # file name without its extension -> file name
     for directory, _, names in os.walk(folder):
         for name in names:
             stem, ext = os.path.splitext(os.path.relpath(os.path.join(directory, name), folder))
@@ -120,14 +123,26 @@ def folder_rows(folder):
                     raise InputError(f'{folder}: {images[stem]} and {stem + ext} would share {stem}.txt')
                 images[stem] = stem + ext
             elif ext.lower() == '.txt':
-                texts.add(stem)
-    name_left_out(folder, 'images have no .txt beside them', sorted(images.keys() - texts))
-    name_left_out(folder, '.txt files have no image beside them', sorted(texts - images.keys()))
-    for stem in sorted(images.keys() & texts):
-        txt = os.path.join(folder, stem + '.txt')
-        with open(txt, encoding='utf-8') as f:
+                texts[stem] = stem + ext
+    name_left_out(folder, 'images have no .txt beside them', sorted(images.keys() - texts.keys()))
+    name_left_out(folder, '.txt files have no image beside them', sorted(texts.keys() - images.keys()))
+    for stem in sorted(images.keys() & texts.keys()):
+        txt = os.path.join(folder, texts[stem])
+        with open_text(txt) as f:
             lines = [line.strip() for line in f if line.strip()]
         yield from own_row(images[stem], lines, None, False, txt)
+
+
+@contextmanager
+def open_text(path):
+    """A text file of captions, read as UTF-8 (a byte-order mark, as Excel writes, is skipped)."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such captions file')
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise InputError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8')
 
 
 def name_left_out(source, what, names):
@@ -143,9 +158,13 @@ def own_row(image, texts, split_name, has_split, where):
         raise InputError(f'{where}: no image')
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise InputError(f'{where}: an empty caption')
-    if has_split and (not isinstance(split_name, str) or not split_name.strip()):
-        raise InputError(f'{where}: an empty split')
-    return [(image.strip(), t.strip(), split_name.strip() if has_split else None, where) for t in texts]
+    if has_split and not (isinstance(split_name, str) and SPLIT_NAME.fullmatch(split_name.strip())):
+        raise InputError(f'{where}: the split {split_name!r} is not a name of letters, digits, _ and -')
+    return [(os.path.normpath(image.strip()), t.strip(), split_name.strip() if has_split else None, where)
+            for t in texts]
+
+
+SPLIT_NAME = re.compile(r'[A-Za-z0-9_-]+')  # it becomes part of file names
 
 
 def own_splits(rows, image_root, path, split_name, val_images, test_images, seed):
@@ -165,6 +184,9 @@ def own_splits(rows, image_root, path, split_name, val_images, test_images, seed
     if with_split and len(with_split) < len(records):
         without = next(r for r in records if r['split'] is None)
         raise InputError(f"{without['where']}: no split, while {with_split[0]['where']} has one")
+    if with_split and (split_name or val_images or test_images):
+        raise InputError(f'{path} names the split of every image: leave out --split, --val_images and '
+                         f'--test_images')
     if not with_split:
         assign_splits(records, path, split_name, val_images, test_images, seed)
     splits = {}
@@ -175,6 +197,10 @@ def own_splits(rows, image_root, path, split_name, val_images, test_images, seed
 
 
 def assign_splits(records, path, split_name, val_images, test_images, seed):
+    if split_name and (val_images or test_images):
+        raise InputError('give either --split or --val_images/--test_images, not both')
+    if val_images < 0 or test_images < 0:
+        raise InputError('--val_images and --test_images count images: they cannot be negative')
     if split_name:
         for record in records:
             record['split'] = split_name

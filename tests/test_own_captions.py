@@ -70,6 +70,8 @@ def test_folder_of_images_with_text_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f'{folder}: 1 images have no .txt beside them and are left out: b' in err
     assert f'{folder}: 1 .txt files have no image beside them and are left out: c' in err
+    (folder / 'sub' / 'd.txt').rename(folder / 'sub' / 'd.TXT')  # the text file's own name is kept
+    assert load(folder, split_name='train')['train'][1][2] == ['Dark.']
     Image.new('RGB', (8, 8)).save(folder / 'a.png')
     with pytest.raises(InputError, match='would share a.txt$'):
         load(folder, split_name='train')
@@ -87,6 +89,10 @@ def test_folder_of_images_with_text_files(tmp_path, capsys):
     ('c.jsonl', '{"caption": "x"}\n', 'c.jsonl:1: no image'),
     ('c.jsonl', '{"image": "a.jpg", "caption": "x", "split": "val"}\n{"image": "b.jpg", "caption": "y"}\n',
      'c.jsonl:2: no split, while '),
+    ('c.csv', 'image,caption\na.jpg,x\nb.jpg,"unbalanced\nc.jpg,y\nd.jpg,z\n',
+     'c.csv:3: not a well-formed CSV row'),
+    ('c.csv', 'image,caption\na.jpg,x\nb.jpg,"said "hi" to me"\n', 'c.csv:3: not a well-formed CSV row'),
+    ('c.csv', 'image,caption,split\na.jpg,x,../elsewhere\n', "c.csv:2: the split '../elsewhere' is not a name"),
 ])
 def test_a_malformed_row_is_named_by_file_and_line(tmp_path, name, text, message):
     path = write(tmp_path / name, text)
@@ -131,3 +137,25 @@ def test_prepare_script_on_a_csv_with_missing_images_and_a_hold_out(tmp_path, ti
     assert sum(expected.values()) == 6 and len(held_out['val']) == 2 and len(held_out['test']) == 1
     assert len(stored_features(tmp_path / 'out' / 'train_feats.bin')) == expected['train']
     capsys.readouterr()
+
+
+def test_excel_csv_and_text_that_is_not_utf8(tmp_path):
+    """Excel saves CSV with a byte-order mark and \\r\\n; a file in another encoding stops in one line."""
+    path = tmp_path / 'excel.csv'
+    path.write_bytes('\ufeffimage,caption,split\r\na.jpg,Un café.,train\r\n'.encode('utf-8'))
+    assert load(path) == {'train': [('a.jpg', os.path.join('root', 'a.jpg'), ['Un café.'])]}
+    path.write_bytes('image,caption,split\na.jpg,Un café.,train\n'.encode('latin-1'))
+    with pytest.raises(InputError, match=f'^{path}: not UTF-8 text'):
+        load(path)
+
+
+def test_one_image_is_one_record_and_settings_do_not_contradict_the_data(tmp_path):
+    path = write(tmp_path / 'c.csv', 'image,caption\n./a.jpg,One.\na.jpg,Two.\nb.jpg,Three.\nc.jpg,Four.\n')
+    assert load(path, split_name='train')['train'][0][2] == ['One.', 'Two.']
+    with pytest.raises(InputError, match='give either --split or --val_images/--test_images, not both'):
+        load(path, split_name='train', val_images=1)
+    with pytest.raises(InputError, match='cannot be negative'):
+        load(path, val_images=-1)
+    with_splits = write(tmp_path / 's.csv', 'image,caption,split\na.jpg,One.,train\n')
+    with pytest.raises(InputError, match='names the split of every image: leave out --split'):
+        load(with_splits, split_name='val')
