@@ -153,6 +153,13 @@ class KVCache:
         self.max_len = max_len
         self.k, self.v = [None] * n_layer, [None] * n_layer
         self.pos = None  # [1]: where the next token goes; None until the prompt is in
+        self.written = None  # [1, max_len]: the positions a decoding step attends to
+
+    def step_position(self):
+        """Start a decoding step: its position, and the mask of the positions written so far, this one
+        included (once per step, for every layer)."""
+        self.written = (torch.arange(self.max_len, device=self.pos.device) <= self.pos)[None]
+        return self.pos
 
     def update(self, layer, k, v):
         """Store one layer's new keys/values [B, H, t, D]; return the (keys, values, mask) to attend to."""
@@ -163,9 +170,7 @@ class KVCache:
             return k, v, None
         self.k[layer].index_copy_(2, self.pos, k)
         self.v[layer].index_copy_(2, self.pos, v)
-        # the positions written so far, this one included (a few microseconds per layer; in a CUDA graph, less)
-        written = torch.arange(self.max_len, device=k.device) <= self.pos
-        return self.k[layer], self.v[layer], written[None]
+        return self.k[layer], self.v[layer], self.written
 
     def advance(self, n):
         """After a forward pass of n new positions."""
@@ -242,7 +247,7 @@ class GPT2(nn.Module):
         """
         x = self.wte(tokens)
         if cache is not None and cache.pos is not None:
-            positions = cache.pos
+            positions = cache.step_position()
         else:
             if prefix is not None:
                 x = torch.cat([prefix.to(x.dtype), x], dim=1)
@@ -698,10 +703,10 @@ def onednn_linears(model):
     LM head a oneDNN copy of the tied embedding. A decoding step multiplies one to a few rows by every
     weight, so reading the weights is its limit: MKL's matrix-vector product reads them with one core,
     oneDNN's with all of them (on 2 cores: 19 against 32 GB/s). The model can then only caption, and
-    only on the CPU. Where PyTorch was built without oneDNN, nothing changes.
+    only on the CPU. On a GPU, or where PyTorch was built without oneDNN, nothing changes.
     """
     from torch.utils.mkldnn import MkldnnLinear
-    if not torch.backends.mkldnn.is_available():
+    if model.gpt.wte.weight.device.type != 'cpu' or not torch.backends.mkldnn.is_available():
         return model
     for parent in [*model.gpt.h.modules(), *model.xattn.modules()]:
         for name, child in parent.named_children():
