@@ -234,8 +234,7 @@ def main():
                      f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.1f} TFLOP/s{mfu}, "
                      f"peak {r['peak_gib']:.2f} GiB"))
     weight_bytes = decoding_bytes(model)
-    if not gpu:  # as sample.py and eval_bleu.py caption on a CPU (after the training step: it cannot train)
-        onednn_linears(model)
+    onednn_linears(model)  # as sample.py and eval_bleu.py caption (after the training step: it cannot train)
     if 'generate' in stages:
         report['generate'] = []
         for batch in [int(b) for b in (gen_batch_sizes or ('16,64,256,1024' if gpu else '1,8')).split(',')]:

@@ -519,9 +519,7 @@ if __name__ == '__main__':
         if official:
             require_official_toolkit()  # before the captioning, not after
         dev = pick_device(device)
-        model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
-        if dev == 'cpu':
-            onednn_linears(model)
+        model = onednn_linears(load_captioner(os.path.join(out_dir, checkpoint), dev)[0])
         check_data_fits_model(read_meta(data_dir), model, data_dir)
         options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
         captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev)

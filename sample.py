@@ -173,9 +173,7 @@ def main():
     if not paths:
         raise InputError(f'no {kind} files found at {spec!r}')
     dev = pick_device(device)
-    model, _ = load_captioner(os.path.join(out_dir, checkpoint), dev)
-    if dev == 'cpu':
-        onednn_linears(model)
+    model = onednn_linears(load_captioner(os.path.join(out_dir, checkpoint), dev)[0])
     size = model.vision.config.image_size
     if videos:
         if model.resampler is not None and max_frames > model.config.max_frames:

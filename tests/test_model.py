@@ -609,10 +609,14 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
 
 
 def test_onednn_linears_caption_as_the_plain_model(captioner):
-    """sample.py and eval_bleu.py swap the CPU's linear layers for oneDNN's: the same captions, greedy and
-    beam, and the same logits within float32's error (its sums run in another order)."""
+    """sample.py and eval_bleu.py swap the CPU's linear layers for oneDNN's (a model elsewhere keeps its
+    own): the same captions, greedy and beam, and the same logits within float32's error (its sums run in
+    another order)."""
     import copy
     from torch.utils.mkldnn import MkldnnLinear
+    elsewhere = copy.deepcopy(captioner).to('meta')  # not on a CPU: left as it is
+    assert onednn_linears(elsewhere).cpu_head is None
+    assert not any(isinstance(m, MkldnnLinear) for m in elsewhere.modules())
     converted = onednn_linears(copy.deepcopy(captioner))
     assert sum(isinstance(m, MkldnnLinear) for m in converted.modules()) == 3 * 4 + 3 * 5 + 1  # + the LM head
     features, (tokens, _) = random_features(6), caption_batch()
