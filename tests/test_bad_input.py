@@ -209,12 +209,16 @@ def caption_index_of_another_split(root, f):
     return (*train_args(data, root, f), path, 'expected int64 [12, 3]')
 
 
+def resume_args(root, f, damage):
+    """train.py resuming a copy of the training run whose ckpt.pt damage(path) broke, and that path."""
+    shutil.copytree(f['run_dir'], root / 'run')
+    damage(root / 'run' / 'ckpt.pt')
+    return (*train_args(f['data_dir'], root, f, '--init_from=resume'), root / 'run' / 'ckpt.pt')
+
+
 @case
 def resume_from_truncated_checkpoint(root, f):
-    shutil.copytree(f['run_dir'], root / 'run')
-    cut_short(root / 'run' / 'ckpt.pt')
-    return (*train_args(f['data_dir'], root, f, '--init_from=resume'), root / 'run' / 'ckpt.pt',
-            'not a readable nanocap checkpoint')
+    return (*resume_args(root, f, cut_short), 'not a readable nanocap checkpoint')
 
 
 def weight_of_another_shape(path):
@@ -227,9 +231,7 @@ def weight_of_another_shape(path):
 
 @case
 def resume_from_checkpoint_of_other_shapes(root, f):
-    shutil.copytree(f['run_dir'], root / 'run')
-    weight_of_another_shape(root / 'run' / 'ckpt.pt')
-    return (*train_args(f['data_dir'], root, f, '--init_from=resume'), root / 'run' / 'ckpt.pt',
+    return (*resume_args(root, f, weight_of_another_shape),
             'its weights do not fit the models it names (size mismatch for')
 
 
