@@ -309,6 +309,12 @@ def tokenize_all(texts):
     return [[word for word in line.split(' ') if word and word not in PUNCTUATION] for line in lines]
 
 
+def tokenize_groups(groups):
+    """tokenize_all of groups of texts (each image's references), in one go, keeping the groups."""
+    flat = iter(tokenize_all([text for group in groups for text in group]))
+    return [[next(flat) for _ in group] for group in groups]
+
+
 def tokenize(text):
     """The words of one caption, as coco-caption's tokenizer gives them."""
     return tokenize_all([text])[0]
@@ -371,14 +377,15 @@ class CiderD:
         length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
         return vec, [math.sqrt(x) for x in norm], length
 
-    def scores(self, hypotheses, references):
-        """The CIDEr-D of each hypothesis [words] against its references [[words]]."""
+    def image_scores(self, hypotheses, references):
+        """The CIDEr-D of each of several hypotheses [words] of one image against its references [[words]],
+        whose vectors are computed once (SCST scores several samples of each image)."""
+        refs = [self.vector(ref) for ref in references]
         scores = []
-        for hyp, refs in zip(hypotheses, references):
+        for hyp in hypotheses:
             vec, norm, length = self.vector(hyp)
             total = np.zeros(self.max_n)
-            for ref in refs:
-                ref_vec, ref_norm, ref_length = self.vector(ref)
+            for ref_vec, ref_norm, ref_length in refs:
                 penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma ** 2))
                 for n in range(self.max_n):
                     value = sum(min(w, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, w in vec[n].items())
@@ -387,6 +394,10 @@ class CiderD:
                     total[n] += value * penalty
             scores.append(10.0 * total.mean() / len(refs))
         return scores
+
+    def scores(self, hypotheses, references):
+        """The CIDEr-D of each hypothesis [words] against its references [[words]]."""
+        return [self.image_scores([hyp], refs)[0] for hyp, refs in zip(hypotheses, references)]
 
 
 def cider_d(hypotheses, references):
@@ -422,8 +433,7 @@ def score(captions, references):
     # caption as a string of words: BLEU and CIDEr split it at any white space, ROUGE-L at ' ' alone (they
     # differ only for a token that holds a no-break space, like 3 1/2, and for an empty caption).
     hyps = [' '.join(words) for words in tokenize_all(captions)]
-    flat = iter([' '.join(words) for words in tokenize_all([r for refs in references for r in refs])])
-    refs = [[next(flat) for _ in rs] for rs in references]
+    refs = [[' '.join(words) for words in rs] for rs in tokenize_groups(references)]
     split = lambda how: ([how(h) for h in hyps], [[how(r) for r in rs] for rs in refs])
     metrics = {f'BLEU-{n}': b for n, b in enumerate(bleu(*split(str.split)), 1)}
     metrics['CIDEr-D'] = cider_d(*split(str.split))
