@@ -1,5 +1,7 @@
 """
-Train the bridge between a frozen CLIP and a frozen GPT-2 on precomputed CLIP features.
+Train the bridge between a frozen CLIP and a frozen GPT-2 on precomputed CLIP features: with
+cross-entropy on the reference captions, then (optionally) with self-critical sequence training on the
+CIDEr-D of its own sampled captions.
 
 One device:   python train.py config/train_coco.py --batch_size=64
 Many GPUs:    torchrun --standalone --nproc_per_node=8 train.py config/train_coco.py
@@ -16,10 +18,12 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
-from data import Captions, InputError, atomic_write, check_data_fits_model, input_errors_exit, read_meta
+from data import (EOT, IGNORE_INDEX, Captions, InputError, atomic_write, check_data_fits_model, decode_caption,
+                  input_errors_exit, read_meta)
 from model import (CaptionerConfig, build_captioner, load_trained_weights, pick_device, read_checkpoint,
                    trainable_state, training_flops)
 
@@ -28,9 +32,16 @@ from model import (CaptionerConfig, build_captioner, load_trained_weights, pick_
 out_dir = 'out'
 data_dir = 'data/coco'  # written by prepare_coco.py or prepare_mlslt.py
 val_split = 'val'  # the split to evaluate on ('dev' in MLSLT)
-init_from = 'pretrained'  # 'pretrained' (a new bridge on pretrained CLIP and GPT-2) or 'resume'
+# 'pretrained' (a new bridge on pretrained CLIP and GPT-2), 'resume' (out_dir/ckpt.pt, exactly where it
+# stopped) or a checkpoint file to start from (its weights and model settings, a new optimiser, iteration 0)
+init_from = 'pretrained'
+# 'xe': cross-entropy on the reference captions; 'scst': self-critical sequence training, maximising the
+# CIDEr-D of sampled captions (start it from an 'xe' checkpoint)
+objective = 'xe'
+scst_samples = 5  # captions sampled per image; each one's baseline is the mean reward of the others
+scst_max_tokens = 20  # a sample longer than this is cut
 # data
-batch_size = 32  # captions per device per micro step
+batch_size = 32  # per device per micro step: captions ('xe'), or images ('scst': x scst_samples captions)
 gradient_accumulation_steps = 1
 max_caption_tokens = 48  # longer captions are cut (hardly any COCO caption is)
 epochs = 30
@@ -47,7 +58,9 @@ grad_clip = 1.0  # 0: off
 # evaluation, checkpoints and logging
 eval_interval = 1000
 eval_captions = 2000  # a fixed set of validation captions, the same at every evaluation
-eval_bleu_images = 0  # > 0: also BLEU-4 of greedy captions of the first this many validation images
+# > 0: also BLEU-4 and CIDEr-D of greedy captions of the first this many validation images; 'scst' needs
+# them: its best.pt is the one of the best CIDEr-D
+eval_images = 0
 log_interval = 10
 wandb_log = False
 wandb_project = 'nanocap'
@@ -114,6 +127,95 @@ def mixed_precision(device_type, dtype):
     return dtypes[name], autocast
 
 
+# -----------------------------------------------------------------------------
+# self-critical sequence training (Rennie et al. 2017), in its now-standard form: k captions sampled per
+# image, each rewarded with its CIDEr-D minus the mean reward of the image's other samples (no greedy
+# baseline), and the policy gradient of their log-probabilities
+
+class CiderReward:
+    """The CIDEr-D of sampled captions against their images' references: eval_bleu's CIDEr-D, with document
+    frequencies from all the references of the split (computed once)."""
+
+    def __init__(self, records):
+        import tiktoken
+        self.references = eval_bleu.tokenize_groups([r['captions'] for r in records])
+        self.cider = eval_bleu.CiderD(self.references)
+        self.encoder = tiktoken.get_encoding('gpt2')
+
+    def __call__(self, samples, image_ids):
+        """Rewards [B, k] of samples [B * k token lists]: k consecutive ones per image of image_ids [B]."""
+        k = len(samples) // len(image_ids)
+        words = eval_bleu.tokenize_all([decode_caption(self.encoder, s) for s in samples])
+        return np.array([self.cider.image_scores(words[i * k:(i + 1) * k], self.references[image])
+                         for i, image in enumerate(image_ids)])
+
+
+def leave_one_out_advantages(rewards):
+    """rewards [B, k] -> each minus the mean of its image's k - 1 other rewards (an image's advantages sum
+    to zero)."""
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
+
+
+def sample_seed(seed, iter_num, start):
+    """The seed of a micro batch's sampling: a function of (seed, iteration, the micro batch's place in the
+    global batch), so that a resumed run samples the same captions, and N processes the same as one
+    accumulating the same micro batches."""
+    return int(np.random.SeedSequence([seed, iter_num, start]).generate_state(1)[0])
+
+
+def sampled_batch(samples, max_new_tokens):
+    """tokens, targets [B, S] and the flat target positions [K] of sampled captions, laid out as
+    Captions.batch lays out references. A sample that ended has <|endoftext|> as its last target; one cut
+    at max_new_tokens has none (the model did not choose to end it there)."""
+    S = max(map(len, samples)) + 1
+    tokens = np.full((len(samples), S), EOT, dtype=np.int64)
+    targets = np.full((len(samples), S), IGNORE_INDEX, dtype=np.int64)
+    for row, sample in enumerate(samples):
+        ended = len(sample) < max_new_tokens
+        tokens[row, 1:len(sample) + 1] = sample
+        targets[row, :len(sample) + ended] = sample + [EOT] * ended
+    return tokens, targets, np.flatnonzero(targets != IGNORE_INDEX)
+
+
+def sample_log_probs(model, features, mask, tokens, targets, positions):
+    """The log-probability [B] of each sampled caption (the sum over its targets), with gradients."""
+    logits, _ = model(features, mask, tokens, targets, positions)
+    token_log_probs = -F.cross_entropy(logits.float(), targets.flatten()[positions], reduction='none')
+    rows = positions // tokens.shape[1]
+    return torch.zeros(len(tokens), device=logits.device).index_add(0, rows, token_log_probs)
+
+
+def policy_gradient_loss(model, features, mask, samples, rewards, max_new_tokens):
+    """SCST's loss of samples [B * k] (k consecutive ones per row of features) with rewards [B, k]: the sum
+    over the samples of -advantage x log-probability, whose gradient raises the log-probability of the
+    samples better than their image's others and lowers that of the worse ones."""
+    advantages = torch.from_numpy(leave_one_out_advantages(rewards).ravel()).float().to(features.device)
+    batch = (torch.from_numpy(a).to(features.device) for a in sampled_batch(samples, max_new_tokens))
+    return -(advantages * sample_log_probs(model, features, mask, *batch)).sum()
+
+
+def gate_values(model):
+    """tanh of every cross-attention gate, {GPT-2 block: [attention, feed-forward]}: how much each block
+    lets the media in (nothing at the start)."""
+    if not model.xattn:
+        return {}
+    gates = torch.stack([torch.cat([b.attn_gate, b.ff_gate]) for b in model.xattn.values()]).tanh().tolist()
+    return {i: [round(a, 4), round(f, 4)] for i, (a, f) in zip(model.xattn, gates)}
+
+
+def check_objective():
+    """The SCST settings that cannot work, as one line each."""
+    if objective not in ('xe', 'scst'):
+        raise InputError(f"objective must be 'xe' or 'scst', not {objective!r}")
+    if objective == 'scst' and scst_samples < 2:
+        raise InputError(f'scst_samples must be at least 2 (each sample is compared with the others), '
+                         f'not {scst_samples}')
+    if objective == 'scst' and eval_images <= 0:
+        raise InputError('objective=scst needs eval_images > 0: its best.pt is the one of the best '
+                         'validation CIDEr-D')
+
+
 def main(config):
     # ------------------------------------------------------------------ devices, DDP and precision
     ddp = 'RANK' in os.environ
@@ -130,7 +232,8 @@ def main(config):
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 
     # ------------------------------------------------------------------ model, data, optimiser
-    checkpoint = None
+    check_objective()
+    checkpoint = initial = None  # the run's own checkpoint to resume; a checkpoint to start from
     model_config = CaptionerConfig(**{f.name: config[f.name] for f in fields(CaptionerConfig)})
     if init_from == 'resume':
         path = os.path.join(out_dir, 'ckpt.pt')
@@ -139,25 +242,35 @@ def main(config):
         checkpoint = read_checkpoint(path)
         model_config = checkpoint['model_config']
     elif init_from != 'pretrained':
-        raise InputError(f"init_from must be 'pretrained' or 'resume', not {init_from!r}")
+        if not os.path.isfile(init_from):
+            raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume' or a checkpoint file)")
+        initial = read_checkpoint(init_from)
+        model_config = initial['model_config']
     torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
     model = build_captioner(model_config)
+    if initial is not None:
+        load_trained_weights(model, initial['model'], init_from)
     check_data_fits_model(read_meta(data_dir), model, data_dir)
     train_data = Captions(data_dir, 'train', max_caption_tokens)
     val_data = Captions(data_dir, val_split, max_caption_tokens)
+    # what a batch is made of: captions with their images ('xe'), or images to sample captions of ('scst')
+    item_name, train_items = ('caption', len(train_data)) if objective == 'xe' else ('image', train_data.media_count)
     global_batch = batch_size * gradient_accumulation_steps * world
-    iters_per_epoch = len(train_data) // global_batch
+    iters_per_epoch = train_items // global_batch
     if iters_per_epoch == 0:
-        raise InputError(f'{len(train_data)} training captions make no batch of {global_batch}')
+        raise InputError(f'{train_items} training {item_name}s make no batch of {global_batch}')
     total_iters = max_iters or epochs * iters_per_epoch
+    reward = CiderReward(train_data.records()) if objective == 'scst' else None
     model.to(dev)
     optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda')
-    iter_num, best_val_loss = 0, math.inf
+    # the best validation scores so far: best.pt is the lowest loss ('xe') or the highest CIDEr-D ('scst')
+    iter_num, best_val_loss, best_val_cider = 0, math.inf, -math.inf
     if checkpoint is not None:
         load_trained_weights(model, checkpoint['model'], path)
         optimizer.load_state_dict(checkpoint['optimizer'])
         scaler.load_state_dict(checkpoint['scaler'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+        best_val_cider = checkpoint.get('best_val_cider', -math.inf)
     raw_model = model
     if compile:
         model = torch.compile(model)
@@ -185,16 +298,43 @@ def main(config):
         model.train()
         return (totals[0] / totals[1]).item()
 
-    def caption_bleu4():
+    def caption_scores():
+        """BLEU-4 and CIDEr-D of greedy captions of the first eval_images validation images."""
         with autocast:
-            captions, records = eval_bleu.caption_split(raw_model, data_dir, val_split, eval_bleu_images,
+            captions, records = eval_bleu.caption_split(raw_model, data_dir, val_split, eval_images,
                                                        batch_size, dict(max_new_tokens=30), dev)
-        return eval_bleu.score(captions, [r['captions'] for r in records])['BLEU-4']
+        scores = eval_bleu.score(captions, [r['captions'] for r in records])
+        return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'])
+
+    def cross_entropy_loss(micro_ids, all_targets):
+        """The micro batch's share of the mean loss over all the target tokens of the global batch. Every
+        rank knows the whole global batch, so each can scale its loss to it: the same gradient as one
+        process on the whole batch."""
+        features, mask, tokens, targets, positions = (to_device(a) for a in train_data.batch(micro_ids))
+        with autocast:
+            _, loss = model(features, mask, tokens, targets, positions)
+        window['flops'] += len(micro_ids) * training_flops(raw_model, tokens.shape[1], mask.shape[1],
+                                                           len(positions) / len(micro_ids))
+        return loss * (train_data.target_count(micro_ids) / all_targets)
+
+    def self_critical_loss(image_ids, sampling_seed):
+        """Sample scst_samples captions of each image, reward each with its CIDEr-D, and return the micro
+        batch's share of the policy-gradient loss: the mean over the global batch's samples of
+        -advantage x log-probability."""
+        features, mask = (to_device(a).repeat_interleave(scst_samples, 0) for a in train_data.features(image_ids))
+        generator = torch.Generator(dev).manual_seed(sampling_seed)
+        with autocast:
+            samples = raw_model.generate(features, mask, scst_max_tokens, decoding='sample', generator=generator)
+        rewards = reward(samples, image_ids)
+        with autocast:
+            loss = policy_gradient_loss(model, features, mask, samples, rewards, scst_max_tokens)
+        window['sums'] += torch.tensor([0.0, rewards.sum(), sum(map(len, samples)), len(samples)], device=dev)
+        return loss / (global_batch * scst_samples)
 
     # ------------------------------------------------------------------ logging
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        print(f'{len(train_data):,} training captions, {global_batch} per iteration, '
+        print(f'{train_items:,} training {item_name}s, {global_batch} per iteration, '
               f'{iters_per_epoch:,} iterations per epoch, {total_iters:,} in all')
         if wandb_log:
             import wandb
@@ -212,40 +352,38 @@ def main(config):
     def checkpoint_state():
         return dict(model=trainable_state(raw_model), model_config=asdict(raw_model.config),
                     train_config=config, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    iter_num=iter_num, best_val_loss=best_val_loss)
+                    iter_num=iter_num, best_val_loss=best_val_loss, best_val_cider=best_val_cider)
+
+    def new_window():
+        """What happened since the last log line. sums: the loss, and for SCST the sum of rewards, of
+        sampled tokens and the number of samples (on the device: read only when logging)."""
+        return dict(start=time.time(), iters=0, flops=0, captions=0, sums=torch.zeros(4, device=dev))
 
     # ------------------------------------------------------------------ the loop
-    # Nothing in a step draws random numbers: the data order follows from (seed, epoch) and the
-    # iteration number, and the learning rate from the iteration number, so the checkpoint's
-    # iter_num is the whole position of a run and a resumed run continues exactly.
-    peak = peak_flops(device_type)
+    # The data order follows from (seed, epoch) and the iteration number, the learning rate from the
+    # iteration number, and SCST's sampling from a generator seeded with the iteration number: the
+    # checkpoint's iter_num is the whole position of a run, and a resumed run continues exactly.
+    peak = peak_flops(device_type) if objective == 'xe' else None  # SCST's sampling: no MFU estimate
     model.train()
-    # what happened since the last log line: a resumed run's first window starts at the resume, wherever
-    # that falls between log boundaries
-    t_last, window_iters, window_flops, window_captions = time.time(), 0, 0, 0
-    window_loss = torch.zeros((), device=dev)
+    window = new_window()  # a resumed run's first window starts at the resume, wherever it falls
     while iter_num < total_iters:
         epoch, step = divmod(iter_num, iters_per_epoch)
-        ids = epoch_order(len(train_data), seed, epoch)[step * global_batch:(step + 1) * global_batch]
-        # every rank knows the whole global batch, so each can scale its loss to the mean over all of
-        # the batch's target tokens: the same gradient as one process on the whole batch
-        all_targets = train_data.target_count(ids)
+        ids = epoch_order(train_items, seed, epoch)[step * global_batch:(step + 1) * global_batch]
+        all_targets = train_data.target_count(ids) if objective == 'xe' else None
         lr = lr_at(iter_num, total_iters, learning_rate, min_lr, warmup_frac)
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(gradient_accumulation_steps):
             start = (micro * world + rank) * batch_size
             micro_ids = ids[start:start + batch_size]
-            features, mask, tokens, targets, positions = (to_device(a) for a in train_data.batch(micro_ids))
             if ddp:  # synchronise gradients only on the last micro step
                 model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
-            with autocast:
-                _, loss = model(features, mask, tokens, targets, positions)
-            share = train_data.target_count(micro_ids) / all_targets
-            scaler.scale(loss * share * world).backward()  # DDP averages over ranks: undo it
-            window_loss += loss.detach() * share
-            window_flops += len(micro_ids) * training_flops(raw_model, tokens.shape[1], mask.shape[1],
-                                                            len(positions) / len(micro_ids))
+            if objective == 'xe':
+                loss = cross_entropy_loss(micro_ids, all_targets)
+            else:
+                loss = self_critical_loss(micro_ids, sample_seed(seed, iter_num, start))
+            scaler.scale(loss * world).backward()  # DDP averages over ranks: undo it
+            window['sums'][0] += loss.detach()
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -253,44 +391,53 @@ def main(config):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        window_iters += 1
-        window_captions += global_batch
+        window['iters'] += 1
+        window['captions'] += global_batch * (scst_samples if objective == 'scst' else 1)
 
         if iter_num % log_interval == 0 or iter_num == total_iters:
+            sums = window['sums']
             if ddp:
-                dist.all_reduce(window_loss)
-            loss_value = window_loss.item() / window_iters  # .item() waits for the GPU: only when logging
-            elapsed = time.time() - t_last
-            ms_per_iter = 1000 * elapsed / window_iters
-            captions_per_s = window_captions / elapsed
-            mfu = window_flops * world / elapsed / peak if peak else None
-            eta_min = (total_iters - iter_num) * ms_per_iter / 60000
+                dist.all_reduce(sums)
+            loss_sum, reward_sum, token_sum, samples = sums.tolist()  # waits for the GPU: only when logging
+            elapsed = time.time() - window['start']
+            record = dict(iter=iter_num, loss=loss_sum / window['iters'], lr=lr,
+                          ms_per_iter=1000 * elapsed / window['iters'], captions_per_s=window['captions'] / elapsed,
+                          mfu=window['flops'] * world / elapsed / peak if peak else None)
+            if objective == 'scst':  # the mean CIDEr-D of the samples, and their mean length in tokens
+                record.update(reward=reward_sum / samples, length=token_sum / samples)
+            record['gates'] = gate_values(raw_model)
             if master:
-                mfu_text = f', MFU {100 * mfu:.1f}%' if mfu is not None else ''
-                print(f'iter {iter_num}/{total_iters}: loss {loss_value:.4f}, lr {lr:.2e}, '
-                      f'{ms_per_iter:.1f} ms/iter, {captions_per_s:,.0f} captions/s{mfu_text}, '
-                      f'ETA {eta_min:.1f} min')
-            log(dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=ms_per_iter,
-                     captions_per_s=captions_per_s, mfu=mfu))
-            t_last, window_iters, window_flops, window_captions = time.time(), 0, 0, 0
-            window_loss.zero_()
+                shown = [f'loss {record["loss"]:.4f}']
+                if objective == 'scst':
+                    shown += [f'reward {record["reward"]:.4f}', f'length {record["length"]:.1f}']
+                shown += [f'lr {lr:.2e}', f'{record["ms_per_iter"]:.1f} ms/iter',
+                          f'{record["captions_per_s"]:,.0f} captions/s']
+                if peak:
+                    shown.append(f'MFU {100 * record["mfu"]:.1f}%')
+                eta_min = (total_iters - iter_num) * record['ms_per_iter'] / 60000
+                print(f'iter {iter_num}/{total_iters}: ' + ', '.join(shown) + f', ETA {eta_min:.1f} min')
+            log(record)
+            window = new_window()
 
         if iter_num % eval_interval == 0 or iter_num == total_iters:
             val_loss = evaluate()
-            improved = val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, val_loss)
             if master:
-                scores = dict(val_loss=val_loss)
-                if eval_bleu_images:
-                    scores['val_bleu4'] = caption_bleu4()
+                scores = dict(val_loss=val_loss, **(caption_scores() if eval_images else {}))
+                improved = (val_loss < best_val_loss if objective == 'xe'
+                            else scores['val_cider'] > best_val_cider)
+                best_val_loss = min(best_val_loss, val_loss)
+                best_val_cider = max(best_val_cider, scores.get('val_cider', -math.inf))
                 print(f'iter {iter_num}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items())
                       + (' (best)' if improved else ''))
+                if raw_model.xattn:
+                    print('  tanh(gate) attention/feed-forward, by GPT-2 block: ' + ', '.join(
+                        f'{i} {a:.3f}/{f:.3f}' for i, (a, f) in gate_values(raw_model).items()))
                 log(dict(iter=iter_num, **scores))
                 state = checkpoint_state()
                 save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
                 if improved:
                     save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
-            t_last = time.time()  # evaluation time is not training time
+            window['start'] = time.time()  # evaluation time is not training time
     if ddp:
         dist.barrier()  # every rank is done with the others (rank 0 was saving): only then tear down
         dist.destroy_process_group()

@@ -113,7 +113,7 @@ def data_dir(tmp_path_factory, tiny_clip_dir):
 
 
 RUN_OPTIONS = ('--num_latents=8', '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
-               '--batch_size=8', '--max_iters=150', '--eval_interval=50', '--eval_bleu_images=4',
+               '--batch_size=8', '--max_iters=150', '--eval_interval=50', '--eval_images=4',
                '--learning_rate=5e-3', '--warmup_frac=0.05', '--unfreeze_layers=3', '--train_embeddings=True',
                '--log_interval=1', '--device=cpu')
 

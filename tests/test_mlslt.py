@@ -198,7 +198,7 @@ def video_run(tmp_path_factory, mlslt_data, tiny_clip_dir, tiny_gpt2_dir):
     assert run_script('train.py', 'config/train_mlslt.py', f'--out_dir={out}', f'--data_dir={mlslt_data}',
                       f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--num_latents=8',
                       '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32', '--batch_size=8',
-                      '--max_iters=80', '--eval_interval=40', '--eval_captions=4', '--eval_bleu_images=2',
+                      '--max_iters=80', '--eval_interval=40', '--eval_captions=4', '--eval_images=2',
                       '--learning_rate=5e-3', '--warmup_frac=0.05', '--unfreeze_layers=3', '--train_embeddings=True',
                       '--log_interval=1', '--device=cpu') is None
     return str(out)

@@ -62,12 +62,19 @@ def test_tiny_model_overfits_and_its_captions_name_their_own_picture(run_dir, da
     assert evaluation['val_bleu4'] > 0.5  # and greedy captions of unseen pictures say them
 
 
-def test_resume_continues_exactly(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+@pytest.mark.parametrize('objective', ['xe', 'scst'])
+def test_resume_continues_exactly(objective, tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir, run_dir):
+    """Killed and resumed, a run logs the losses of an uninterrupted one and ends with its weights and
+    optimiser state. With SCST, that takes sampling the same captions again: their loss is a function of
+    them."""
     import os
     import signal
     import time
     common = ['--batch_size=4', '--max_iters=40', '--eval_interval=5', '--learning_rate=2e-3',
               '--unfreeze_layers=1']
+    if objective == 'scst':  # from a model whose samples differ in reward, so that it learns
+        common = ['--batch_size=2', '--max_iters=40', '--eval_interval=5', '--learning_rate=1e-3', '--objective=scst',
+                  '--scst_samples=3', '--eval_images=2', f'--init_from={run_dir}/ckpt.pt']
     straight = train_losses(train(tmp_path / 'a', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common))
     # the same run, killed once it has written a checkpoint, then resumed
     args = train_args(tmp_path / 'b', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common)
@@ -187,8 +194,8 @@ def test_best_checkpoint_is_the_lowest_validation_loss(run_dir):
 
 def test_logged_validation_scores_are_those_of_the_checkpoint(run_dir, data_dir):
     """The last evaluation's val_loss is the mean cross-entropy per target token over every validation
-    caption (not a mean of batch means, not of training captions), and val_bleu4 is eval_bleu's BLEU-4 of
-    the greedy captions of the validation pictures."""
+    caption (not a mean of batch means, not of training captions), and val_bleu4 and val_cider are
+    eval_bleu's BLEU-4 and CIDEr-D of the greedy captions of the validation pictures."""
     import eval_bleu
     last = [r for r in logs(run_dir) if 'val_loss' in r][-1]
     model, _ = load_captioner(f'{run_dir}/ckpt.pt')  # written right after that evaluation
@@ -200,7 +207,9 @@ def test_logged_validation_scores_are_those_of_the_checkpoint(run_dir, data_dir)
     pictures = val.features(np.arange(4))
     captions = [caption_text(c) for c in model.generate(*(torch.from_numpy(a) for a in pictures), max_new_tokens=30)]
     references = [r['captions'] for r in val.records()]
-    assert last['val_bleu4'] == pytest.approx(eval_bleu.score(captions, references)['BLEU-4'], rel=1e-9)
+    expected = eval_bleu.score(captions, references)
+    assert last['val_bleu4'] == pytest.approx(expected['BLEU-4'], rel=1e-9)
+    assert last['val_cider'] == pytest.approx(expected['CIDEr-D'], rel=1e-9)
 
 
 def test_checkpoint_holds_only_trained_weights_and_loads_alone(run_dir, tiny_clip_dir):

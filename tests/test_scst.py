@@ -1,0 +1,155 @@
+"""Self-critical sequence training: its reward, its advantages, its loss, and train.py --objective=scst."""
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from conftest import TEXT_DIM, run_script
+from data import EOT
+from model import build_captioner
+from test_eval_bleu import coco_mini_images, needs_java, needs_real_data
+from test_train import logs, train, train_args
+from train import CiderReward, leave_one_out_advantages, policy_gradient_loss, sample_log_probs, sampled_batch
+
+
+@needs_java
+@needs_real_data
+def test_reward_is_coco_captions_cider_d_of_each_sample():
+    """Two samples of each of 80 real COCO images (its own first caption and another image's), rewarded
+    against the image's other captions: each reward is the toolkit's CIDEr-D of that caption, its Java
+    tokenizer and all, with the idf of all the images' references."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    hypotheses, references = coco_mini_images()  # 80 right captions, then 80 wrong ones
+    images = len(hypotheses) // 2
+    records = [dict(captions=refs) for refs in references[:images]]
+    encoder = tiktoken.get_encoding('gpt2')
+    samples = [encoder.encode(hypotheses[i + j * images]) for i in range(images) for j in (0, 1)]
+    rewards = CiderReward(records)(samples, np.arange(images))
+    assert rewards.shape == (images, 2)
+    gts = PTBTokenizer().tokenize({i: [{'caption': r} for r in r['captions']] for i, r in enumerate(records)})
+    for j in (0, 1):
+        res = PTBTokenizer().tokenize({i: [{'caption': hypotheses[i + j * images]}] for i in range(images)})
+        _, expected = Cider().compute_score(gts, res)
+        assert np.abs(rewards[:, j] - expected).max() <= 1e-6
+    assert (rewards[:, 0] > rewards[:, 1]).mean() > 0.9  # an image's own caption mostly wins
+
+
+def test_advantages_are_each_reward_minus_the_mean_of_the_others():
+    rewards = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    assert leave_one_out_advantages(rewards).tolist() == [[-1.5, 0.0, 1.5], [0.0, 0.0, 0.0]]
+    random = np.random.default_rng(0).random((50, 5))
+    assert np.abs(leave_one_out_advantages(random).sum(1)).max() < 1e-12
+
+
+# sampled captions of at most 6 tokens: ended ones (shorter: <|endoftext|> is their last target), an
+# empty one (it ended at once) and ones cut at 6 (no <|endoftext|>)
+SAMPLES = [[464, 1263, 3797], [], [32, 2266, 6333, 319, 262, 1364], [11, 12, 13, 14, 15], [40, 41, 42, 43, 44, 45]]
+
+
+@pytest.fixture
+def captioner(tiny_config):
+    torch.manual_seed(0)
+    model = build_captioner(tiny_config)
+    torch.manual_seed(1)  # gates away from zero, so that the image matters to the captions
+    for block in model.xattn.values():
+        torch.nn.init.normal_(block.attn_gate, std=0.5)
+        torch.nn.init.normal_(block.ff_gate, std=0.5)
+    return model
+
+
+def decoding_log_prob(model, features, sample, max_new_tokens):
+    """A sample's log-probability as decoding sees it: token by token through the KV cache."""
+    with torch.no_grad():
+        logits, state = model.start(features[None], None, max_new_tokens)
+        total = 0.0
+        for token in sample + [EOT] * (len(sample) < max_new_tokens):
+            total += logits[0].log_softmax(-1)[token].item()
+            logits = model.step(torch.tensor([token]), state)
+    return total
+
+
+def test_sample_log_probs_are_those_of_decoding(captioner):
+    """The training forward's log-probability of each sample, padded into one batch, is the sum decoding
+    gave its tokens: every sampled token once, <|endoftext|> only where the sample ended, no padding."""
+    features = torch.randn(len(SAMPLES), 17, 32)
+    log_probs = sample_log_probs(captioner, features, None,
+                                 *(torch.from_numpy(a) for a in sampled_batch(SAMPLES, max_new_tokens=6)))
+    expected = [decoding_log_prob(captioner, f, s, 6) for f, s in zip(features, SAMPLES)]
+    assert log_probs.shape == (len(SAMPLES),)
+    assert np.abs(log_probs.detach().numpy() - expected).max() < 1e-4  # sums of ~30 float32 log-softmaxes
+
+
+def test_one_step_raises_the_log_probability_of_the_best_sample(captioner):
+    """Five samples of one image: one gradient step on the SCST loss makes the best-rewarded sample more
+    likely, and more so than any other; the worst one less likely."""
+    features = torch.randn(1, 17, 32).expand(len(SAMPLES), -1, -1)
+    rewards = np.array([[0.3, 0.2, 1.5, 0.4, 0.0]])
+    batch = [torch.from_numpy(a) for a in sampled_batch(SAMPLES, max_new_tokens=6)]
+    before = sample_log_probs(captioner, features, None, *batch).detach()
+    optimizer = torch.optim.SGD([p for p in captioner.parameters() if p.requires_grad], lr=1e-3)
+    policy_gradient_loss(captioner, features, None, SAMPLES, rewards, max_new_tokens=6).backward()
+    optimizer.step()
+    change = sample_log_probs(captioner, features, None, *batch).detach() - before
+    assert change.argmax() == 2 and change[2] > 0
+    assert change.argmin() == 4 and change[4] < 0
+
+
+SCST = ('--objective=scst', '--scst_samples=3', '--eval_images=4', '--learning_rate=1e-3', '--warmup_frac=0')
+
+
+def test_scst_on_one_process_and_two_ranks_logs_rewards_and_gates(tmp_path, run_dir, data_dir, tiny_clip_dir,
+                                                          tiny_gpt2_dir):
+    """From the session's cross-entropy run: one process, and two DDP ranks sampling their halves of the
+    same micro batches, take the same steps; the log has each step's mean reward and length and every
+    gate's tanh."""
+    common = [*SCST, f'--init_from={run_dir}/ckpt.pt', '--max_iters=6', '--eval_interval=2']
+    records = train(tmp_path / 'one', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common, '--batch_size=2',
+                    '--gradient_accumulation_steps=2')
+    train(tmp_path / 'ddp', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common, '--batch_size=2', ranks=2)
+    steps = [r for r in records if 'reward' in r]
+    assert [r['iter'] for r in steps] == list(range(1, 7))
+    assert all(0 < r['reward'] < 10 and 0 < r['length'] <= 20 for r in steps)
+    assert np.allclose([r['reward'] for r in steps], [r['reward'] for r in logs(tmp_path / 'ddp') if 'reward' in r])
+    weights = [torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('one', 'ddp')]
+    for name in weights[0]:
+        one, other = weights[0][name], weights[1][name]
+        if name.endswith('c_attn.bias'):
+            # the key bias adds the same to every attention score of a query, which softmax ignores: its
+            # gradient is rounding noise, which Adam scales up to steps of the learning rate's size
+            one, other = (torch.cat([w[:TEXT_DIM], w[2 * TEXT_DIM:]]) for w in (one, other))
+        assert torch.allclose(one, other, atol=1e-5), name
+    start = torch.load(f'{run_dir}/ckpt.pt', weights_only=True)['model']
+    assert not torch.equal(weights[0]['xattn.0.attn_gate'], start['xattn.0.attn_gate'])  # it trained
+    gates = {i: [round(float(weights[0][f'xattn.{i}.{g}_gate'].tanh()), 4) for g in ('attn', 'ff')]
+             for i in '012'}
+    assert steps[-1]['gates'] == gates
+    assert [r['iter'] for r in records if 'val_cider' in r] == [2, 4, 6]
+
+
+@pytest.mark.parametrize('ciders, best_iter', [([1.0, 3.0, 2.0], 4), ([3.0, 1.0, 2.0], 2)])
+def test_scst_best_checkpoint_is_that_of_the_best_validation_cider(ciders, best_iter, tmp_path, run_dir, data_dir,
+                                                                   tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
+    """With the validation CIDEr-D of three evaluations scripted, best.pt is the one of the best: a choice
+    by validation loss (one iteration, whatever the script) fails one of the two scripts."""
+    import eval_bleu
+    scripted = iter(ciders)
+    monkeypatch.setattr(eval_bleu, 'score', lambda captions, references: {'BLEU-4': 0.5, 'CIDEr-D': next(scripted)})
+    assert run_script('train.py', *train_args(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir), *SCST,
+                      f'--init_from={run_dir}/ckpt.pt', '--max_iters=6', '--eval_interval=2',
+                      '--batch_size=4') is None
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    assert best['iter_num'] == best_iter and best['best_val_cider'] == 3.0
+
+
+@pytest.mark.parametrize('option, message', [
+    ('--objective=rl', "train.py: objective must be 'xe' or 'scst', not 'rl'"),
+    ('--scst_samples=1', 'train.py: scst_samples must be at least 2 (each sample is compared with the others), '
+                         'not 1'),
+    ('--eval_images=0', 'train.py: objective=scst needs eval_images > 0: its best.pt is the one of the best '
+                        'validation CIDEr-D'),
+    ('--init_from=out/no.pt', "train.py: out/no.pt: no such checkpoint (init_from is 'pretrained', 'resume' or "
+                              "a checkpoint file)"),
+])
+def test_bad_scst_settings_fail_in_one_line(option, message):
+    assert run_script('train.py', '--objective=scst', '--eval_images=4', option) == message
