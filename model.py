@@ -649,8 +649,11 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
     # inverse transform sampling: one uniform number per row, looked up in the cumulative probabilities
-    # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time)
-    cdf = logits.softmax(-1).cumsum(-1)
+    # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time).
+    # A GPU's cumsum adds in another order at every position, so its sums can step back or move at a word
+    # of probability 0: the running maximum, with those words held at 0, makes every step up a word's own.
+    probs = logits.softmax(-1)
+    cdf = torch.where(probs > 0, probs.cumsum(-1), 0).cummax(-1).values
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=logits.device) * total
     # u < total, or a product rounded up to it would land past the last word that has any probability

@@ -576,6 +576,19 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert seen(top_k=3, temperature=1e-6) == {0}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='a GPU adds up cumulative sums in its own order')
+def test_sampling_on_a_gpu_never_draws_a_word_outside_the_top_k():
+    """On a GPU, cumsum's rounding differs from position to position: the cumulative probabilities must
+    still give a word that top_k cut off no chance at all (256,000 draws)."""
+    torch.manual_seed(0)
+    logits = torch.randn(256, 50257, device='cuda') * 3
+    kth_best = logits.topk(40, dim=-1).values[:, -1:]
+    generator = torch.Generator('cuda').manual_seed(0)
+    for _ in range(1000):
+        token = sample_token(logits, top_k=40, generator=generator)
+        assert (logits.gather(1, token[:, None]) >= kth_best).all()
+
+
 def test_gpt2_forward_and_its_padded_lm_head_match_transformers(sharp_gpt2_dir, monkeypatch):
     """GPT-2 whole, on its own: its 50,257 words are padded to 50,304 once, in the embedding itself, so
     the real words' logits are transformers' and the padding's are -inf: it never wins, and adds
