@@ -115,6 +115,15 @@ def peak_flops(device_type):
     return None
 
 
+def gate_values(model):
+    """tanh of every cross-attention gate, {GPT-2 block: {'attn': ..., 'ff': ...}}: how much of the media
+    each block lets in (nothing at the start)."""
+    if not model.xattn:
+        return {}
+    gates = torch.stack([torch.cat([b.attn_gate, b.ff_gate]) for b in model.xattn.values()]).tanh().tolist()
+    return {i: dict(attn=round(a, 4), ff=round(f, 4)) for i, (a, f) in zip(model.xattn, gates)}
+
+
 def mixed_precision(device_type, dtype):
     """(torch dtype, autocast context) of the dtype setting; '' picks bfloat16 on a GPU that has it,
     else float16 there, and float32 on a CPU."""
@@ -145,6 +154,7 @@ class CiderReward:
     def __call__(self, samples, image_ids):
         """Rewards [B, k] of samples [B * k token lists]: k consecutive ones per image of image_ids [B]."""
         k = len(samples) // len(image_ids)
+        assert len(samples) == k * len(image_ids)
         words = eval_bleu.tokenize_all([decode_caption(self.encoder, s) for s in samples])
         return np.array([self.cider.image_scores(words[i * k:(i + 1) * k], self.references[image])
                          for i, image in enumerate(image_ids)])
@@ -190,30 +200,29 @@ def policy_gradient_loss(model, features, mask, samples, rewards, max_new_tokens
     """SCST's loss of samples [B * k] (k consecutive ones per row of features) with rewards [B, k]: the sum
     over the samples of -advantage x log-probability, whose gradient raises the log-probability of the
     samples better than their image's others and lowers that of the worse ones."""
-    advantages = torch.from_numpy(leave_one_out_advantages(rewards).ravel()).float().to(features.device)
-    batch = (torch.from_numpy(a).to(features.device) for a in sampled_batch(samples, max_new_tokens))
-    return -(advantages * sample_log_probs(model, features, mask, *batch)).sum()
-
-
-def gate_values(model):
-    """tanh of every cross-attention gate, {GPT-2 block: [attention, feed-forward]}: how much each block
-    lets the media in (nothing at the start)."""
-    if not model.xattn:
-        return {}
-    gates = torch.stack([torch.cat([b.attn_gate, b.ff_gate]) for b in model.xattn.values()]).tanh().tolist()
-    return {i: [round(a, 4), round(f, 4)] for i, (a, f) in zip(model.xattn, gates)}
+    to_device = lambda array: torch.from_numpy(array).to(features.device)
+    advantages = to_device(leave_one_out_advantages(rewards).ravel()).float()
+    tokens, targets, positions = map(to_device, sampled_batch(samples, max_new_tokens))
+    return -(advantages * sample_log_probs(model, features, mask, tokens, targets, positions)).sum()
 
 
 def check_objective():
-    """The SCST settings that cannot work, as one line each."""
+    """The objective settings that cannot work, as one line each."""
     if objective not in ('xe', 'scst'):
         raise InputError(f"objective must be 'xe' or 'scst', not {objective!r}")
-    if objective == 'scst' and scst_samples < 2:
+    if objective == 'xe':
+        return
+    if scst_samples < 2:
         raise InputError(f'scst_samples must be at least 2 (each sample is compared with the others), '
                          f'not {scst_samples}')
-    if objective == 'scst' and eval_images <= 0:
+    if scst_max_tokens < 1:
+        raise InputError(f'scst_max_tokens must be at least 1, not {scst_max_tokens}')
+    if eval_images <= 0:
         raise InputError('objective=scst needs eval_images > 0: its best.pt is the one of the best '
                          'validation CIDEr-D')
+    if init_from == 'pretrained':
+        raise InputError('objective=scst trains a captioner further: give init_from a checkpoint of '
+                         'cross-entropy training (or resume)')
 
 
 def main(config):
@@ -241,9 +250,13 @@ def main(config):
             raise InputError(f'{path}: no checkpoint to resume from')
         checkpoint = read_checkpoint(path)
         model_config = checkpoint['model_config']
+        run_objective = checkpoint['train_config'].get('objective', 'xe')
+        if run_objective != objective:
+            raise InputError(f'{path}: a run with objective={run_objective}; resume it with the same')
     elif init_from != 'pretrained':
         if not os.path.isfile(init_from):
-            raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume' or a checkpoint file)")
+            raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume' or a "
+                             f"checkpoint file)")
         initial = read_checkpoint(init_from)
         model_config = initial['model_config']
     torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
@@ -254,7 +267,8 @@ def main(config):
     train_data = Captions(data_dir, 'train', max_caption_tokens)
     val_data = Captions(data_dir, val_split, max_caption_tokens)
     # what a batch is made of: captions with their images ('xe'), or images to sample captions of ('scst')
-    item_name, train_items = ('caption', len(train_data)) if objective == 'xe' else ('image', train_data.media_count)
+    item_name, train_items = (('caption', len(train_data)) if objective == 'xe'
+                              else ('image', train_data.media_count))
     global_batch = batch_size * gradient_accumulation_steps * world
     iters_per_epoch = train_items // global_batch
     if iters_per_epoch == 0:
@@ -328,7 +342,7 @@ def main(config):
         rewards = reward(samples, image_ids)
         with autocast:
             loss = policy_gradient_loss(model, features, mask, samples, rewards, scst_max_tokens)
-        window['sums'] += torch.tensor([0.0, rewards.sum(), sum(map(len, samples)), len(samples)], device=dev)
+        window['scst'] += torch.tensor([rewards.sum(), sum(map(len, samples)), len(samples)], device=dev)
         return loss / (global_batch * scst_samples)
 
     # ------------------------------------------------------------------ logging
@@ -355,9 +369,10 @@ def main(config):
                     iter_num=iter_num, best_val_loss=best_val_loss, best_val_cider=best_val_cider)
 
     def new_window():
-        """What happened since the last log line. sums: the loss, and for SCST the sum of rewards, of
-        sampled tokens and the number of samples (on the device: read only when logging)."""
-        return dict(start=time.time(), iters=0, flops=0, captions=0, sums=torch.zeros(4, device=dev))
+        """What happened since the last log line. On the device, read only when logging: the loss summed
+        over iterations, and for SCST the sums of the rewards, of the sampled tokens and of the samples."""
+        return dict(start=time.time(), iters=0, flops=0, captions=0, loss=torch.zeros((), device=dev),
+                    scst=torch.zeros(3, device=dev))
 
     # ------------------------------------------------------------------ the loop
     # The data order follows from (seed, epoch) and the iteration number, the learning rate from the
@@ -383,7 +398,7 @@ def main(config):
             else:
                 loss = self_critical_loss(micro_ids, sample_seed(seed, iter_num, start))
             scaler.scale(loss * world).backward()  # DDP averages over ranks: undo it
-            window['sums'][0] += loss.detach()
+            window['loss'] += loss.detach()
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -395,7 +410,7 @@ def main(config):
         window['captions'] += global_batch * (scst_samples if objective == 'scst' else 1)
 
         if iter_num % log_interval == 0 or iter_num == total_iters:
-            sums = window['sums']
+            sums = torch.cat([window['loss'][None], window['scst']])
             if ddp:
                 dist.all_reduce(sums)
             loss_sum, reward_sum, token_sum, samples = sums.tolist()  # waits for the GPU: only when logging
@@ -431,7 +446,7 @@ def main(config):
                       + (' (best)' if improved else ''))
                 if raw_model.xattn:
                     print('  tanh(gate) attention/feed-forward, by GPT-2 block: ' + ', '.join(
-                        f'{i} {a:.3f}/{f:.3f}' for i, (a, f) in gate_values(raw_model).items()))
+                        f"{i} {g['attn']:.3f}/{g['ff']:.3f}" for i, g in gate_values(raw_model).items()))
                 log(dict(iter=iter_num, **scores))
                 state = checkpoint_state()
                 save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)

@@ -1,4 +1,6 @@
 """Self-critical sequence training: its reward, its advantages, its loss, and train.py --objective=scst."""
+import shutil
+
 import numpy as np
 import pytest
 import tiktoken
@@ -33,6 +35,11 @@ def test_reward_is_coco_captions_cider_d_of_each_sample():
         _, expected = Cider().compute_score(gts, res)
         assert np.abs(rewards[:, j] - expected).max() <= 1e-6
     assert (rewards[:, 0] > rewards[:, 1]).mean() > 0.9  # an image's own caption mostly wins
+    # a batch of some of the images, in any order, gets the same rewards: each sample is scored against
+    # its own image's references, with the idf of all of them
+    some = np.random.default_rng(0).permutation(images)[:20]
+    some_samples = [samples[2 * i + j] for i in some for j in (0, 1)]
+    assert np.array_equal(CiderReward(records)(some_samples, some), rewards[some])
 
 
 def test_advantages_are_each_reward_minus_the_mean_of_the_others():
@@ -109,6 +116,9 @@ def test_scst_on_one_process_and_two_ranks_logs_rewards_and_gates(tmp_path, run_
     train(tmp_path / 'ddp', data_dir, tiny_clip_dir, tiny_gpt2_dir, *common, '--batch_size=2', ranks=2)
     steps = [r for r in records if 'reward' in r]
     assert [r['iter'] for r in steps] == list(range(1, 7))
+    assert steps[0]['loss'] == pytest.approx(first_step_loss(run_dir, data_dir), rel=1e-5)
+    assert np.allclose([r['loss'] for r in steps], [r['loss'] for r in logs(tmp_path / 'ddp') if 'loss' in r],
+                       rtol=1e-5, atol=1e-6)
     assert all(0 < r['reward'] < 10 and 0 < r['length'] <= 20 for r in steps)
     assert np.allclose([r['reward'] for r in steps], [r['reward'] for r in logs(tmp_path / 'ddp') if 'reward' in r])
     weights = [torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('one', 'ddp')]
@@ -121,10 +131,31 @@ def test_scst_on_one_process_and_two_ranks_logs_rewards_and_gates(tmp_path, run_
         assert torch.allclose(one, other, atol=1e-5), name
     start = torch.load(f'{run_dir}/ckpt.pt', weights_only=True)['model']
     assert not torch.equal(weights[0]['xattn.0.attn_gate'], start['xattn.0.attn_gate'])  # it trained
-    gates = {i: [round(float(weights[0][f'xattn.{i}.{g}_gate'].tanh()), 4) for g in ('attn', 'ff')]
+    gates = {i: {g: round(float(weights[0][f'xattn.{i}.{g}_gate'].tanh()), 4) for g in ('attn', 'ff')}
              for i in '012'}
     assert steps[-1]['gates'] == gates
     assert [r['iter'] for r in records if 'val_cider' in r] == [2, 4, 6]
+
+
+def first_step_loss(run_dir, data_dir):
+    """The loss of SCST's first step as the test's runs take it (4 images of the epoch's order in 2 micro
+    batches of 2, 3 samples each), computed here: the mean over the 12 samples of -advantage x
+    log-probability."""
+    from data import Captions
+    from model import load_captioner
+    from train import epoch_order, sample_seed
+    model, _ = load_captioner(f'{run_dir}/ckpt.pt')
+    data = Captions(data_dir, 'train', 48)
+    reward = CiderReward(data.records())
+    order = epoch_order(data.media_count, 1337, 0)
+    total = 0.0
+    for start in (0, 2):
+        images = order[start:start + 2]
+        features, mask = (torch.from_numpy(a).repeat_interleave(3, 0) for a in data.features(images))
+        generator = torch.Generator().manual_seed(sample_seed(1337, 0, start))
+        samples = model.generate(features, mask, 20, decoding='sample', generator=generator)
+        total += policy_gradient_loss(model, features, mask, samples, reward(samples, images), 20).item()
+    return total / 12
 
 
 @pytest.mark.parametrize('ciders, best_iter', [([1.0, 3.0, 2.0], 4), ([3.0, 1.0, 2.0], 2)])
@@ -148,8 +179,17 @@ def test_scst_best_checkpoint_is_that_of_the_best_validation_cider(ciders, best_
                          'not 1'),
     ('--eval_images=0', 'train.py: objective=scst needs eval_images > 0: its best.pt is the one of the best '
                         'validation CIDEr-D'),
+    ('--scst_max_tokens=0', 'train.py: scst_max_tokens must be at least 1, not 0'),
+    ('--init_from=pretrained', 'train.py: objective=scst trains a captioner further: give init_from a checkpoint '
+                               'of cross-entropy training (or resume)'),
     ('--init_from=out/no.pt', "train.py: out/no.pt: no such checkpoint (init_from is 'pretrained', 'resume' or "
                               "a checkpoint file)"),
 ])
 def test_bad_scst_settings_fail_in_one_line(option, message):
     assert run_script('train.py', '--objective=scst', '--eval_images=4', option) == message
+
+
+def test_resuming_with_another_objective_fails_in_one_line(tmp_path, run_dir):
+    shutil.copytree(run_dir, tmp_path / 'run')
+    message = run_script('train.py', f"--out_dir={tmp_path / 'run'}", '--init_from=resume', *SCST)
+    assert message == f"train.py: {tmp_path / 'run'}/ckpt.pt: a run with objective=xe; resume it with the same"
