@@ -73,8 +73,8 @@ def test_script_is_deterministic_and_writes_what_prepare_coco_would(tmp_path):
 
 def test_stand_in_vision_features_are_centred(tmp_path):
     import torch
-    subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={tmp_path}', '--num_train=40',
-                    '--num_val=1', '--num_test=1'], check=True, capture_output=True)
+    subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={tmp_path}', f'--features_dir={tmp_path}_clip',
+                    '--num_train=40', '--num_val=1', '--num_test=1'], check=True, capture_output=True)
     vision = load_vision(str(tmp_path / 'clip'))
     images = sorted((tmp_path / 'train').glob('*.png'))
     pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(p)) for p in images]))
