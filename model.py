@@ -89,6 +89,9 @@ class CaptionerConfig:
     dim_head: int = 64
     ff_mult: int = 1  # feed-forward width = ff_mult * model width
     xattn_every: int = 1  # a gated cross-attention block before every xattn_every-th GPT-2 block
+    # several media in one sequence (Flamingo): the text after a media reads the latents of that media only
+    # ('latest', Flamingo's default) or of every media before it ('earlier')
+    media_attention: str = 'latest'
     # fine-tuning the language model too (ClipCap, CLIPxGPT): train the top N GPT-2 blocks and the final
     # LayerNorm; train_embeddings also trains the token and position embeddings (and so the tied LM head)
     unfreeze_layers: int = 0
@@ -190,6 +193,45 @@ class KVCache:
                     cached[layer] = t[index]
 
 
+@dataclass
+class MediaLayout:
+    """
+    Where M media go in a sequence of T text tokens (Flamingo's interleaving): media m's P prefix positions
+    are inserted before text token media_at[b, m], so the sequence has T + M * P positions. Every position
+    knows its latest media, the last one inserted at or before it (-1 before the first): that media's
+    latents are what its cross-attention reads.
+    """
+    text_pos: torch.Tensor  # [B, T] the positions of the text tokens
+    prefix_pos: torch.Tensor  # [B, M * P] the positions of the prefixes, media after media
+    latest_media: torch.Tensor  # [B, T + M * P]
+
+    @classmethod
+    def of(cls, media_at, text_len, prefix_len):
+        B, M = media_at.shape
+        text = torch.arange(text_len, device=media_at.device)
+        media_so_far = (media_at[:, None, :] <= text[None, :, None]).sum(-1)  # [B, T]
+        text_pos = text + prefix_len * media_so_far
+        first = media_at + prefix_len * torch.arange(M, device=media_at.device)  # each prefix's first position
+        prefix_pos = (first[:, :, None] + torch.arange(prefix_len, device=media_at.device)).flatten(1)
+        latest = torch.empty(B, text_len + M * prefix_len, dtype=torch.long, device=media_at.device)
+        latest.scatter_(1, text_pos, media_so_far - 1)
+        media = torch.arange(M, device=media_at.device).repeat_interleave(prefix_len).expand(B, -1)
+        latest.scatter_(1, prefix_pos, media)  # a prefix belongs to its own media
+        return cls(text_pos, prefix_pos, latest)
+
+    def place(self, tokens, prefix):
+        """Token embeddings [B, T, C] and prefix embeddings [B, M * P, C] -> the sequence [B, T + M * P, C]
+        (scattered to known positions: no mask indexing, whose result size would make a GPU sync)."""
+        B, T, C = tokens.shape
+        x = tokens.new_zeros(B, T + prefix.shape[1], C)
+        x = x.scatter(1, self.text_pos[..., None].expand(-1, -1, C), tokens)
+        return x.scatter(1, self.prefix_pos[..., None].expand(-1, -1, C), prefix)
+
+    def text_states(self, h):
+        """The hidden states [B, T, C] of the text positions of h [B, T + M * P, C]."""
+        return h.gather(1, self.text_pos[..., None].expand(-1, -1, h.shape[-1]))
+
+
 class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -238,19 +280,22 @@ class GPT2(nn.Module):
                                for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
 
-    def forward(self, tokens, prefix=None, cross=None, cache=None):
+    def forward(self, tokens, prefix=None, cross=None, cache=None, layout=None):
         """
-        tokens [B, T] -> final hidden states [B, P + T, C], after a prefix of P input embeddings [B, P, C]
-        if given (the captioner's visual prefix). GPT-2 knows nothing of images: cross(i, x), if given,
-        runs before block i (the captioner's gated cross-attention). With a KVCache: the first call (the
-        prompt) fills it, and each later call is one decoding step, a token at position cache.pos.
+        tokens [B, T] -> final hidden states [B, P + T, C], with P input embeddings [B, P, C] if given (the
+        captioner's visual prefixes): before the tokens, or where a MediaLayout puts them. GPT-2 knows
+        nothing of images: cross(i, x), if given, runs before block i (the captioner's gated
+        cross-attention). With a KVCache: the first call (the prompt) fills it, and each later call is one
+        decoding step, a token at position cache.pos.
         """
         x = self.wte(tokens)
         if cache is not None and cache.pos is not None:
             positions = cache.step_position()
         else:
-            if prefix is not None:
+            if prefix is not None and layout is None:
                 x = torch.cat([prefix.to(x.dtype), x], dim=1)
+            elif prefix is not None:
+                x = layout.place(x, prefix.to(x.dtype))
             self.check_length(x.shape[1])
             positions = torch.arange(x.shape[1], device=x.device)
         x = x + self.wpe(positions)
@@ -399,9 +444,18 @@ class GatedCrossAttention(nn.Module):
         """Keys and values of the latents: computed once per image, reused at every decoding step."""
         return tuple(split_heads(t, self.heads) for t in self.to_kv(latents).chunk(2, dim=-1))
 
-    def forward(self, x, kv):
+    def forward(self, x, kv, visible=None):
+        """x [B, S, C] reads the latents' keys/values [B, H, M * L, d]; visible [B or 1, 1, S, M * L] (None: all)
+        says which media's latents each position may read."""
         q = split_heads(self.to_q(self.norm(x)), self.heads)
-        attn = self.to_out(merge_heads(F.scaled_dot_product_attention(q, *kv)))
+        if visible is None:
+            attn = F.scaled_dot_product_attention(q, *kv)
+        else:
+            # a position that may read no media (text before the first) gets nothing from it; its row of
+            # the mask is opened only so that the softmax has something to divide by
+            reads_any = visible.any(-1, keepdim=True)
+            attn = F.scaled_dot_product_attention(q, *kv, attn_mask=visible | ~reads_any) * reads_any
+        attn = self.to_out(merge_heads(attn))
         x = x + self.attn_gate.tanh() * attn
         return x + self.ff_gate.tanh() * self.ff(x)
 
@@ -434,6 +488,8 @@ class Captioner(nn.Module):
             for i in range(0, gpt.config.n_layer, c.xattn_every):
                 self.xattn[str(i)] = GatedCrossAttention(text_dim, vision_dim, c.heads, c.dim_head,
                                                          c.ff_mult)
+        if c.media_attention not in ('latest', 'earlier'):
+            raise InputError(f"media_attention must be 'latest' or 'earlier', not {c.media_attention!r}")
         if not 0 <= c.unfreeze_layers <= gpt.config.n_layer:
             raise InputError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {c.unfreeze_layers}')
         self.vision.requires_grad_(False)
@@ -461,31 +517,52 @@ class Captioner(nn.Module):
         return features, mask.to(features.device)
 
     def encode(self, features, feature_mask=None):
-        """CLIP features -> (prefix [B, P, Dt] or None, {GPT-2 block index: cross-attention keys/values})."""
+        """CLIP features of one image or video per row [B, T, N, Dv] (an image may be [B, N, Dv]), or of M
+        each [B, M, T, N, Dv], with the mask of real frames [B, T] or [B, M, T] -> (the prefixes
+        [B, M * P, Dt] or None, {GPT-2 block index: cross-attention keys/values [B, H, M * L, d]})."""
         if features.dim() == 3:  # one image: [B, N, Dv]
             features = features[:, None]
+        if features.dim() == 4:  # one media per row
+            features = features[:, None]
+            feature_mask = feature_mask[:, None] if feature_mask is not None else None
+        B, M = features.shape[:2]
         if feature_mask is None:
-            feature_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-        features = features.to(self.gpt.wte.weight.dtype)  # features are stored in float16
-        prefix = self.mapper(features, feature_mask) if self.mapper is not None else None
+            feature_mask = torch.ones(features.shape[:3], dtype=torch.bool, device=features.device)
+        # every media on its own, as a batch of B * M (features are stored in float16)
+        frames, frame_mask = features.flatten(0, 1).to(self.gpt.wte.weight.dtype), feature_mask.flatten(0, 1)
+        prefix = None
+        if self.mapper is not None:
+            prefix = self.mapper(frames, frame_mask).view(B, M * self.prefix_len, -1)
         media_kv = {}
         if self.resampler is not None:
-            latents = self.resampler(features, feature_mask)
-            media_kv = {int(i): block.media_kv(latents) for i, block in self.xattn.items()}
+            latents = self.resampler(frames, frame_mask)
+            media_kv = {int(i): tuple(t.unflatten(0, (B, M)).transpose(1, 2).flatten(2, 3)
+                                      for t in block.media_kv(latents))
+                        for i, block in self.xattn.items()}
         return prefix, media_kv
 
-    def cross_hook(self, media_kv):
+    def cross_hook(self, media_kv, visible=None):
         """GPT2.forward's `cross`: before GPT-2 block i, gated cross-attention block i, if there is one,
-        reads the media."""
+        reads the media (those `visible` lets each position read: see media_visibility)."""
         def cross(i, x):
-            return self.xattn[str(i)](x, media_kv[i]) if i in media_kv else x
+            return self.xattn[str(i)](x, media_kv[i], visible) if i in media_kv else x
         return cross
 
-    def forward(self, features, feature_mask, tokens, targets=None, target_positions=None):
+    def media_visibility(self, latest_media, M):
+        """Which latents each position reads, [B, 1, S, M * L] (True = read), from each position's latest
+        media [B, S] (-1: none yet): those of that media, or of every media up to it (media_attention)."""
+        media = torch.arange(M, device=latest_media.device)
+        latest = latest_media[..., None]
+        reads = latest == media if self.config.media_attention == 'latest' else latest >= media
+        return reads.repeat_interleave(self.config.num_latents, dim=-1)[:, None]
+
+    def forward(self, features, feature_mask, tokens, targets=None, target_positions=None, media_at=None):
         """
         features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
         tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
-        on padding. Without targets: logits [B, S, vocab] of the caption positions (the prefix needs no
+        on padding. Interleaved (several captions per row, each after its own media): features
+        [B, M, T, N, Dv], feature_mask [B, M, T] and media_at [B, M], the text position each media goes
+        before (see MediaLayout). Without targets: logits [B, S, vocab] of the caption positions (the prefix needs no
         LM head). With targets: logits [K, padded vocab] of the K positions that have a target, in
         order, and their mean cross-entropy. Over GPT-2's 50,257 words the LM head and its softmax are
         most of a small model's work, and a third of a batch padded to its longest caption is padding.
@@ -494,7 +571,12 @@ class Captioner(nn.Module):
         the GPU (one sync per step), and gives torch.compile a shape it cannot know in advance.
         """
         prefix, media_kv = self.encode(features, feature_mask)
-        h = self.gpt(tokens, prefix, self.cross_hook(media_kv))[:, self.prefix_len:]
+        if media_at is None:  # one media per row, before the text
+            h = self.gpt(tokens, prefix, self.cross_hook(media_kv))[:, self.prefix_len:]
+        else:
+            layout = MediaLayout.of(media_at, tokens.shape[1], self.prefix_len)
+            visible = self.media_visibility(layout.latest_media, media_at.shape[1])
+            h = layout.text_states(self.gpt(tokens, prefix, self.cross_hook(media_kv, visible), layout=layout))
         if targets is None:
             return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None  # the real words'
         if target_positions is None:
@@ -504,20 +586,32 @@ class Captioner(nn.Module):
 
     # decoding, one token at a time; the search strategies are the functions after this class
 
-    def start(self, features, feature_mask, max_new_tokens):
-        """Encode the media and run the prompt [prefix; <|endoftext|>], filling a KV cache for
+    def start(self, features, feature_mask, max_new_tokens, shots=None):
+        """Encode the media and run the prompt [prefix; <|endoftext|>] (with few-shot examples, see
+        few_shot_prompt: each example's [prefix; <|endoftext|> caption] before it), filling a KV cache for
         max_new_tokens more. Returns the next-token logits [B, vocab] and the state that step() reads."""
-        cache = KVCache(self.gpt.config.n_layer, self.prefix_len + 1 + max_new_tokens)
+        if shots is None:
+            prompt = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
+            layout = visible = after_prompt = None
+            media = 1
+        else:
+            features, feature_mask, prompt, media_at = few_shot_prompt(features, feature_mask, shots)
+            media = media_at.shape[1]
+            layout = MediaLayout.of(media_at, prompt.shape[1], self.prefix_len)
+            visible = self.media_visibility(layout.latest_media, media)
+            # the caption to write comes after the last media, the query: what its positions read
+            after_prompt = self.media_visibility(torch.full((1, 1), media - 1, device=features.device), media)
+        cache = KVCache(self.gpt.config.n_layer, media * self.prefix_len + prompt.shape[1] + max_new_tokens)
         self.gpt.check_length(cache.max_len)  # fail now, not in the middle of decoding
         prefix, media_kv = self.encode(features, feature_mask)
-        bos = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
-        h = self.gpt(bos, prefix, self.cross_hook(media_kv), cache)
-        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache)
+        h = self.gpt(prompt, prefix, self.cross_hook(media_kv, visible), cache, layout)
+        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache, visible=after_prompt)
 
     def step(self, token, state):
         """Feed one token per row [B] at the cache's next position; returns the next-token logits
         [B, vocab]. The same shapes and memory every step (see KVCache)."""
-        h = self.gpt(token[:, None], cross=self.cross_hook(state['media_kv']), cache=state['cache'])
+        cross = self.cross_hook(state['media_kv'], state['visible'])
+        h = self.gpt(token[:, None], cross=cross, cache=state['cache'])
         return self.next_token_logits(h[:, -1])
 
     def next_token_logits(self, h):
@@ -532,20 +626,20 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
                  temperature=1.0, top_k=None, top_p=None, length_penalty=1.0, generator=None,
-                 min_new_tokens=0):
+                 min_new_tokens=0, shots=None):
         """
         Caption a batch of images or videos. decoding: 'greedy', 'beam' (per-image beams, scores
         normalised by length ** length_penalty) or 'sample' (temperature, top_k, top_p). No caption
-        ends before min_new_tokens tokens. Returns one list of token ids per input, without
-        <|endoftext|>.
+        ends before min_new_tokens tokens. shots: few-shot examples to put before every input (see
+        few_shot_prompt). Returns one list of token ids per input, without <|endoftext|>.
         """
         if decoding == 'beam':
             tokens = beam_search(self, features, feature_mask, max_new_tokens, beam_width, length_penalty,
-                                 min_new_tokens)
+                                 min_new_tokens, shots)
         elif decoding in ('greedy', 'sample'):
             pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
                 lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
-            tokens = greedy_or_sample(self, features, feature_mask, max_new_tokens, pick, min_new_tokens)
+            tokens = greedy_or_sample(self, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots)
         else:
             raise InputError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
         return [strip_eot(row) for row in tokens.tolist()]
@@ -555,10 +649,10 @@ class Captioner(nn.Module):
 # generation: greedy, sampling and beam search, over Captioner.start and Captioner.step
 
 @torch.no_grad()
-def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens):
+def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots=None):
     """Token ids [B, max_new_tokens]: one token per step for every row, chosen by pick(logits) (the
     best, or a sample); rows that have ended keep emitting <|endoftext|>."""
-    logits, state = model.start(features, feature_mask, max_new_tokens)
+    logits, state = model.start(features, feature_mask, max_new_tokens, shots)
     B = logits.shape[0]
     out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
     ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -577,10 +671,10 @@ def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_ne
 
 
 @torch.no_grad()
-def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens):
+def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens, shots=None):
     """Token ids [B, max_new_tokens]: each input's best hypothesis of K beams, by log-probability over
     length ** length_penalty; a hypothesis ends at <|endoftext|> (the rest is <|endoftext|>)."""
-    logits, state = model.start(features, feature_mask, max_new_tokens)
+    logits, state = model.start(features, feature_mask, max_new_tokens, shots)
     B, V = logits.shape
     device = logits.device
     # every image's state is copied to its K beams; at first only beam 0 is alive, so that the
@@ -634,6 +728,33 @@ def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty
     all_scores = torch.cat([done_scores, live_scores], 1)
     best = all_scores.argmax(dim=1)
     return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
+
+
+def few_shot_prompt(features, feature_mask, shots):
+    """
+    Few-shot captioning's media and prompt: N example (media, caption) pairs before every query, as
+    train.py's interleave packs them. shots: (features [N, T, Nt, Dv], frame mask [N, T], N token lists).
+    Returns the media [B, N + 1, T', Nt, Dv] and their frame mask [B, N + 1, T'] (the examples' then the
+    query's, zero frames added up to the longest), the prompt [B, S] (each example's <|endoftext|> +
+    caption, then the query's <|endoftext|>) and media_at [B, N + 1], where each media goes.
+    """
+    shot_features, shot_mask, shot_tokens = shots
+    if features.dim() == 3:  # one image: [B, N, Dv]
+        features = features[:, None]
+    if feature_mask is None:
+        feature_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    B, frames = features.shape[0], max(features.shape[1], shot_features.shape[1])
+
+    def pad_frames(t):  # masked-out zero frames up to `frames`
+        return torch.cat([t, t.new_zeros(t.shape[0], frames - t.shape[1], *t.shape[2:])], dim=1)
+    shot_features = pad_frames(shot_features.to(features.device, features.dtype))
+    media = torch.cat([shot_features.expand(B, *shot_features.shape), pad_frames(features)[:, None]], dim=1)
+    shot_mask = pad_frames(shot_mask.to(features.device))
+    mask = torch.cat([shot_mask.expand(B, *shot_mask.shape), pad_frames(feature_mask)[:, None]], dim=1)
+    spans = [[EOT, *tokens] for tokens in shot_tokens] + [[EOT]]
+    prompt = torch.tensor([t for span in spans for t in span], device=features.device).expand(B, -1)
+    starts = [sum(map(len, spans[:i])) for i in range(len(spans))]
+    return media, mask, prompt, torch.tensor(starts, device=features.device).expand(B, -1)
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -904,10 +1025,11 @@ def param_table(model: Captioner):
     return [(name, *count_params(module)) for name, module in parts]
 
 
-def training_flops(model: Captioner, caption_len, frames=1, targets=None):
+def training_flops(model: Captioner, caption_len, frames=1, targets=None, media=1):
     """
-    Matrix-product FLOPs of one training step on one caption of caption_len tokens, `targets` of them
-    (default all) through the LM head (the PaLM / nanoGPT model-FLOPs convention). Forward: 2 per
+    Matrix-product FLOPs of one training step on one sequence of caption_len text tokens after `media`
+    images or videos of `frames` frames (several when interleaved), `targets` of the tokens (default
+    all) through the LM head (the PaLM / nanoGPT model-FLOPs convention). Forward: 2 per
     weight per token it touches, plus attention scores and weighted sums. Backward: twice the forward
     for trained parts (input and weight gradients), once for frozen parts that still pass gradients
     back (the GPT-2 blocks and the LM head need input gradients only), none for CLIP (its features
@@ -915,8 +1037,9 @@ def training_flops(model: Captioner, caption_len, frames=1, targets=None):
     """
     n = lambda module: count_params(module)[0]
     gpt = model.gpt
-    M = frames * tokens_per_frame(model.vision.config)  # media tokens
-    P, T, D = model.prefix_len, model.prefix_len + caption_len, gpt.config.n_embd
+    M = frames * tokens_per_frame(model.vision.config)  # tokens of one media
+    P, D = media * model.prefix_len, gpt.config.n_embd
+    T = P + caption_len
     parts = []  # (forward FLOPs, trained?)
     for block in gpt.h:
         parts.append((2 * n(block) * T + 4 * T * T * D, block.ln_1.weight.requires_grad))
@@ -925,16 +1048,16 @@ def training_flops(model: Captioner, caption_len, frames=1, targets=None):
     if model.resampler is not None:
         L = model.resampler.latents.shape[0]
         for attn, ff in model.resampler.layers:
-            parts.append((2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * (M + L)
-                          + 4 * L * (M + L) * attn.to_q.out_features, True))
-        for block in model.xattn.values():
-            parts.append((2 * (n(block.to_q) + n(block.to_out) + n(block.ff)) * T + 2 * n(block.to_kv) * L
-                          + 4 * T * L * block.to_q.out_features, True))
+            parts.append((media * (2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * (M + L)
+                                   + 4 * L * (M + L) * attn.to_q.out_features), True))
+        for block in model.xattn.values():  # every position against every media's latents (masked or not)
+            parts.append((2 * (n(block.to_q) + n(block.to_out) + n(block.ff)) * T + 2 * n(block.to_kv) * L * media
+                          + 4 * T * L * media * block.to_q.out_features, True))
     if isinstance(model.mapper, MLPMapper):
-        parts.append((2 * n(model.mapper), True))
+        parts.append((2 * n(model.mapper) * media, True))
     elif model.mapper is not None:
-        depth = len(model.mapper.blocks)
-        parts.append((2 * n(model.mapper) * (M + P) + 4 * depth * (M + P) ** 2 * D, True))
+        depth, Q = len(model.mapper.blocks), model.prefix_len
+        parts.append((media * (2 * n(model.mapper) * (M + Q) + 4 * depth * (M + Q) ** 2 * D), True))
     return sum(flops * (3 if trained else 2) for flops, trained in parts)
 
 

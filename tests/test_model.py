@@ -435,7 +435,7 @@ class MarkovLM:
 
     def install(self, model, monkeypatch):
         state = dict(cache=KVCache(0, 0), media_kv={})
-        monkeypatch.setattr(model, 'start', lambda features, mask, n: (self.logits(
+        monkeypatch.setattr(model, 'start', lambda features, mask, n, shots=None: (self.logits(
             torch.full((features.shape[0],), EOT)), state))
         monkeypatch.setattr(model, 'step', lambda token, state: self.logits(token))
 
