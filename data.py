@@ -457,6 +457,56 @@ class Captions:
         targets[column > lengths[:, None]] = IGNORE_INDEX
         return *self.features(self.media_index[ids]), tokens, targets, np.flatnonzero(targets != IGNORE_INDEX)
 
+    def interleaved_batch(self, ids, k):
+        """The captions `ids`, k to a sequence in their order (Flamingo's interleaving): each caption laid out
+        as batch() lays it out, right after its own image or video. Features [B, k, T, N, D] and frame
+        mask [B, k, T], tokens and targets [B, S] (the k captions one after another, then padding), the
+        flat positions of the targets, and media_at [B, k]: the token each caption's media goes before."""
+        features, mask, tokens, targets, _ = self.batch(ids)
+        spans = (self.lengths[ids] + 1).reshape(-1, k)  # <|endoftext|> + caption, per caption
+        media_at = np.cumsum(spans, axis=1) - spans
+        packed_tokens = np.full((len(spans), spans.sum(1).max()), EOT, dtype=np.int64)
+        packed_targets = np.full(packed_tokens.shape, IGNORE_INDEX, dtype=np.int64)
+        for i, (row, j) in enumerate(np.ndindex(spans.shape)):
+            at, n = media_at[row, j], spans[row, j]
+            packed_tokens[row, at:at + n], packed_targets[row, at:at + n] = tokens[i, :n], targets[i, :n]
+        return (features.reshape(len(spans), k, *features.shape[1:]), mask.reshape(len(spans), k, -1),
+                packed_tokens, packed_targets, np.flatnonzero(packed_targets != IGNORE_INDEX), media_at)
+
+
+class FewShotExamples:
+    """
+    Few-shot captioning's examples: `shots` images (or videos) of a prepared split, each with its first
+    caption, the same for every query: the first of the split's media in an order fixed by `seed`. A query
+    that is one of them gets the next one of that order in its place, so that no query is its own example.
+    """
+
+    def __init__(self, data_dir, split, shots, seed):
+        data = Captions(data_dir, split, max_tokens=10 ** 9)
+        if data.media_count <= shots:
+            raise InputError(f"{data_dir}: split '{split}' has {data.media_count} {data.media}s, too few for "
+                             f'{shots} examples and a stand-in')
+        self.media = np.random.default_rng(seed).permutation(data.media_count)[:shots + 1]
+        records = data.records()
+        self.records = [records[m] for m in self.media]
+        first_caption = {m: i for i, m in reversed(list(enumerate(data.media_index)))}
+        self.tokens = [data.tokens[data.offsets[i]:data.offsets[i] + data.lengths[i]].tolist()
+                       for i in map(first_caption.get, self.media)]
+        self.features, self.mask = data.features(self.media)
+        self.split, self.shots = split, shots
+
+    def chosen(self, is_query):
+        """The examples for a query: the first `shots` candidates that is_query(candidate) does not pick
+        out (is_query gets each candidate's position in the split and its record)."""
+        keep = [j for j, (m, record) in enumerate(zip(self.media, self.records)) if not is_query(m, record)]
+        return tuple(keep[:self.shots])
+
+    def shots_of(self, chosen, device):
+        """The examples `chosen` as Captioner.generate's `shots`: features, frame mask, token lists."""
+        import torch
+        return (torch.from_numpy(self.features[list(chosen)]).to(device),
+                torch.from_numpy(self.mask[list(chosen)]).to(device), [self.tokens[j] for j in chosen])
+
 
 META_KEYS = ('vision_model', 'tokenizer', 'tokens_per_image', 'feature_dim', 'splits')
 

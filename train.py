@@ -42,6 +42,9 @@ scst_samples = 5  # captions sampled per image; each one's baseline is the mean 
 scst_max_tokens = 20  # a sample longer than this is cut
 # data
 batch_size = 32  # per device per micro step: captions ('xe'), or images ('scst': x scst_samples captions)
+# 'xe': (image, caption) pairs packed into one sequence, each caption right after its own image, reading it
+# through the cross-attention (Flamingo's interleaving: how a model learns to take few-shot examples)
+interleave = 1
 gradient_accumulation_steps = 1
 max_caption_tokens = 48  # longer captions are cut (hardly any COCO caption is)
 epochs = 30
@@ -207,11 +210,15 @@ def policy_gradient_loss(model, features, mask, samples, rewards, max_new_tokens
 
 
 def check_objective():
-    """The objective settings that cannot work, as one line each."""
+    """The objective and packing settings that cannot work, as one line each."""
     if objective not in ('xe', 'scst'):
         raise InputError(f"objective must be 'xe' or 'scst', not {objective!r}")
+    if interleave < 1 or batch_size % interleave:
+        raise InputError(f'interleave={interleave} must be at least 1 and divide batch_size={batch_size}')
     if objective == 'xe':
         return
+    if interleave > 1:
+        raise InputError('interleave applies to cross-entropy training: SCST samples one caption per sequence')
     if scst_samples < 2:
         raise InputError(f'scst_samples must be at least 2 (each sample is compared with the others), '
                          f'not {scst_samples}')
@@ -324,11 +331,17 @@ def main(config):
         """The micro batch's share of the mean loss over all the target tokens of the global batch. Every
         rank knows the whole global batch, so each can scale its loss to it: the same gradient as one
         process on the whole batch."""
-        features, mask, tokens, targets, positions = (to_device(a) for a in train_data.batch(micro_ids))
+        if interleave == 1:
+            batch, media_at = train_data.batch(micro_ids), None
+        else:
+            *batch, media_at = train_data.interleaved_batch(micro_ids, interleave)
+            media_at = to_device(media_at)
+        features, mask, tokens, targets, positions = map(to_device, batch)
         with autocast:
-            _, loss = model(features, mask, tokens, targets, positions)
-        window['flops'] += len(micro_ids) * training_flops(raw_model, tokens.shape[1], mask.shape[1],
-                                                           len(positions) / len(micro_ids))
+            _, loss = model(features, mask, tokens, targets, positions, media_at)
+        rows = len(tokens)
+        window['flops'] += rows * training_flops(raw_model, tokens.shape[1], mask.shape[-1], len(positions) / rows,
+                                                 media=interleave)
         return loss * (train_data.target_count(micro_ids) / all_targets)
 
     def self_critical_loss(image_ids, sampling_seed):
