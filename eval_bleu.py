@@ -23,8 +23,8 @@ from collections import Counter
 
 import numpy as np
 
-from data import (Captions, InputError, check_data_fits_model, decode_caption, first_line, input_errors_exit,
-                  read_meta, write_json)
+from data import (Captions, FewShotExamples, InputError, check_data_fits_model, decode_caption, first_line,
+                  input_errors_exit, read_meta, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -38,6 +38,9 @@ beam_width = 5
 max_new_tokens = 30
 device = ''  # default: cuda when available, else cpu
 official = False  # True: score with the coco-caption toolkit itself (needs Java), which adds METEOR and SPICE
+shots = 0  # few-shot: this many (image, caption) examples before each image (a model trained with interleave > 1)
+shots_split = 'train'  # the prepared split of data_dir the examples come from
+shots_seed = 1337  # which examples
 # -----------------------------------------------------------------------------
 
 
@@ -504,20 +507,30 @@ def official_spice(refs, hyps):
         return None
 
 
-def caption_split(model, data_dir, split_name, count, batch, decode_options, dev):
+def caption_split(model, data_dir, split_name, count, batch, decode_options, dev, examples=None):
     """Captions of the first `count` images or videos of a prepared split (all if 0), and their records
-    (file, id, reference captions)."""
+    (file, id, reference captions). examples: a data.FewShotExamples of the same data_dir, whose examples
+    go before each image (never the image itself)."""
     import tiktoken
     import torch
     data = Captions(data_dir, split_name, max_tokens=1)
     records = data.records()
     count = min(count or len(records), len(records))
     encoder = tiktoken.get_encoding('gpt2')
-    captions = []
-    for start in range(0, count, batch):
-        ids = np.arange(start, min(start + batch, count))
-        features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
-        captions += [decode_caption(encoder, t) for t in model.generate(features, mask, **decode_options)]
+    # the images that get the same examples are captioned together
+    groups = {(): range(count)} if examples is None else {}
+    if examples is not None:
+        same_split = examples.split == split_name
+        for i in range(count):
+            groups.setdefault(examples.chosen(lambda media, record: same_split and media == i), []).append(i)
+    captions = [None] * count
+    for chosen, group in groups.items():
+        shots = examples.shots_of(chosen, dev) if examples is not None else None
+        for start in range(0, len(group), batch):
+            ids = np.array(group[start:start + batch])
+            features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
+            for i, tokens in zip(ids, model.generate(features, mask, shots=shots, **decode_options)):
+                captions[i] = decode_caption(encoder, tokens)
     return captions, records[:count]
 
 
@@ -532,13 +545,14 @@ if __name__ == '__main__':
         model = onednn_linears(load_captioner(os.path.join(out_dir, checkpoint), dev)[0])
         check_data_fits_model(read_meta(data_dir), model, data_dir)
         options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
-        captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev)
+        examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None
+        captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev, examples)
     with input_errors_exit('eval_bleu.py'):
         metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
     write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,
-                                                           **metrics))
+                                                           shots=shots, **metrics))
     write_json(os.path.join(out_dir, 'captions.json'), [dict(file=r['file'], id=r['id'], caption=c)
                                                         for r, c in zip(records, captions)])
-    print(f'{split}: {len(records):,} captioned, {decoding} decoding')
+    print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else ''))
     for name, value in metrics.items():
         print(f'{name:<8} {100 * value:6.2f}')  # x100, as papers report them

@@ -20,8 +20,9 @@ from html import escape
 
 from PIL import Image
 
-from data import (ImageFiles, InputError, atomic_write, count_frames, decode_caption, input_errors_exit, load_rgb,
-                  read_frames, stack_frames, video_pixels, write_json)
+from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_data_fits_model, count_frames,
+                  decode_caption, input_errors_exit, load_rgb, read_frames, read_meta, stack_frames, video_pixels,
+                  write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -38,7 +39,10 @@ top_k = 0  # 0: off
 top_p = 1.0  # 1.0: off
 max_new_tokens = 30
 num_samples = 1  # captions per image (decoding='sample')
-seed = 1337
+seed = 1337  # of sampling, and of which few-shot examples
+shots = 0  # few-shot: this many (image, caption) examples before each image (a model trained with interleave > 1)
+shots_data = ''  # the prepared folder (prepare_coco.py's out_dir) the examples come from, for the same CLIP
+shots_split = 'train'
 batch_size = 256  # files per batch: large batches keep a GPU busy while decoding
 num_workers = min(4, os.cpu_count() or 1)  # decoding processes
 device = ''  # default: cuda when available, else cpu
@@ -106,9 +110,22 @@ def collate_files(items):
         [(path, why) for path, _, why in items if why]
 
 
-def caption_files(model, files, options, batch, workers, dev, samples=1):
+def shot_groups(paths, examples):
+    """[(examples chosen, rows)] of a batch of files, the files that get the same few-shot examples together:
+    no file is its own example."""
+    if examples is None:
+        return [((), list(range(len(paths))))]
+    groups = {}
+    for row, path in enumerate(paths):
+        is_query = lambda media, record: os.path.exists(record['file']) and os.path.samefile(path, record['file'])
+        groups.setdefault(examples.chosen(is_query), []).append(row)
+    return list(groups.items())
+
+
+def caption_files(model, files, options, batch, workers, dev, samples=1, examples=None):
     """{path: [captions]} of every readable image or video of `files` (PreprocessedImages or
-    PreprocessedVideos), in their order; reports the others."""
+    PreprocessedVideos), in their order; reports the others. examples: a data.FewShotExamples, whose
+    examples go before each file."""
     import tiktoken
     import torch
     from tqdm import tqdm
@@ -123,12 +140,17 @@ def caption_files(model, files, options, batch, workers, dev, samples=1):
             for path, why in bad:
                 print(f'{path}: skipped, {why}', file=sys.stderr)
             if paths:
+                captions = {}
                 with torch.no_grad(), autocast:
                     features, mask = model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
-                    tokens = model.generate(features.repeat_interleave(samples, dim=0),
-                                            mask.repeat_interleave(samples, dim=0), **options)
-                for i, path in enumerate(paths):
-                    results[path] = [decode_caption(encoder, t) for t in tokens[i * samples:(i + 1) * samples]]
+                    for chosen, rows in shot_groups(paths, examples):
+                        shots = examples.shots_of(chosen, dev) if examples is not None else None
+                        tokens = model.generate(features[rows].repeat_interleave(samples, dim=0),
+                                                mask[rows].repeat_interleave(samples, dim=0), shots=shots, **options)
+                        for i, row in enumerate(rows):
+                            captions[paths[row]] = [decode_caption(encoder, t)
+                                                    for t in tokens[i * samples:(i + 1) * samples]]
+                results.update((path, captions[path]) for path in paths)
             bar.update(len(paths) + len(bad))
     return results
 
@@ -182,10 +204,16 @@ def main():
         files = PreprocessedVideos(paths, size, max_frames)
     else:
         files = PreprocessedImages(paths, size)
+    examples = None
+    if shots:
+        if not shots_data:
+            raise InputError('shots needs shots_data: a prepared folder to take the examples from')
+        check_data_fits_model(read_meta(shots_data), model, shots_data)
+        examples = FewShotExamples(shots_data, shots_split, shots, seed)
     generator = torch.Generator(dev).manual_seed(seed)
     options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k or None,
                    top_p=top_p if top_p < 1 else None, max_new_tokens=max_new_tokens, generator=generator)
-    results = caption_files(model, files, options, batch_size, num_workers, dev, num_samples)
+    results = caption_files(model, files, options, batch_size, num_workers, dev, num_samples, examples)
     for path, captions in results.items():
         for caption in captions:
             print(f'{path}\t{caption}')

@@ -251,6 +251,6 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
         assert colour_and_shape(caption['caption']) == colour_and_shape(record['captions'][0])
     expected = eval_bleu.score([c['caption'] for c in captions], [r['captions'] for r in records])
     with open(tmp_path / 'metrics.json') as f:
-        assert json.load(f) == dict(split='train', items=6, decoding='beam', **expected)
+        assert json.load(f) == dict(split='train', items=6, decoding='beam', shots=0, **expected)
     assert capsys.readouterr().out.splitlines() == ['train: 6 captioned, beam decoding'] + [
         f'{name:<8} {100 * value:6.2f}' for name, value in expected.items()]  # x100, as papers report them

@@ -1,0 +1,229 @@
+"""Flamingo's interleaved media: several images in one sequence, each text reading its own; few-shot captioning."""
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import model as model_module
+from conftest import VISION_DIM, record_generate_calls, run_script
+from data import EOT, IGNORE_INDEX, Captions, FewShotExamples
+from model import MediaLayout, build_captioner, few_shot_prompt
+from test_train import logs, train_args, train_losses
+
+TOKENS = 17  # CLIP tokens per frame of the tiny vision model
+
+
+def captioner_of(config, **changes):
+    torch.manual_seed(0)
+    model = build_captioner(dataclasses.replace(config, **changes))
+    torch.manual_seed(1)  # gates away from zero, so that the media matter
+    for block in model.xattn.values():
+        torch.nn.init.normal_(block.attn_gate, std=0.5)
+        torch.nn.init.normal_(block.ff_gate, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def captioner(tiny_config):
+    return captioner_of(tiny_config)
+
+
+def images(count):
+    return torch.randn(count, 1, TOKENS, VISION_DIM)  # [B, T=1, N, Dv]
+
+
+def test_one_media_per_row_is_the_single_media_model(captioner):
+    """The interleaving machinery with one media before the text (a layout, a visibility mask) gives the
+    logits of the plain path, which the other tests hold to transformers' GPT-2 and a hand-written
+    Flamingo."""
+    features, tokens = images(3), torch.randint(0, 50257, (3, 7))
+    with torch.no_grad():
+        plain, _ = captioner(features, None, tokens)
+        interleaved, _ = captioner(features[:, None], None, tokens, media_at=torch.zeros(3, 1, dtype=torch.long))
+    assert (interleaved - plain).abs().max() < 1e-5
+
+
+def cross_attention_weights(captioner, monkeypatch, *inputs, **options):
+    """Run the captioner with a written-out attention that records the weights of every gated
+    cross-attention's call."""
+    recorded, inside = [], []
+    cross_attention = model_module.GatedCrossAttention.forward
+
+    def recorded_cross_attention(self, *args):
+        inside.append(self)
+        try:
+            return cross_attention(self, *args)
+        finally:
+            inside.pop()
+
+    def attention(q, k, v, attn_mask=None, is_causal=False):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if is_causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        weights = scores.softmax(-1)
+        if inside:
+            recorded.append(weights)
+        return weights @ v
+    monkeypatch.setattr(model_module.F, 'scaled_dot_product_attention', attention)
+    monkeypatch.setattr(model_module.GatedCrossAttention, 'forward', recorded_cross_attention)
+    with torch.no_grad():
+        captioner(*inputs, **options)
+    return recorded
+
+
+@pytest.mark.parametrize('media_attention', ['latest', 'earlier'])
+def test_a_caption_reads_the_latents_of_its_own_image(tiny_config, monkeypatch, media_attention):
+    """Two (image, caption) pairs in a row: in every cross-attention layer, the second caption's weights on
+    the first image's latents are exactly zero (Flamingo's default), or not, when text may read every
+    earlier media; the first caption never reads the second image."""
+    captioner = captioner_of(tiny_config, media_attention=media_attention)
+    tokens = torch.randint(0, 50257, (2, 9))
+    media_at = torch.tensor([[0, 4], [0, 6]])  # the second caption starts at token 4 in row 0, 6 in row 1
+    weights = cross_attention_weights(captioner, monkeypatch, images(4).view(2, 2, 1, TOKENS, VISION_DIM), None,
+                                      tokens, media_at=media_at)
+    assert len(weights) == len(captioner.xattn)
+    L, P = tiny_config.num_latents, tiny_config.prefix_len
+    for w in weights:  # [B, heads, positions, 2 * L]
+        for row, second in enumerate((4, 6)):
+            first_caption, second_caption = slice(0, P + second), slice(2 * P + second, None)
+            assert (w[row, :, first_caption, L:] == 0).all()
+            on_first_image = w[row, :, second_caption, :L]
+            if media_attention == 'latest':
+                assert (on_first_image == 0).all()
+            else:
+                assert (on_first_image > 0).all()
+
+
+def test_text_before_the_first_image_is_unchanged_by_any_image(captioner):
+    """Text, then an image, then more text: the logits of the text before the image are the same whatever the
+    image (its cross-attention adds nothing), those after it are not."""
+    tokens = torch.randint(0, 50257, (1, 8))
+    media_at = torch.tensor([[5]])
+    with torch.no_grad():
+        logits = [captioner(image[None], None, tokens, media_at=media_at)[0] for image in images(2)[:, None]]
+    assert torch.isfinite(logits[0]).all()
+    assert torch.equal(logits[0][:, :5], logits[1][:, :5])
+    assert (logits[0][:, 5:] - logits[1][:, 5:]).abs().max() > 1e-3
+
+
+def test_media_layout_places_every_prefix_before_its_text():
+    layout = MediaLayout.of(torch.tensor([[0, 3], [2, 2]]), text_len=5, prefix_len=2)
+    # row 0: P0 P0 t0 t1 t2 P1 P1 t3 t4; row 1: t0 t1 P0 P0 P1 P1 t2 t3 t4
+    assert layout.text_pos.tolist() == [[2, 3, 4, 7, 8], [0, 1, 6, 7, 8]]
+    assert layout.prefix_pos.tolist() == [[0, 1, 5, 6], [2, 3, 4, 5]]
+    assert layout.latest_media.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1], [-1, -1, 0, 0, 1, 1, 1, 1, 1]]
+
+
+def test_packed_captions_are_each_a_target_once_and_the_prefixes_never(data_dir):
+    """Six captions packed three to a sequence: read in order, the targets are each caption (as its image's
+    references say it, tokenized here) and its <|endoftext|>, one after another; each caption's media goes
+    before its first token, and no target falls on a prefix position."""
+    data = Captions(data_dir, 'train', 48)
+    ids = np.array([5, 17, 2, 30, 11, 8])
+    features, mask, tokens, targets, positions, media_at = data.interleaved_batch(ids, 3)
+    assert features.shape[:2] == (2, 3) and mask.shape[:2] == (2, 3)
+    assert np.array_equal(features[1, 2], data.features(data.media_index[ids[5:]])[0][0])
+    encoder = tiktoken.get_encoding('gpt2')
+    references = data.records()
+    flat_targets = targets.ravel()[positions]
+    for row in range(2):
+        row_targets = flat_targets[positions // targets.shape[1] == row].tolist()
+        captions = encoder.decode(row_targets).split('<|endoftext|>')
+        assert captions[-1] == '' and len(captions) == 4
+        for caption, i in zip(captions, ids[3 * row:3 * row + 3]):
+            assert caption in references[data.media_index[i]]['captions']
+        assert all(tokens[row, at] == EOT for at in media_at[row])
+        assert media_at[row, 0] == 0 and all(np.diff(media_at[row]) > 0)
+    assert (targets != IGNORE_INDEX).sum() == data.target_count(ids)
+    layout = MediaLayout.of(torch.from_numpy(media_at), tokens.shape[1], prefix_len=3)
+    in_sequence = layout.text_pos.flatten()[torch.from_numpy(positions)]
+    rows = torch.from_numpy(positions // targets.shape[1])
+    for row in range(2):
+        assert not set(in_sequence[rows == row].tolist()) & set(layout.prefix_pos[row].tolist())
+
+
+def recomputed_greedy(captioner, features, shots, max_new_tokens):
+    """Greedy decoding without a KV cache: the whole prompt and caption so far through forward() at each step."""
+    media, mask, prompt, media_at = few_shot_prompt(features, None, shots)
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits, _ = captioner(media, mask, tokens, media_at=media_at)
+        tokens = torch.cat([tokens, logits[:, -1:, :50257].argmax(-1)], dim=1)
+    return tokens[:, prompt.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize('media_attention', ['latest', 'earlier'])
+def test_few_shot_decoding_with_the_cache_equals_recomputing(tiny_config, media_attention):
+    captioner = captioner_of(tiny_config, media_attention=media_attention)
+    shots = (images(2), torch.ones(2, 1, dtype=torch.bool), [[64, 2266, 6333], [32, 4171]])
+    features = images(3)
+    expected = recomputed_greedy(captioner, features, shots, 6)
+    with torch.no_grad():
+        logits, state = captioner.start(features, None, 6, shots)
+        got = [logits.argmax(-1)]
+        for _ in range(5):
+            got.append(captioner.step(got[-1], state).argmax(-1))
+    assert torch.stack(got, 1).tolist() == expected
+    # the examples change the captions: without them, the same model says something else
+    assert captioner.generate(features, max_new_tokens=6) != captioner.generate(features, max_new_tokens=6,
+                                                                                shots=shots)
+
+
+def test_few_shot_examples_are_fixed_by_the_seed_and_never_the_query(data_dir):
+    examples = FewShotExamples(data_dir, 'train', 2, seed=5)
+    again = FewShotExamples(data_dir, 'train', 2, seed=5)
+    assert list(examples.media) == list(again.media) and len(examples.media) == 3
+    assert list(FewShotExamples(data_dir, 'train', 2, seed=6).media) != list(examples.media)
+    assert examples.chosen(lambda media, record: False) == (0, 1)
+    first = examples.media[0]
+    assert examples.chosen(lambda media, record: media == first) == (1, 2)
+    data = Captions(data_dir, 'train', 48)
+    encoder = tiktoken.get_encoding('gpt2')
+    for tokens, media in zip(examples.tokens, examples.media):  # each example with one of its captions
+        assert encoder.decode(tokens) in data.records()[media]['captions']
+    features, mask, tokens = examples.shots_of((1, 2), 'cpu')
+    assert np.array_equal(features.numpy(), data.features(examples.media[1:])[0]) and tokens == examples.tokens[1:]
+
+
+def test_eval_bleu_few_shot_puts_the_examples_before_every_image(run_dir, data_dir, monkeypatch, tmp_path):
+    """eval_bleu.py --shots=2 on the training split itself: every image gets two examples, never itself."""
+    shutil.copy(f'{run_dir}/best.pt', tmp_path / 'best.pt')
+    calls = record_generate_calls(monkeypatch)
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', '--split=train',
+                      '--shots=2', '--shots_seed=5', '--device=cpu', '--batch_size=64') is None
+    # the 16 training images: the two that are examples get the third example in their place
+    sizes = sorted(batch for batch, _, _ in calls)
+    assert sizes == [1, 1, 14]
+    for _, _, options in calls:
+        assert len(options['shots'][2]) == 2
+    with open(tmp_path / 'captions.json') as f:
+        assert len(json.load(f)) == 16
+
+
+def test_interleaved_training_accumulates_like_one_batch(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    """interleave=2: 8 captions a step as 4 sequences in one batch, and in 2 accumulated micro batches: the
+    same losses and weights (the loss is over all the captions' targets of the step)."""
+    common = ['--max_iters=3', '--eval_interval=3', '--learning_rate=2e-3', '--warmup_frac=0', '--interleave=2']
+    for name, options in {'one': ['--batch_size=8'],
+                          'accumulated': ['--batch_size=4', '--gradient_accumulation_steps=2']}.items():
+        assert run_script('train.py', *train_args(tmp_path / name, data_dir, tiny_clip_dir, tiny_gpt2_dir),
+                          *common, *options) is None
+    losses = {run: train_losses(logs(tmp_path / run)) for run in ('one', 'accumulated')}
+    assert losses['one'].keys() == {1, 2, 3} and losses['one'][1] > 5
+    assert np.allclose([losses['accumulated'][i] for i in (1, 2, 3)], [losses['one'][i] for i in (1, 2, 3)],
+                       rtol=1e-5)
+    weights = [torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('one', 'accumulated')]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
+
+
+def test_bad_interleave_settings_fail_in_one_line():
+    assert run_script('train.py', '--interleave=3', '--batch_size=32') == \
+        'train.py: interleave=3 must be at least 1 and divide batch_size=32'
