@@ -227,3 +227,16 @@ def test_interleaved_training_accumulates_like_one_batch(tmp_path, data_dir, tin
 def test_bad_interleave_settings_fail_in_one_line():
     assert run_script('train.py', '--interleave=3', '--batch_size=32') == \
         'train.py: interleave=3 must be at least 1 and divide batch_size=32'
+
+
+def test_sample_few_shot_never_gives_a_file_itself_as_its_example(run_dir, data_dir, monkeypatch, capsys):
+    """sample.py --shots=1 on the training pictures, with the examples from their own prepared split: the
+    picture that is the example gets the next candidate instead; the others all get the first."""
+    examples = FewShotExamples(data_dir, 'train', 1, seed=5)
+    calls = record_generate_calls(monkeypatch)
+    images = examples.records[0]['file'].rsplit('/', 1)[0]
+    assert run_script('sample.py', f'--out_dir={run_dir}', f'--images={images}', '--shots=1',
+                      f'--shots_data={data_dir}', '--seed=5', '--num_workers=0', '--device=cpu') is None
+    assert sorted((size, options['shots'][2][0]) for size, _, options in calls) == \
+        sorted([(1, examples.tokens[1]), (15, examples.tokens[0])])
+    assert len(capsys.readouterr().out.splitlines()) == 16
