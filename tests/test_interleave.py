@@ -48,6 +48,20 @@ def test_one_media_per_row_is_the_single_media_model(captioner):
     assert (interleaved - plain).abs().max() < 1e-5
 
 
+def test_the_first_video_of_a_row_and_its_caption_are_read_as_alone(captioner):
+    """Two videos of 2 and 3 frames (padded to 3) with their captions in one row: the first caption's logits
+    are those of its video and caption alone (causal text, and it reads its own video only)."""
+    videos = torch.randn(1, 2, 3, TOKENS, VISION_DIM)
+    frames = torch.tensor([[[True, True, False], [True, True, True]]])
+    tokens = torch.randint(0, 50257, (1, 9))
+    with torch.no_grad():
+        packed, _ = captioner(videos, frames, tokens, media_at=torch.tensor([[0, 4]]))
+        alone, _ = captioner(videos[:, 0], frames[:, 0], tokens[:, :4])
+        other_video, _ = captioner(videos[:, 1], frames[:, 1], tokens[:, :4])
+    assert (packed[:, :4] - alone).abs().max() < 1e-5
+    assert (alone - other_video).abs().max() > 1e-3
+
+
 def cross_attention_weights(captioner, monkeypatch, *inputs, **options):
     """Run the captioner with a written-out attention that records the weights of every gated
     cross-attention's call."""
