@@ -482,6 +482,8 @@ class FewShotExamples:
     """
 
     def __init__(self, data_dir, split, shots, seed):
+        if shots < 1:
+            raise InputError(f'shots must be a number of examples, not {shots}')
         data = Captions(data_dir, split, max_tokens=10 ** 9)
         if data.media_count <= shots:
             raise InputError(f"{data_dir}: split '{split}' has {data.media_count} {data.media}s, too few for "
@@ -490,6 +492,9 @@ class FewShotExamples:
         records = data.records()
         self.records = [records[m] for m in self.media]
         first_caption = {m: i for i, m in reversed(list(enumerate(data.media_index)))}
+        uncaptioned = [records[m]['file'] for m in self.media if m not in first_caption]
+        if uncaptioned:
+            raise InputError(f"{data_dir}: split '{split}' has no caption of {uncaptioned[0]} to give as an example")
         self.tokens = [data.tokens[data.offsets[i]:data.offsets[i] + data.lengths[i]].tolist()
                        for i in map(first_caption.get, self.media)]
         self.features, self.mask = data.features(self.media)

@@ -507,6 +507,11 @@ def official_spice(refs, hyps):
         return None
 
 
+def few_shot_settings():
+    """Where the examples of a few-shot evaluation came from, for metrics.json."""
+    return dict(shots_split=shots_split, shots_seed=shots_seed) if shots else {}
+
+
 def caption_split(model, data_dir, split_name, count, batch, decode_options, dev, examples=None):
     """Captions of the first `count` images or videos of a prepared split (all if 0), and their records
     (file, id, reference captions). examples: a data.FewShotExamples of the same data_dir, whose examples
@@ -550,7 +555,7 @@ if __name__ == '__main__':
     with input_errors_exit('eval_bleu.py'):
         metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
     write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,
-                                                           shots=shots, **metrics))
+                                                           shots=shots, **few_shot_settings(), **metrics))
     write_json(os.path.join(out_dir, 'captions.json'), [dict(file=r['file'], id=r['id'], caption=c)
                                                         for r, c in zip(records, captions)])
     print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else ''))

@@ -197,7 +197,8 @@ class KVCache:
 class MediaLayout:
     """
     Where M media go in a sequence of T text tokens (Flamingo's interleaving): media m's P prefix positions
-    are inserted before text token media_at[b, m], so the sequence has T + M * P positions. Every position
+    are inserted before text token media_at[b, m] (non-decreasing in m), so the sequence has T + M * P
+    positions. Every position
     knows its latest media, the last one inserted at or before it (-1 before the first): that media's
     latents are what its cross-attention reads.
     """
@@ -213,7 +214,7 @@ class MediaLayout:
         text_pos = text + prefix_len * media_so_far
         first = media_at + prefix_len * torch.arange(M, device=media_at.device)  # each prefix's first position
         prefix_pos = (first[:, :, None] + torch.arange(prefix_len, device=media_at.device)).flatten(1)
-        latest = torch.empty(B, text_len + M * prefix_len, dtype=torch.long, device=media_at.device)
+        latest = torch.full((B, text_len + M * prefix_len), -1, device=media_at.device)
         latest.scatter_(1, text_pos, media_so_far - 1)
         media = torch.arange(M, device=media_at.device).repeat_interleave(prefix_len).expand(B, -1)
         latest.scatter_(1, prefix_pos, media)  # a prefix belongs to its own media
@@ -532,7 +533,7 @@ class Captioner(nn.Module):
         frames, frame_mask = features.flatten(0, 1).to(self.gpt.wte.weight.dtype), feature_mask.flatten(0, 1)
         prefix = None
         if self.mapper is not None:
-            prefix = self.mapper(frames, frame_mask).view(B, M * self.prefix_len, -1)
+            prefix = self.mapper(frames, frame_mask).reshape(B, M * self.prefix_len, -1)
         media_kv = {}
         if self.resampler is not None:
             latents = self.resampler(frames, frame_mask)

@@ -257,9 +257,11 @@ def main(config):
             raise InputError(f'{path}: no checkpoint to resume from')
         checkpoint = read_checkpoint(path)
         model_config = checkpoint['model_config']
-        run_objective = checkpoint['train_config'].get('objective', 'xe')
-        if run_objective != objective:
-            raise InputError(f'{path}: a run with objective={run_objective}; resume it with the same')
+        # what each step reads follows from these: with others, a resumed run would not continue the run
+        for setting, default in (('objective', 'xe'), ('interleave', 1)):
+            was = checkpoint['train_config'].get(setting, default)
+            if was != config[setting]:
+                raise InputError(f'{path}: a run with {setting}={was}; resume it with the same')
     elif init_from != 'pretrained':
         if not os.path.isfile(init_from):
             raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume' or a "

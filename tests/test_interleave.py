@@ -48,6 +48,23 @@ def test_one_media_per_row_is_the_single_media_model(captioner):
     assert (interleaved - plain).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize('mapper', ['mlp', 'transformer'])
+def test_each_row_of_interleaved_media_is_read_as_alone(tiny_config, mapper):
+    """Two rows of two images and captions: each row's logits are those of the row on its own, and other
+    images in the other row change nothing in it (no row reads another's media)."""
+    captioner = captioner_of(tiny_config, mapper=mapper)
+    media, tokens = images(4).view(2, 2, 1, TOKENS, VISION_DIM), torch.randint(0, 50257, (2, 9))
+    media_at = torch.tensor([[0, 4], [0, 6]])
+    other = media.clone()
+    other[1] = torch.randn_like(other[1])
+    with torch.no_grad():
+        both, _ = captioner(media, None, tokens, media_at=media_at)
+        alone = [captioner(media[r:r + 1], None, tokens[r:r + 1], media_at=media_at[r:r + 1])[0] for r in range(2)]
+        with_other, _ = captioner(other, None, tokens, media_at=media_at)
+    assert all((both[r] - alone[r][0]).abs().max() < 1e-5 for r in range(2))
+    assert torch.equal(with_other[0], both[0]) and (with_other[1] - both[1]).abs().max() > 1e-3
+
+
 def test_the_first_video_of_a_row_and_its_caption_are_read_as_alone(captioner):
     """Two videos of 2 and 3 frames (padded to 3) with their captions in one row: the first caption's logits
     are those of its video and caption alone (causal text, and it reads its own video only)."""
@@ -174,9 +191,9 @@ def recomputed_greedy(captioner, features, shots, max_new_tokens):
     return tokens[:, prompt.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize('media_attention', ['latest', 'earlier'])
-def test_few_shot_decoding_with_the_cache_equals_recomputing(tiny_config, media_attention):
-    captioner = captioner_of(tiny_config, media_attention=media_attention)
+@pytest.mark.parametrize('media_attention, mapper', [('latest', 'mlp'), ('earlier', 'transformer')])
+def test_few_shot_decoding_with_the_cache_equals_recomputing(tiny_config, media_attention, mapper):
+    captioner = captioner_of(tiny_config, media_attention=media_attention, mapper=mapper)
     shots = (images(2), torch.ones(2, 1, dtype=torch.bool), [[64, 2266, 6333], [32, 4171]])
     features = images(3)
     expected = recomputed_greedy(captioner, features, shots, 6)
@@ -225,22 +242,33 @@ def test_eval_bleu_few_shot_puts_the_examples_before_every_image(run_dir, data_d
 def test_interleaved_training_accumulates_like_one_batch(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
     """interleave=2: 8 captions a step as 4 sequences in one batch, and in 2 accumulated micro batches: the
     same losses and weights (the loss is over all the captions' targets of the step)."""
-    common = ['--max_iters=3', '--eval_interval=3', '--learning_rate=2e-3', '--warmup_frac=0', '--interleave=2']
-    for name, options in {'one': ['--batch_size=8'],
-                          'accumulated': ['--batch_size=4', '--gradient_accumulation_steps=2']}.items():
+    common = ['--max_iters=3', '--eval_interval=3', '--learning_rate=2e-3', '--warmup_frac=0']
+    for name, options in {'one': ['--batch_size=8', '--interleave=2'],
+                          'accumulated': ['--batch_size=4', '--gradient_accumulation_steps=2', '--interleave=2'],
+                          'not_packed': ['--batch_size=8']}.items():
         assert run_script('train.py', *train_args(tmp_path / name, data_dir, tiny_clip_dir, tiny_gpt2_dir),
                           *common, *options) is None
-    losses = {run: train_losses(logs(tmp_path / run)) for run in ('one', 'accumulated')}
+    losses = {run: train_losses(logs(tmp_path / run)) for run in ('one', 'accumulated', 'not_packed')}
     assert losses['one'].keys() == {1, 2, 3} and losses['one'][1] > 5
+    # the same captions, packed: each caption after the one before it, which changes its loss
+    assert abs(losses['one'][1] - losses['not_packed'][1]) > 1e-3
     assert np.allclose([losses['accumulated'][i] for i in (1, 2, 3)], [losses['one'][i] for i in (1, 2, 3)],
                        rtol=1e-5)
     weights = [torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('one', 'accumulated')]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
 
 
-def test_bad_interleave_settings_fail_in_one_line():
+def test_bad_interleave_settings_fail_in_one_line(run_dir, data_dir, tmp_path):
     assert run_script('train.py', '--interleave=3', '--batch_size=32') == \
         'train.py: interleave=3 must be at least 1 and divide batch_size=32'
+    shutil.copytree(run_dir, tmp_path / 'run')
+    assert run_script('train.py', f"--out_dir={tmp_path / 'run'}", '--init_from=resume', '--interleave=2') == \
+        f"train.py: {tmp_path / 'run'}/ckpt.pt: a run with interleave=1; resume it with the same"
+    assert run_script('eval_bleu.py', f'--out_dir={run_dir}', f'--data_dir={data_dir}', '--shots=-1',
+                      '--device=cpu') == 'eval_bleu.py: shots must be a number of examples, not -1'
+    assert run_script('eval_bleu.py', f'--out_dir={run_dir}', f'--data_dir={data_dir}', '--shots=16',
+                      '--device=cpu') == (f"eval_bleu.py: {data_dir}: split 'train' has 16 images, too few for 16 "
+                                          'examples and a stand-in')
 
 
 def test_sample_few_shot_never_gives_a_file_itself_as_its_example(run_dir, data_dir, monkeypatch, capsys):
