@@ -591,20 +591,24 @@ class Captioner(nn.Module):
         """Encode the media and run the prompt [prefix; <|endoftext|>] (with few-shot examples, see
         few_shot_prompt: each example's [prefix; <|endoftext|> caption] before it), filling a KV cache for
         max_new_tokens more. Returns the next-token logits [B, vocab] and the state that step() reads."""
+        B, device = features.shape[0], features.device
         if shots is None:
-            prompt = torch.full((features.shape[0], 1), EOT, dtype=torch.long, device=features.device)
-            layout = visible = after_prompt = None
-            media = 1
+            prompt, media = torch.full((B, 1), EOT, dtype=torch.long, device=device), 1
         else:
-            features, feature_mask, prompt, media_at = few_shot_prompt(features, feature_mask, shots)
+            prompt, media_at = few_shot_prompt(shots[2], B, device)
             media = media_at.shape[1]
-            layout = MediaLayout.of(media_at, prompt.shape[1], self.prefix_len)
-            visible = self.media_visibility(layout.latest_media, media)
-            # the caption to write comes after the last media, the query: what its positions read
-            after_prompt = self.media_visibility(torch.full((1, 1), media - 1, device=features.device), media)
         cache = KVCache(self.gpt.config.n_layer, media * self.prefix_len + prompt.shape[1] + max_new_tokens)
         self.gpt.check_length(cache.max_len)  # fail now, not in the middle of decoding
         prefix, media_kv = self.encode(features, feature_mask)
+        layout = visible = after_prompt = None
+        if shots is not None:
+            # the examples are the same for every query: encoded once, as one row of N media
+            examples = self.encode(shots[0][None].to(device), shots[1][None].to(device))
+            prefix, media_kv = examples_first(examples, (prefix, media_kv), B)
+            layout = MediaLayout.of(media_at, prompt.shape[1], self.prefix_len)
+            visible = self.media_visibility(layout.latest_media, media)
+            # the caption to write comes after the last media, the query: what its positions read
+            after_prompt = self.media_visibility(torch.full((1, 1), media - 1, device=device), media)
         h = self.gpt(prompt, prefix, self.cross_hook(media_kv, visible), cache, layout)
         return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache, visible=after_prompt)
 
@@ -731,31 +735,29 @@ def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty
     return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
 
 
-def few_shot_prompt(features, feature_mask, shots):
+def few_shot_prompt(shot_tokens, B, device):
     """
-    Few-shot captioning's media and prompt: N example (media, caption) pairs before every query, as
-    train.py's interleave packs them. shots: (features [N, T, Nt, Dv], frame mask [N, T], N token lists).
-    Returns the media [B, N + 1, T', Nt, Dv] and their frame mask [B, N + 1, T'] (the examples' then the
-    query's, zero frames added up to the longest), the prompt [B, S] (each example's <|endoftext|> +
-    caption, then the query's <|endoftext|>) and media_at [B, N + 1], where each media goes.
+    Few-shot captioning's prompt: N example (media, caption) pairs before every query, as train.py's
+    interleave packs them. Captioner.generate's `shots` are (features [N, T, Nt, Dv], frame mask [N, T],
+    N caption token lists). Returns the prompt [B, S] (each example's <|endoftext|> + caption, then the
+    query's <|endoftext|>) and media_at [B, N + 1], where each media goes: the examples', then the query's.
     """
-    shot_features, shot_mask, shot_tokens = shots
-    if features.dim() == 3:  # one image: [B, N, Dv]
-        features = features[:, None]
-    if feature_mask is None:
-        feature_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-    B, frames = features.shape[0], max(features.shape[1], shot_features.shape[1])
-
-    def pad_frames(t):  # masked-out zero frames up to `frames`
-        return torch.cat([t, t.new_zeros(t.shape[0], frames - t.shape[1], *t.shape[2:])], dim=1)
-    shot_features = pad_frames(shot_features.to(features.device, features.dtype))
-    media = torch.cat([shot_features.expand(B, *shot_features.shape), pad_frames(features)[:, None]], dim=1)
-    shot_mask = pad_frames(shot_mask.to(features.device))
-    mask = torch.cat([shot_mask.expand(B, *shot_mask.shape), pad_frames(feature_mask)[:, None]], dim=1)
     spans = [[EOT, *tokens] for tokens in shot_tokens] + [[EOT]]
-    prompt = torch.tensor([t for span in spans for t in span], device=features.device).expand(B, -1)
+    prompt = torch.tensor([t for span in spans for t in span], device=device).expand(B, -1)
     starts = [sum(map(len, spans[:i])) for i in range(len(spans))]
-    return media, mask, prompt, torch.tensor(starts, device=features.device).expand(B, -1)
+    return prompt, torch.tensor(starts, device=device).expand(B, -1)
+
+
+def examples_first(examples, queries, B):
+    """The prefixes and cross-attention keys/values (Captioner.encode's) of B queries, each row after
+    those of the same few-shot examples (one row of N media)."""
+    (shot_prefix, shot_kv), (prefix, media_kv) = examples, queries
+    rows = lambda t: t.expand(B, *t.shape[1:])
+    if prefix is not None:
+        prefix = torch.cat([rows(shot_prefix), prefix], dim=1)
+    media_kv = {i: tuple(torch.cat([rows(example), query], dim=2) for example, query in zip(shot_kv[i], kv))
+                for i, kv in media_kv.items()}
+    return prefix, media_kv
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -771,11 +773,14 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
     # inverse transform sampling: one uniform number per row, looked up in the cumulative probabilities
-    # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time).
-    # A GPU's cumsum adds in another order at every position, so its sums can step back or move at a word
-    # of probability 0: the running maximum, with those words held at 0, makes every step up a word's own.
+    # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time)
     probs = logits.softmax(-1)
-    cdf = torch.where(probs > 0, probs.cumsum(-1), 0).cummax(-1).values
+    cdf = probs.cumsum(-1)
+    if cdf.is_cuda:
+        # A GPU's cumsum adds in another order at every position, so its sums can step back, or move at a
+        # word of probability 0: the running maximum, with those words held at 0, makes every step up a
+        # word's own. (A CPU adds in order: its sums never step back. cummax there would double the time.)
+        cdf = torch.where(probs > 0, cdf, 0).cummax(-1).values
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=logits.device) * total
     # u < total, or a product rounded up to it would land past the last word that has any probability

@@ -182,11 +182,13 @@ def test_packed_captions_are_each_a_target_once_and_the_prefixes_never(data_dir)
 
 def recomputed_greedy(captioner, features, shots, max_new_tokens):
     """Greedy decoding without a KV cache: the whole prompt and caption so far through forward() at each step."""
-    media, mask, prompt, media_at = few_shot_prompt(features, None, shots)
+    B = len(features)
+    prompt, media_at = few_shot_prompt(shots[2], B, 'cpu')
+    media = torch.cat([shots[0].expand(B, *shots[0].shape), features[:, None]], dim=1)  # [B, N + 1, T, Nt, Dv]
     tokens = prompt
     for _ in range(max_new_tokens):
         with torch.no_grad():
-            logits, _ = captioner(media, mask, tokens, media_at=media_at)
+            logits, _ = captioner(media, None, tokens, media_at=media_at)
         tokens = torch.cat([tokens, logits[:, -1:, :50257].argmax(-1)], dim=1)
     return tokens[:, prompt.shape[1]:].tolist()
 
