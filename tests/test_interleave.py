@@ -260,9 +260,14 @@ def test_interleaved_training_accumulates_like_one_batch(tmp_path, data_dir, tin
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5) for k in weights[0])
 
 
-def test_bad_interleave_settings_fail_in_one_line(run_dir, data_dir, tmp_path):
+def test_bad_interleave_settings_fail_in_one_line(run_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, tmp_path):
     assert run_script('train.py', '--interleave=3', '--batch_size=32') == \
         'train.py: interleave=3 must be at least 1 and divide batch_size=32'
+    longest = int(Captions(data_dir, 'train', 48).lengths.max())
+    assert run_script('train.py', *train_args(tmp_path / 'long', data_dir, tiny_clip_dir, tiny_gpt2_dir),
+                      '--interleave=16', '--batch_size=16', '--max_iters=1') == \
+        (f'train.py: a sequence of {16 * (longest + 2)} positions (prefix + caption) is longer than the language '
+         "model's 64")
     shutil.copytree(run_dir, tmp_path / 'run')
     assert run_script('train.py', f"--out_dir={tmp_path / 'run'}", '--init_from=resume', '--interleave=2') == \
         f"train.py: {tmp_path / 'run'}/ckpt.pt: a run with interleave=1; resume it with the same"
