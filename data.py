@@ -321,6 +321,8 @@ def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, worl
                          f'to drop them): {listing}')
     good = [i for i, why in enumerate(found) if not isinstance(why, str)]
     if bad and rank == 0:
+        for path, why in bad:
+            print(f'{path}: skipped, {why}', file=sys.stderr)
         dropped = sum(len(r['captions']) for r, why in zip(records, found) if isinstance(why, str))
         print(f'split {name}: skipped {len(bad)} unusable {kind}(s) and their {dropped} caption(s)',
               file=sys.stderr)

@@ -166,7 +166,10 @@ def test_bad_videos_are_named_or_skipped(tmp_path, mlslt_root, tiny_clip_dir, ca
     assert f"{root / 'train' / 'a2' / 'de.mp4'}: not a readable video" in message
     assert f"{root / 'train' / 'a3' / 'en.mp4'}: empty file" in message
     assert prepare(root, tmp_path / 'out', tiny_clip_dir, '--splits=train', '--skip_bad_videos=True') is None
-    assert 'split train: skipped 2 unusable video(s) and their 2 caption(s)' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'split train: skipped 2 unusable video(s) and their 2 caption(s)' in err
+    assert f"{root / 'train' / 'a2' / 'de.mp4'}: skipped, not a readable video" in err  # each named
+    assert f"{root / 'train' / 'a3' / 'en.mp4'}: skipped, empty file" in err
     assert [v['id'] for v in json.load(open(tmp_path / 'out' / 'train_videos.json'))] == [
         'a1/de', 'a1/en', 'a2/en', 'a3/de', 'a4/de', 'a4/en']
 
