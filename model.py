@@ -557,16 +557,18 @@ class Captioner(nn.Module):
         reads = latest == media if self.config.media_attention == 'latest' else latest >= media
         return reads.repeat_interleave(self.config.num_latents, dim=-1)[:, None]
 
-    def forward(self, features, feature_mask, tokens, targets=None, target_positions=None, media_at=None):
+    def forward(self, features, feature_mask, tokens, targets=None, target_positions=None, media_at=None,
+                reduction='mean'):
         """
         features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
         tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
         on padding. Interleaved (several captions per row, each after its own media): features
-        [B, M, T, N, Dv], feature_mask [B, M, T] and media_at [B, M], the text position each media goes
-        before (see MediaLayout). Without targets: logits [B, S, vocab] of the caption positions (the prefix needs no
-        LM head). With targets: logits [K, padded vocab] of the K positions that have a target, in
-        order, and their mean cross-entropy. Over GPT-2's 50,257 words the LM head and its softmax are
-        most of a small model's work, and a third of a batch padded to its longest caption is padding.
+        [B, M, T, N, Dv], feature_mask [B, M, T] and media_at [B, M], the text position each media
+        goes before (see MediaLayout). Without targets: logits [B, S, vocab] of the caption positions
+        (the prefix needs no LM head). With targets: logits [K, padded vocab] of the K positions that have
+        a target, in order, and their cross-entropy: the mean, or each one's (reduction='none'). Over
+        GPT-2's 50,257 words the LM head and its softmax are most of a small model's work, and a third
+        of a batch padded to its longest caption is padding.
         target_positions [K]: the flat indices (into B * S) of those positions. Give them when they are
         known on the host (train.py does): finding them from `targets` on a GPU makes the CPU wait for
         the GPU (one sync per step), and gives torch.compile a shape it cannot know in advance.
@@ -583,7 +585,7 @@ class Captioner(nn.Module):
         if target_positions is None:
             target_positions = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.gpt.lm_head(h.reshape(-1, h.shape[-1])[target_positions])
-        return logits, F.cross_entropy(logits.float(), targets.flatten()[target_positions])
+        return logits, F.cross_entropy(logits.float(), targets.flatten()[target_positions], reduction=reduction)
 
     # decoding, one token at a time; the search strategies are the functions after this class
 

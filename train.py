@@ -18,7 +18,6 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
@@ -193,10 +192,9 @@ def sampled_batch(samples, max_new_tokens):
 
 def sample_log_probs(model, features, mask, tokens, targets, positions):
     """The log-probability [B] of each sampled caption (the sum over its targets), with gradients."""
-    logits, _ = model(features, mask, tokens, targets, positions)
-    token_log_probs = -F.cross_entropy(logits.float(), targets.flatten()[positions], reduction='none')
+    _, token_losses = model(features, mask, tokens, targets, positions, reduction='none')
     rows = positions // tokens.shape[1]
-    return torch.zeros(len(tokens), device=logits.device).index_add(0, rows, token_log_probs)
+    return torch.zeros(len(tokens), device=token_losses.device).index_add(0, rows, -token_losses)
 
 
 def policy_gradient_loss(model, features, mask, samples, rewards, max_new_tokens):
