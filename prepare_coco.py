@@ -298,3 +298,7 @@ if __name__ == '__main__':
     write_json(meta_path, prepared)
     print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['images']:,} images / {v['captions']:,} captions"
                                            for k, v in prepared['splits'].items()))
+    missing = [name for name in ('train', 'val') if name not in prepared['splits']]
+    if missing:  # not an error: the next run may prepare them into the same folder
+        print(f"note: {out_dir} has no {' or '.join(missing)} split yet, which train.py needs (prepare them "
+              f'into it, or hold images out with --val_images=N)', file=sys.stderr)

@@ -136,7 +136,13 @@ def test_prepare_script_on_a_csv_with_missing_images_and_a_hold_out(tmp_path, ti
     assert {name: entry['images'] for name, entry in meta['splits'].items()} == expected
     assert sum(expected.values()) == 6 and len(held_out['val']) == 2 and len(held_out['test']) == 1
     assert len(stored_features(tmp_path / 'out' / 'train_feats.bin')) == expected['train']
-    capsys.readouterr()
+    assert 'note:' not in capsys.readouterr().err
+    # all of it as one test split: a note says what train.py will miss
+    assert run_script('prepare_coco.py', *args[:2], f"--out_dir={tmp_path / 'test_only'}", *args[3:5],
+                      '--split=test', '--skip_bad_images=True') is None
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"note: {tmp_path / 'test_only'} has no train or val split yet, which train.py needs (prepare them into "
+        'it, or hold images out with --val_images=N)')
 
 
 def test_excel_csv_and_text_that_is_not_utf8(tmp_path):
