@@ -609,9 +609,15 @@ class Captioner(nn.Module):
             prefix, media_kv = examples_first(examples, (prefix, media_kv), B)
             layout = MediaLayout.of(media_at, prompt.shape[1], self.prefix_len)
             visible = self.media_visibility(layout.latest_media, media)
-            # the caption to write comes after the last media, the query: what its positions read
-            after_prompt = self.media_visibility(torch.full((1, 1), media - 1, device=device), media)
         h = self.gpt(prompt, prefix, self.cross_hook(media_kv, visible), cache, layout)
+        if shots is not None:
+            # the caption to write comes after the last media, the query: its positions read the query's
+            # latents only ('latest'), so the steps keep those alone, or every media's ('earlier')
+            if self.config.media_attention == 'latest':
+                latents = self.config.num_latents
+                media_kv = {i: (k[:, :, -latents:], v[:, :, -latents:]) for i, (k, v) in media_kv.items()}
+            else:
+                after_prompt = self.media_visibility(torch.full((1, 1), media - 1, device=device), media)
         return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache, visible=after_prompt)
 
     def step(self, token, state):
