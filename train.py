@@ -193,8 +193,10 @@ def sampled_batch(samples, max_new_tokens):
 def sample_log_probs(model, features, mask, tokens, targets, positions):
     """The log-probability [B] of each sampled caption (the sum over its targets), with gradients."""
     _, token_losses = model(features, mask, tokens, targets, positions, reduction='none')
-    rows = positions // tokens.shape[1]
-    return torch.zeros(len(tokens), device=token_losses.device).index_add(0, rows, -token_losses)
+    # each target's log-probability in its place in [B, S] (0 elsewhere), then each row's sum: in a fixed
+    # order, where index_add's atomic adds on a GPU would sum in any
+    log_probs = torch.zeros(tokens.numel(), device=token_losses.device).index_put((positions,), -token_losses)
+    return log_probs.view(tokens.shape).sum(1)
 
 
 def policy_gradient_loss(model, features, mask, samples, rewards, max_new_tokens):
