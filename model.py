@@ -602,7 +602,7 @@ class Captioner(nn.Module):
         cache = KVCache(self.gpt.config.n_layer, media * self.prefix_len + prompt.shape[1] + max_new_tokens)
         self.gpt.check_length(cache.max_len)  # fail now, not in the middle of decoding
         prefix, media_kv = self.encode(features, feature_mask)
-        layout = visible = after_prompt = None
+        layout = visible = None
         if shots is not None:
             # the examples are the same for every query: encoded once, as one row of N media
             examples = self.encode(shots[0][None].to(device), shots[1][None].to(device))
@@ -610,21 +610,18 @@ class Captioner(nn.Module):
             layout = MediaLayout.of(media_at, prompt.shape[1], self.prefix_len)
             visible = self.media_visibility(layout.latest_media, media)
         h = self.gpt(prompt, prefix, self.cross_hook(media_kv, visible), cache, layout)
-        if shots is not None:
-            # the caption to write comes after the last media, the query: its positions read the query's
-            # latents only ('latest'), so the steps keep those alone, or every media's ('earlier')
-            if self.config.media_attention == 'latest':
-                latents = self.config.num_latents
-                media_kv = {i: (k[:, :, -latents:], v[:, :, -latents:]) for i, (k, v) in media_kv.items()}
-            else:
-                after_prompt = self.media_visibility(torch.full((1, 1), media - 1, device=device), media)
-        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache, visible=after_prompt)
+        if shots is not None and self.config.media_attention == 'latest':
+            # the caption to write comes after the last media, the query: it reads the query's latents
+            # alone, so the steps keep those (with 'earlier' it reads every media's: no mask is needed)
+            latents = self.config.num_latents
+            media_kv = {i: (k[:, :, -latents:].contiguous(), v[:, :, -latents:].contiguous())
+                        for i, (k, v) in media_kv.items()}
+        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache)
 
     def step(self, token, state):
         """Feed one token per row [B] at the cache's next position; returns the next-token logits
         [B, vocab]. The same shapes and memory every step (see KVCache)."""
-        cross = self.cross_hook(state['media_kv'], state['visible'])
-        h = self.gpt(token[:, None], cross=cross, cache=state['cache'])
+        h = self.gpt(token[:, None], cross=self.cross_hook(state['media_kv']), cache=state['cache'])
         return self.next_token_logits(h[:, -1])
 
     def next_token_logits(self, h):
@@ -643,8 +640,9 @@ class Captioner(nn.Module):
         """
         Caption a batch of images or videos. decoding: 'greedy', 'beam' (per-image beams, scores
         normalised by length ** length_penalty) or 'sample' (temperature, top_k, top_p). No caption
-        ends before min_new_tokens tokens. shots: few-shot examples to put before every input (see
-        few_shot_prompt). Returns one list of token ids per input, without <|endoftext|>.
+        ends before min_new_tokens tokens. shots: few-shot examples to put before every input, the same for
+        each: (features [N, T, Nt, Dv], frame mask [N, T], N caption token lists), see few_shot_prompt.
+        Returns one list of token ids per input, without <|endoftext|>.
         """
         if decoding == 'beam':
             tokens = beam_search(self, features, feature_mask, max_new_tokens, beam_width, length_penalty,
@@ -746,9 +744,9 @@ def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty
 def few_shot_prompt(shot_tokens, B, device):
     """
     Few-shot captioning's prompt: N example (media, caption) pairs before every query, as train.py's
-    interleave packs them. Captioner.generate's `shots` are (features [N, T, Nt, Dv], frame mask [N, T],
-    N caption token lists). Returns the prompt [B, S] (each example's <|endoftext|> + caption, then the
-    query's <|endoftext|>) and media_at [B, N + 1], where each media goes: the examples', then the query's.
+    interleave packs them, from the examples' caption token lists. Returns the prompt [B, S] (each
+    example's <|endoftext|> + caption, then the query's <|endoftext|>) and media_at [B, N + 1], where
+    each media goes: the examples', then the query's.
     """
     spans = [[EOT, *tokens] for tokens in shot_tokens] + [[EOT]]
     prompt = torch.tensor([t for span in spans for t in span], device=device).expand(B, -1)
@@ -784,7 +782,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time)
     probs = logits.softmax(-1)
     cdf = probs.cumsum(-1)
-    if cdf.is_cuda:
+    if cdf.device.type != 'cpu':
         # A GPU's cumsum adds in another order at every position, so its sums can step back, or move at a
         # word of probability 0: the running maximum, with those words held at 0, makes every step up a
         # word's own. (A CPU adds in order: its sums never step back. cummax there would double the time.)

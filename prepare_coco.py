@@ -300,5 +300,5 @@ if __name__ == '__main__':
                                            for k, v in prepared['splits'].items()))
     missing = [name for name in ('train', 'val') if name not in prepared['splits']]
     if missing:  # not an error: the next run may prepare them into the same folder
-        print(f"note: {out_dir} has no {' or '.join(missing)} split yet, which train.py needs (prepare them "
-              f'into it, or hold images out with --val_images=N)', file=sys.stderr)
+        print(f"note: {out_dir} has no {' or '.join(missing)} split yet, which train.py needs by default "
+              f'(prepare them into it; of your own captions, --val_images=N holds some out)', file=sys.stderr)

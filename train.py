@@ -283,8 +283,11 @@ def main(config):
     if iters_per_epoch == 0:
         raise InputError(f'{train_items} training {item_name}s make no batch of {global_batch}')
     total_iters = max_iters or epochs * iters_per_epoch
-    if interleave > 1:  # the longest captions packed together must fit GPT-2's positions: fail now, not mid-run
-        model.gpt.check_length(interleave * (model.prefix_len + int(train_data.lengths.max()) + 1))
+    longest = interleave * (model.prefix_len + int(train_data.lengths.max()) + 1)  # prefix + <|endoftext|> + caption
+    if interleave > 1 and longest > model.gpt.config.block_size:  # fail now, not mid-run
+        raise InputError(f'interleave={interleave} x (prefix {model.prefix_len} + <|endoftext|> + longest caption '
+                         f'{int(train_data.lengths.max())}) = {longest} positions > the language model\'s '
+                         f'{model.gpt.config.block_size}: lower interleave or max_caption_tokens')
     reward = CiderReward(train_data.records()) if objective == 'scst' else None
     model.to(dev)
     optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda')

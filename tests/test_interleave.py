@@ -210,6 +210,19 @@ def test_few_shot_decoding_with_the_cache_equals_recomputing(tiny_config, media_
                                                                                 shots=shots)
 
 
+@pytest.mark.parametrize('media_attention', ['latest', 'earlier'])
+def test_few_shot_beam_search_of_width_one_is_greedy(tiny_config, media_attention):
+    """Beam search keeps each beam's media through its reordering: with one beam it is greedy decoding,
+    here with examples of two frames (one masked out) before images of one."""
+    captioner = captioner_of(tiny_config, media_attention=media_attention)
+    shots = (torch.randn(2, 2, TOKENS, VISION_DIM).half(), torch.tensor([[True, False], [True, True]]),
+             [[64, 2266, 6333], [32, 4171]])
+    features = images(6)
+    greedy = captioner.generate(features, max_new_tokens=6, shots=shots)
+    assert captioner.generate(features, max_new_tokens=6, shots=shots, decoding='beam', beam_width=1) == greedy
+    assert greedy != greedy[::-1]  # the images still differ: a beam reading another row's media would show
+
+
 def test_few_shot_examples_are_fixed_by_the_seed_and_never_the_query(data_dir):
     examples = FewShotExamples(data_dir, 'train', 2, seed=5)
     again = FewShotExamples(data_dir, 'train', 2, seed=5)
@@ -266,8 +279,8 @@ def test_bad_interleave_settings_fail_in_one_line(run_dir, data_dir, tiny_clip_d
     longest = int(Captions(data_dir, 'train', 48).lengths.max())
     assert run_script('train.py', *train_args(tmp_path / 'long', data_dir, tiny_clip_dir, tiny_gpt2_dir),
                       '--interleave=16', '--batch_size=16', '--max_iters=1') == \
-        (f'train.py: a sequence of {16 * (longest + 2)} positions (prefix + caption) is longer than the language '
-         "model's 64")
+        (f'train.py: interleave=16 x (prefix 1 + <|endoftext|> + longest caption {longest}) = {16 * (longest + 2)} '
+         "positions > the language model's 64: lower interleave or max_caption_tokens")
     shutil.copytree(run_dir, tmp_path / 'run')
     assert run_script('train.py', f"--out_dir={tmp_path / 'run'}", '--init_from=resume', '--interleave=2') == \
         f"train.py: {tmp_path / 'run'}/ckpt.pt: a run with interleave=1; resume it with the same"

@@ -141,8 +141,8 @@ def test_prepare_script_on_a_csv_with_missing_images_and_a_hold_out(tmp_path, ti
     assert run_script('prepare_coco.py', *args[:2], f"--out_dir={tmp_path / 'test_only'}", *args[3:5],
                       '--split=test', '--skip_bad_images=True') is None
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"note: {tmp_path / 'test_only'} has no train or val split yet, which train.py needs (prepare them into "
-        'it, or hold images out with --val_images=N)')
+        f"note: {tmp_path / 'test_only'} has no train or val split yet, which train.py needs by default (prepare "
+        'them into it; of your own captions, --val_images=N holds some out)')
 
 
 def test_excel_csv_and_text_that_is_not_utf8(tmp_path):
