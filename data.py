@@ -508,6 +508,14 @@ class FewShotExamples:
         keep = [j for j, (m, record) in enumerate(zip(self.media, self.records)) if not is_query(m, record)]
         return tuple(keep[:self.shots])
 
+    def groups(self, queries, is_query):
+        """{examples chosen: [positions in queries]}: the queries that get the same examples, together (they
+        can be captioned in one batch). is_query(query, media, record) says whether a candidate is that query."""
+        groups = {}
+        for i, query in enumerate(queries):
+            groups.setdefault(self.chosen(lambda media, record: is_query(query, media, record)), []).append(i)
+        return groups
+
     def shots_of(self, chosen, device):
         """The examples `chosen` as Captioner.generate's `shots`: features, frame mask, token lists."""
         import torch

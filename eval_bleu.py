@@ -523,11 +523,11 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     count = min(count or len(records), len(records))
     encoder = tiktoken.get_encoding('gpt2')
     # the images that get the same examples are captioned together
-    groups = {(): range(count)} if examples is None else {}
-    if examples is not None:
+    if examples is None:
+        groups = {(): range(count)}
+    else:
         same_split = examples.split == split_name
-        for i in range(count):
-            groups.setdefault(examples.chosen(lambda media, record: same_split and media == i), []).append(i)
+        groups = examples.groups(range(count), lambda i, media, record: same_split and media == i)
     captions = [None] * count
     for chosen, group in groups.items():
         shots = examples.shots_of(chosen, dev) if examples is not None else None

@@ -115,11 +115,8 @@ def shot_groups(paths, examples):
     no file is its own example."""
     if examples is None:
         return [((), list(range(len(paths))))]
-    groups = {}
-    for row, path in enumerate(paths):
-        is_query = lambda media, record: os.path.exists(record['file']) and os.path.samefile(path, record['file'])
-        groups.setdefault(examples.chosen(is_query), []).append(row)
-    return list(groups.items())
+    same_file = lambda path, media, record: os.path.exists(record['file']) and os.path.samefile(path, record['file'])
+    return list(examples.groups(paths, same_file).items())
 
 
 def caption_files(model, files, options, batch, workers, dev, samples=1, examples=None):
