@@ -198,9 +198,8 @@ class MediaLayout:
     """
     Where M media go in a sequence of T text tokens (Flamingo's interleaving): media m's P prefix positions
     are inserted before text token media_at[b, m] (non-decreasing in m), so the sequence has T + M * P
-    positions. Every position
-    knows its latest media, the last one inserted at or before it (-1 before the first): that media's
-    latents are what its cross-attention reads.
+    positions. Every position knows its latest media, the last one inserted at or before it (-1 before
+    the first): that media's latents are what its cross-attention reads.
     """
     text_pos: torch.Tensor  # [B, T] the positions of the text tokens
     prefix_pos: torch.Tensor  # [B, M * P] the positions of the prefixes, media after media
@@ -293,10 +292,9 @@ class GPT2(nn.Module):
         if cache is not None and cache.pos is not None:
             positions = cache.step_position()
         else:
-            if prefix is not None and layout is None:
-                x = torch.cat([prefix.to(x.dtype), x], dim=1)
-            elif prefix is not None:
-                x = layout.place(x, prefix.to(x.dtype))
+            if prefix is not None:
+                prefix = prefix.to(x.dtype)
+                x = torch.cat([prefix, x], dim=1) if layout is None else layout.place(x, prefix)
             self.check_length(x.shape[1])
             positions = torch.arange(x.shape[1], device=x.device)
         x = x + self.wpe(positions)
@@ -549,6 +547,12 @@ class Captioner(nn.Module):
             return self.xattn[str(i)](x, media_kv[i], visible) if i in media_kv else x
         return cross
 
+    def interleaving(self, media_at, text_len):
+        """The MediaLayout of media before text positions media_at [B, M] among text_len tokens, and which
+        latents each of its positions reads."""
+        layout = MediaLayout.of(media_at, text_len, self.prefix_len)
+        return layout, self.media_visibility(layout.latest_media, media_at.shape[1])
+
     def media_visibility(self, latest_media, M):
         """Which latents each position reads, [B, 1, S, M * L] (True = read), from each position's latest
         media [B, S] (-1: none yet): those of that media, or of every media up to it (media_attention)."""
@@ -577,8 +581,7 @@ class Captioner(nn.Module):
         if media_at is None:  # one media per row, before the text
             h = self.gpt(tokens, prefix, self.cross_hook(media_kv))[:, self.prefix_len:]
         else:
-            layout = MediaLayout.of(media_at, tokens.shape[1], self.prefix_len)
-            visible = self.media_visibility(layout.latest_media, media_at.shape[1])
+            layout, visible = self.interleaving(media_at, tokens.shape[1])
             h = layout.text_states(self.gpt(tokens, prefix, self.cross_hook(media_kv, visible), layout=layout))
         if targets is None:
             return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None  # the real words'
@@ -607,8 +610,7 @@ class Captioner(nn.Module):
             # the examples are the same for every query: encoded once, as one row of N media
             examples = self.encode(shots[0][None].to(device), shots[1][None].to(device))
             prefix, media_kv = examples_first(examples, (prefix, media_kv), B)
-            layout = MediaLayout.of(media_at, prompt.shape[1], self.prefix_len)
-            visible = self.media_visibility(layout.latest_media, media)
+            layout, visible = self.interleaving(media_at, prompt.shape[1])
         h = self.gpt(prompt, prefix, self.cross_hook(media_kv, visible), cache, layout)
         if shots is not None and self.config.media_attention == 'latest':
             # the caption to write comes after the last media, the query: it reads the query's latents

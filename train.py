@@ -283,10 +283,11 @@ def main(config):
     if iters_per_epoch == 0:
         raise InputError(f'{train_items} training {item_name}s make no batch of {global_batch}')
     total_iters = max_iters or epochs * iters_per_epoch
-    longest = interleave * (model.prefix_len + int(train_data.lengths.max()) + 1)  # prefix + <|endoftext|> + caption
-    if interleave > 1 and longest > model.gpt.config.block_size:  # fail now, not mid-run
+    longest_caption = int(train_data.lengths.max())
+    packed = interleave * (model.prefix_len + 1 + longest_caption)  # prefix + <|endoftext|> + caption, k times
+    if interleave > 1 and packed > model.gpt.config.block_size:  # fail now, not mid-run
         raise InputError(f'interleave={interleave} x (prefix {model.prefix_len} + <|endoftext|> + longest caption '
-                         f'{int(train_data.lengths.max())}) = {longest} positions > the language model\'s '
+                         f'{longest_caption}) = {packed} positions > the language model\'s '
                          f'{model.gpt.config.block_size}: lower interleave or max_caption_tokens')
     reward = CiderReward(train_data.records()) if objective == 'scst' else None
     model.to(dev)
