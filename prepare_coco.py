@@ -73,21 +73,24 @@ def load_captions(path, image_root, split_name='', val_images=0, test_images=0, 
 
 def csv_rows(path):
     with open_text(path) as f:
-        reader = csv.DictReader(f, strict=True)  # strict: an unbalanced quote is an error, not a merged row
-        try:
-            missing = [c for c in ('image', 'caption') if c not in (reader.fieldnames or [])]
-            if missing:
-                raise InputError(f"{path}:1: the header has no {' or '.join(missing)} column "
-                                 f"(expected image,caption and optionally split)")
-            for row in reader:
-                where = f'{path}:{reader.line_num}'
-                if None in row.values() or None in row:
-                    raise InputError(f'{where}: {len(reader.fieldnames)} columns expected')
-                if '\n' in row['caption'] or '\r' in row['caption']:
-                    raise InputError(f'{where}: a caption over several lines (an unbalanced quote?)')
-                yield from own_row(row.get('image'), [row['caption']], row.get('split'), 'split' in row, where)
-        except csv.Error as e:  # in the row after the last one read
-            raise InputError(f'{path}:{reader.line_num + 1}: not a well-formed CSV row ({e})')
+        reader = csv.DictReader(f, strict=True)  # strict: a stray quote is an error, not a merged row
+        missing = [c for c in ('image', 'caption') if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{path}:1: the header has no {' or '.join(missing)} column "
+                             f"(expected image,caption and optionally split)")
+        while True:
+            where = f'{path}:{reader.line_num + 1}'  # the line the row starts on (a quoted caption may span lines)
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                if 'unexpected end of data' in str(e):  # a quote that opens here runs to the end of the file
+                    raise InputError(f'{where}: a quote opens on this line and is never closed')
+                raise InputError(f'{where}: not a well-formed CSV row ({e})')
+            if None in row.values() or None in row:
+                raise InputError(f'{where}: {len(reader.fieldnames)} columns expected')
+            yield from own_row(row.get('image'), [row['caption']], row.get('split'), 'split' in row, where)
 
 
 def jsonl_rows(path):
@@ -160,8 +163,14 @@ def own_row(image, texts, split_name, has_split, where):
         raise InputError(f'{where}: an empty caption')
     if has_split and not (isinstance(split_name, str) and SPLIT_NAME.fullmatch(split_name.strip())):
         raise InputError(f'{where}: the split {split_name!r} is not a name of letters, digits, _ and -')
-    return [(os.path.normpath(image.strip()), t.strip(), split_name.strip() if has_split else None, where)
+    return [(os.path.normpath(image.strip()), one_line(t), split_name.strip() if has_split else None, where)
             for t in texts]
+
+
+def one_line(caption):
+    """A caption on one line, single-spaced: a line break inside a caption (a quoted CSV field may hold
+    one, and so do a few of COCO's own captions) is white space like any other."""
+    return ' '.join(caption.split())
 
 
 SPLIT_NAME = re.compile(r'[A-Za-z0-9_-]+')  # it becomes part of file names
@@ -241,7 +250,7 @@ def coco_images(data, image_root, path):
         image_id = field(annotation, 'image_id', (int, str), where)
         if image_id not in files:
             raise InputError(f'{where} is a caption of image_id {image_id!r}, which images[] does not list')
-        by_id.setdefault(image_id, []).append(field(annotation, 'caption', str, where).strip())
+        by_id.setdefault(image_id, []).append(one_line(field(annotation, 'caption', str, where)))
     if not by_id:
         raise InputError(f'{path}: no captions (annotations[] is empty)')
     name_left_out(path, f'of its {len(files):,} images have no caption',
@@ -257,7 +266,7 @@ def karpathy_images(images_list, image_root, path):
         name = field(im, 'split', str, where)
         name = 'train' if name == 'restval' else name  # train = train + restval
         sentences = field(im, 'sentences', list, where)
-        captions = [field(s, 'raw', str, f'{where}.sentences[{j}]').strip() for j, s in enumerate(sentences)]
+        captions = [one_line(field(s, 'raw', str, f'{where}.sentences[{j}]')) for j, s in enumerate(sentences)]
         if not captions:
             raise InputError(f'{where} has no sentences')
         splits.setdefault(name, []).append(dict(

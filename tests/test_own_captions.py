@@ -90,7 +90,9 @@ def test_folder_of_images_with_text_files(tmp_path, capsys):
     ('c.jsonl', '{"image": "a.jpg", "caption": "x", "split": "val"}\n{"image": "b.jpg", "caption": "y"}\n',
      'c.jsonl:2: no split, while '),
     ('c.csv', 'image,caption\na.jpg,x\nb.jpg,"unbalanced\nc.jpg,y\nd.jpg,z\n',
-     'c.csv:3: not a well-formed CSV row'),
+     'c.csv:3: a quote opens on this line and is never closed'),
+    ('c.csv', 'image,caption\na.jpg,"two\nlines"\nb.jpg,"unbalanced\nc.jpg,y\n',
+     'c.csv:4: a quote opens on this line and is never closed'),
     ('c.csv', 'image,caption\na.jpg,x\nb.jpg,"said "hi" to me"\n', 'c.csv:3: not a well-formed CSV row'),
     ('c.csv', 'image,caption,split\na.jpg,x,../elsewhere\n', "c.csv:2: the split '../elsewhere' is not a name"),
 ])
@@ -100,6 +102,38 @@ def test_a_malformed_row_is_named_by_file_and_line(tmp_path, name, text, message
         load(path)
     assert str(error.value).startswith(f'{path}:') and message in str(error.value), str(error.value)
     assert '\n' not in str(error.value)
+
+
+# real COCO captions hold line breaks: val2017 has one ending "...some greens.\n", another "...ready to be cut\n."
+MULTILINE = [('a.png', 'A salad with some greens.\n'), ('a.png', 'A cake ready to be cut\n.'),
+             ('b.png', 'Two dogs\r\non a  couch, "asleep".'), ('b.png', 'A dog.')]
+
+
+def test_captions_over_several_lines_are_one_line_in_every_format(tmp_path, tiny_clip_dir):
+    """A CSV written by Python's csv module quotes a caption with line breaks over several lines (RFC 4180):
+    it is prepared into the same files as the same captions in JSON Lines, each caption on one line."""
+    import csv
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for i, name in enumerate(('a.png', 'b.png')):
+        Image.new('RGB', (40, 30), (90 * i, 20, 200)).save(folder / name)
+    with open(tmp_path / 'captions.csv', 'w', newline='', encoding='utf-8') as f:
+        writer = csv.writer(f)
+        writer.writerow(['image', 'caption'])
+        writer.writerows(MULTILINE)
+    assert '"A salad with some greens.\n"' in (tmp_path / 'captions.csv').read_text()  # quoted over two lines
+    write(tmp_path / 'captions.jsonl', ''.join(json.dumps(dict(image=i, caption=c)) + '\n' for i, c in MULTILINE))
+    for kind in ('csv', 'jsonl'):
+        assert run_script('prepare_coco.py', f'--captions={tmp_path}/captions.{kind}', f'--images={folder}',
+                          f'--out_dir={tmp_path}/{kind}', f'--vision_model={tiny_clip_dir}', '--num_workers=0',
+                          '--split=train') is None
+    names = sorted(p.name for p in (tmp_path / 'csv').iterdir() if p.name != 'meta.json')
+    assert names == ['train_captions.npy', 'train_feats.bin', 'train_images.json', 'train_tokens.bin']
+    for name in names:
+        assert (tmp_path / 'csv' / name).read_bytes() == (tmp_path / 'jsonl' / name).read_bytes(), name
+    records = json.loads((tmp_path / 'csv' / 'train_images.json').read_text())
+    assert [r['captions'] for r in records] == [['A salad with some greens.', 'A cake ready to be cut .'],
+                                                ['Two dogs on a couch, "asleep".', 'A dog.']]
 
 
 def test_real_flickr8k_split_file():
