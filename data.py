@@ -44,6 +44,14 @@ def input_errors_exit(script):
         raise SystemExit(f'{script}: {e}') from None  # Python prints the message and exits with 1
 
 
+def check_at_least(**settings):
+    """settings: name=(value, lowest). Raise an InputError naming the first one that is not a whole number of
+    at least its lowest value (a script checks its counts before it loads anything)."""
+    for name, (value, lowest) in settings.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= lowest):
+            raise InputError(f'{name} must be at least {lowest}, not {value!r}')
+
+
 def read_json(path):
     """The JSON in `path`, or None if there is no such file; a file that cannot be read or is not JSON is
     an InputError naming it."""

@@ -23,8 +23,8 @@ from collections import Counter
 
 import numpy as np
 
-from data import (Captions, FewShotExamples, InputError, check_data_fits_model, decode_caption, first_line,
-                  input_errors_exit, read_meta, write_json)
+from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, decode_caption,
+                  first_line, input_errors_exit, read_meta, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -541,9 +541,11 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    from model import load_captioner, onednn_linears, pick_device
+    from model import check_decoding, load_captioner, onednn_linears, pick_device
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('eval_bleu.py'):
+        check_decoding(decoding, max_new_tokens, beam_width)
+        check_at_least(max_items=(max_items, 0), batch_size=(batch_size, 1), shots=(shots, 0))
         if official:
             require_official_toolkit()  # before the captioning, not after
         dev = pick_device(device)

@@ -17,6 +17,8 @@ weights come from transformers.
 """
 import math
 import os
+import re
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -637,25 +639,48 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
-                 temperature=1.0, top_k=None, top_p=None, length_penalty=1.0, generator=None,
+                 temperature=1.0, top_k=0, top_p=1.0, length_penalty=1.0, generator=None,
                  min_new_tokens=0, shots=None):
         """
         Caption a batch of images or videos. decoding: 'greedy', 'beam' (per-image beams, scores
-        normalised by length ** length_penalty) or 'sample' (temperature, top_k, top_p). No caption
-        ends before min_new_tokens tokens. shots: few-shot examples to put before every input, the same for
-        each: (features [N, T, Nt, Dv], frame mask [N, T], N caption token lists), see few_shot_prompt.
-        Returns one list of token ids per input, without <|endoftext|>.
+        normalised by length ** length_penalty) or 'sample' (temperature, top_k (0: off), top_p (1: off)).
+        No caption ends before min_new_tokens tokens. shots: few-shot examples to put before every input,
+        the same for each: (features [N, T, Nt, Dv], frame mask [N, T], N caption token lists), see
+        few_shot_prompt. Returns one list of token ids per input, without <|endoftext|>.
         """
+        check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p, length_penalty,
+                       min_new_tokens)
         if decoding == 'beam':
             tokens = beam_search(self, features, feature_mask, max_new_tokens, beam_width, length_penalty,
                                  min_new_tokens, shots)
-        elif decoding in ('greedy', 'sample'):
-            pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
-                lambda logits: sample_token(logits, temperature, top_k, top_p, generator))
-            tokens = greedy_or_sample(self, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots)
         else:
-            raise InputError(f"decoding must be 'greedy', 'beam' or 'sample', not {decoding!r}")
+            pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
+                lambda logits: sample_token(logits, temperature, top_k or None, top_p if top_p < 1 else None,
+                                            generator))
+            tokens = greedy_or_sample(self, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots)
         return [strip_eot(row) for row in tokens.tolist()]
+
+
+def check_decoding(decoding='greedy', max_new_tokens=20, beam_width=5, temperature=1.0, top_k=0, top_p=1.0,
+                   length_penalty=1.0, min_new_tokens=0):
+    """Raise an InputError naming the first decoding setting outside its range (the scripts call this before
+    they load a model)."""
+    def require(ok, name, value, expected):
+        if not ok:
+            raise InputError(f'{name} must be {expected}, not {value!r}')
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    require(decoding in ('greedy', 'beam', 'sample'), 'decoding', decoding, "'greedy', 'beam' or 'sample'")
+    require(whole(max_new_tokens) and max_new_tokens >= 1, 'max_new_tokens', max_new_tokens, 'at least 1')
+    require(whole(min_new_tokens) and 0 <= min_new_tokens <= max_new_tokens, 'min_new_tokens', min_new_tokens,
+            f'in 0..max_new_tokens ({max_new_tokens})')
+    require(whole(beam_width) and beam_width >= 1, 'beam_width', beam_width, 'at least 1')
+    require(real(temperature) and temperature > 0, 'temperature', temperature,
+            'above 0 (decoding=greedy takes the best word)')
+    require(whole(top_k) and top_k >= 0, 'top_k', top_k, 'a number of words, or 0 for all')
+    require(real(top_p) and 0 < top_p <= 1, 'top_p', top_p, 'a share of the probability in (0, 1], 1 for all')
+    require(real(length_penalty) and length_penalty >= 0, 'length_penalty', length_penalty,
+            'at least 0 (0: scores not normalised by length)')
 
 
 # -----------------------------------------------------------------------------
@@ -990,7 +1015,7 @@ def read_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all, ...
-        raise InputError(f'{path}: not a readable nanocap checkpoint ({first_line(e)})')
+        raise InputError(f'{path}: not a readable nanocap checkpoint: {unreadable_file(path, e)}')
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise InputError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)})")
@@ -999,6 +1024,25 @@ def read_checkpoint(path):
     except TypeError as e:  # fields of another version of nanocap
         raise InputError(f'{path}: its model_config does not fit this version of model.py ({e})')
     return checkpoint
+
+
+def unreadable_file(path, error):
+    """What a file is that torch.load(weights_only=True) refused, in our words: torch's own message advises
+    loading it with weights_only=False, which would let the file run code. Never pass that on."""
+    with open(path, 'rb') as f:
+        head = f.read(64).lstrip()
+    global_object = re.search(r'GLOBAL (\S+) was not an allowed global', str(error))
+    if global_object:
+        return (f'it holds Python objects besides tensors (such as {global_object.group(1)}), and loading those '
+                f'could run code: refused')
+    if head.startswith(b'PK'):
+        return 'a zip archive, but not one torch.save wrote' if zipfile.is_zipfile(path) else \
+            'a zip archive cut short (an interrupted save or copy?)'
+    if head[:1] in (b'{', b'['):
+        return 'a JSON file, not a checkpoint'
+    if head[:1] == b'\x80':
+        return 'a pickle, but not one torch.save wrote'
+    return 'an empty file' if not head else 'not a file torch.save wrote'
 
 
 def load_captioner(checkpoint_path, device='cpu'):

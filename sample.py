@@ -20,8 +20,8 @@ from html import escape
 
 from PIL import Image
 
-from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_data_fits_model, count_frames,
-                  decode_caption, input_errors_exit, load_rgb, read_frames, read_meta, stack_frames, video_pixels,
+from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
+                  count_frames, decode_caption, input_errors_exit, load_rgb, read_frames, read_meta, stack_frames, video_pixels,
                   write_json)
 
 # -----------------------------------------------------------------------------
@@ -182,7 +182,10 @@ def write_html(path, results):
 
 def main():
     import torch
-    from model import load_captioner, onednn_linears, pick_device
+    from model import check_decoding, load_captioner, onednn_linears, pick_device
+    check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
+    check_at_least(num_samples=(num_samples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
+                   max_frames=(max_frames, 1), shots=(shots, 0))
     if bool(images) == bool(videos):
         raise InputError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
     if num_samples > 1 and decoding != 'sample':
@@ -208,8 +211,8 @@ def main():
         check_data_fits_model(read_meta(shots_data), model, shots_data)
         examples = FewShotExamples(shots_data, shots_split, shots, seed)
     generator = torch.Generator(dev).manual_seed(seed)
-    options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k or None,
-                   top_p=top_p if top_p < 1 else None, max_new_tokens=max_new_tokens, generator=generator)
+    options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k, top_p=top_p,
+                   max_new_tokens=max_new_tokens, generator=generator)
     results = caption_files(model, files, options, batch_size, num_workers, dev, num_samples, examples)
     for path, captions in results.items():
         for caption in captions:

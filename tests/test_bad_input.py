@@ -265,13 +265,26 @@ def eval_args(run, data):
 @case
 def checkpoint_truncated(root, f):
     run, path = run_copy(root, f, cut_short)
-    return (*sample_args(run, root), path, 'not a readable nanocap checkpoint')
+    return (*sample_args(run, root), path, 'not a readable nanocap checkpoint: a zip archive cut short')
 
 
 @case
 def checkpoint_not_a_zip(root, f):
-    run, path = run_copy(root, f, lambda p: p.write_bytes(os.urandom(1000)))
-    return (*eval_args(run, f['data_dir']), path, 'not a readable nanocap checkpoint')
+    run, path = run_copy(root, f, lambda p: p.write_bytes(b'\x07' + os.urandom(1000)))
+    return (*eval_args(run, f['data_dir']), path, 'not a readable nanocap checkpoint: not a file torch.save wrote')
+
+
+@case
+def checkpoint_empty(root, f):
+    run, path = run_copy(root, f, lambda p: p.write_bytes(b''))
+    return (*eval_args(run, f['data_dir']), path, 'not a readable nanocap checkpoint: an empty file')
+
+
+@case
+def init_from_a_json_file(root, f):
+    script, args = train_args(f['data_dir'], root, f)
+    captions = os.path.join(f['data_dir'], 'val_images.json')
+    return script, args + [f'--init_from={captions}'], captions, 'not a readable nanocap checkpoint: a JSON file'
 
 
 class Payload:
@@ -282,7 +295,8 @@ class Payload:
 @case
 def checkpoint_holding_python_objects(root, f):
     run, path = run_copy(root, f, lambda p: torch.save(dict(model={}, code=Payload()), p))
-    return (*eval_args(run, f['data_dir']), path, 'not a readable nanocap checkpoint (Weights only load failed')
+    return (*eval_args(run, f['data_dir']), path, 'not a readable nanocap checkpoint: it holds Python objects '
+            'besides tensors (such as print), and loading those could run code: refused')
 
 
 @case
@@ -310,7 +324,7 @@ def checkpoint_of_other_shapes(root, f):
 @case
 def checkpoint_pickle_not_torch(root, f):
     run, path = run_copy(root, f, lambda p: p.write_bytes(pickle.dumps({'model': 1})))
-    return (*sample_args(run, root), path, 'not a readable nanocap checkpoint')
+    return (*sample_args(run, root), path, 'not a readable nanocap checkpoint: a pickle, but not one torch.save')
 
 
 @case
@@ -351,8 +365,44 @@ def test_bad_input_fails_in_one_line_naming_the_file(name, tmp_path, tiny_clip_d
     assert isinstance(message, str), f'{script} exited with {message!r}: it should have failed in one line'
     assert '\n' not in message and message.startswith(f'{script}: '), message
     assert str(culprit) in message and words in message, message
+    assert 'weights_only' not in message and 'code execution' not in message  # torch's advice to load unsafely
     capsys.readouterr()
     # nothing good was touched: the only files that may appear are those of a run that never started
     after = snapshot(tmp_path)
     assert {p: after[p] for p in before if p in after} == before
     assert not [p for p in after if p not in before and not p.endswith('log.jsonl')], after.keys() - before.keys()
+
+
+# ----------------------------------------------------------------------------- decoding and batching settings
+
+# the settings of sample.py and eval_bleu.py that have no range to check: names, paths, switches and seeds
+UNRANGED = {'out_dir', 'checkpoint', 'images', 'videos', 'json', 'html', 'device', 'seed', 'shots_data', 'shots_split',
+            'data_dir', 'split', 'official', 'shots_seed'}
+# every other setting, with values outside its range (as written on the command line: 1e999 is infinity)
+OUT_OF_RANGE = {'decoding': ['topk'], 'beam_width': ['0', '-1'], 'max_new_tokens': ['0', '-1'],
+                'temperature': ['0', '-0.5', '1e999'], 'top_k': ['-1'], 'top_p': ['0', '1.5', '-0.1'],
+                'num_samples': ['0'], 'batch_size': ['0'], 'num_workers': ['-1'], 'max_frames': ['0'], 'shots': ['-1'],
+                'max_items': ['-1']}
+
+
+def settings_of(script):
+    """The settings a script takes (its module's plain lower-case globals, as configurator reads them)."""
+    import importlib
+    from configurator import is_setting
+    module = importlib.import_module(script.removesuffix('.py'))
+    return {k for k, v in vars(module).items() if is_setting(k, v) and not isinstance(getattr(module, k), type)}
+
+
+@pytest.mark.parametrize('script', ['sample.py', 'eval_bleu.py'])
+def test_every_decoding_and_batching_setting_is_checked_before_anything_loads(script, tmp_path):
+    """Each value outside its setting's range stops the script with one line naming the setting, before it
+    loads a model (there is none to load here). A new setting must be listed above, ranged or not."""
+    settings = settings_of(script)
+    assert settings - UNRANGED - set(OUT_OF_RANGE) == set(), 'a new setting: give its bad values here'
+    checked = sorted(settings - UNRANGED)
+    assert len(checked) >= (9 if script == 'sample.py' else 5)
+    for name in checked:
+        for value in OUT_OF_RANGE[name]:
+            message = run_script(script, f'--out_dir={tmp_path}/no_run', f'--{name}={value}')
+            assert isinstance(message, str) and message.startswith(f'{script}: {name} must be '), (name, message)
+            assert '\n' not in message, message

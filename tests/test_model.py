@@ -549,6 +549,27 @@ def test_sampling(captioner):
     assert sample(1) != greedy
 
 
+# generate's settings that are not decoding settings, and values outside the range of every other one
+NOT_DECODING = {'self', 'features', 'feature_mask', 'generator', 'shots'}
+OUT_OF_RANGE = dict(decoding=['topk', None], max_new_tokens=[0, -1, 2.5], beam_width=[0, True], temperature=[0, -1.0, math.inf],
+                    top_k=[-1, 1.5], top_p=[0, 1.5, math.nan], length_penalty=[-1.0, math.inf], min_new_tokens=[-1, 21])
+
+
+def test_every_decoding_setting_outside_its_range_fails_in_one_line(captioner):
+    """generate's parameters, walked: a new one must be listed above. Each bad value raises an InputError
+    naming the setting (min_new_tokens against the default max_new_tokens of 20)."""
+    import inspect
+    from model import Captioner
+    parameters = set(inspect.signature(Captioner.generate).parameters)
+    assert parameters - NOT_DECODING == set(OUT_OF_RANGE)
+    features = random_features(1)
+    for name, values in OUT_OF_RANGE.items():
+        for value in values:
+            with pytest.raises(InputError, match=f'^{name} must be '):
+                captioner.generate(features, **{name: value})
+    assert captioner.generate(features, min_new_tokens=20, top_k=0, top_p=1.0, length_penalty=0)  # the edges
+
+
 def test_sampled_first_tokens_follow_the_tempered_top_k_softmax(captioner):
     """500 first tokens of one image, sampled with top_k=3 at temperature 0.05: the 3 best tokens only,
     as often as softmax(logits / 0.05) over them says (about 0.50, 0.35, 0.15 here; at temperature 1,
