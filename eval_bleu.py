@@ -444,6 +444,17 @@ def score(captions, references):
     return metrics
 
 
+# A caption that ends on one of these stopped mid-phrase ("a dog on a"): self-critical.pytorch's list, and "and"
+BAD_ENDINGS = {'a', 'an', 'the', 'in', 'for', 'at', 'of', 'with', 'before', 'after', 'on', 'upon', 'near', 'to', 'is',
+               'are', 'am', 'and'}
+
+
+def bad_endings(captions):
+    """The share of captions whose last word is a function word: a sign that training on CIDEr-D taught the
+    model to stop early (self-critical.pytorch reports it as bad_count_rate)."""
+    return sum(bool(words) and words[-1] in BAD_ENDINGS for words in tokenize_all(captions)) / max(len(captions), 1)
+
+
 def require_official_toolkit():
     """Raise an InputError unless coco-caption's toolkit can run: pycocoevalcap, and Java for its tokenizer."""
     try:
@@ -556,10 +567,11 @@ if __name__ == '__main__':
         captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev, examples)
     with input_errors_exit('eval_bleu.py'):
         metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
+    metrics['bad_endings'] = bad_endings(captions)
     write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,
                                                            shots=shots, **few_shot_settings(), **metrics))
     write_json(os.path.join(out_dir, 'captions.json'), [dict(file=r['file'], id=r['id'], caption=c)
                                                         for r, c in zip(records, captions)])
     print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else ''))
     for name, value in metrics.items():
-        print(f'{name:<8} {100 * value:6.2f}')  # x100, as papers report them
+        print(f'{name:<11} {100 * value:6.2f}')  # x100, as papers report them (bad endings: a percentage)

@@ -564,7 +564,7 @@ class Captioner(nn.Module):
         return reads.repeat_interleave(self.config.num_latents, dim=-1)[:, None]
 
     def forward(self, features, feature_mask, tokens, targets=None, target_positions=None, media_at=None,
-                reduction='mean'):
+                reduction='mean', float32_head=False):
         """
         features [B, T, N, Dv] (or [B, N, Dv]), feature_mask [B, T] (True = real frame, None = all),
         tokens [B, S] = <|endoftext|> + caption, targets [B, S] = caption + <|endoftext|>, IGNORE_INDEX
@@ -578,6 +578,8 @@ class Captioner(nn.Module):
         target_positions [K]: the flat indices (into B * S) of those positions. Give them when they are
         known on the host (train.py does): finding them from `targets` on a GPU makes the CPU wait for
         the GPU (one sync per step), and gives torch.compile a shape it cannot know in advance.
+        float32_head: the LM head in float32 even under autocast, as decoding runs it (SCST scores the
+        samples that decoding drew with the same probabilities).
         """
         prefix, media_kv = self.encode(features, feature_mask)
         if media_at is None:  # one media per row, before the text
@@ -589,7 +591,8 @@ class Captioner(nn.Module):
             return self.gpt.lm_head(h)[..., :self.gpt.config.vocab_size], None  # the real words'
         if target_positions is None:
             target_positions = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        logits = self.gpt.lm_head(h.reshape(-1, h.shape[-1])[target_positions])
+        h = h.reshape(-1, h.shape[-1])[target_positions]
+        logits = self.float32_logits(h) if float32_head else self.gpt.lm_head(h)
         return logits, F.cross_entropy(logits.float(), targets.flatten()[target_positions], reduction=reduction)
 
     # decoding, one token at a time; the search strategies are the functions after this class
@@ -620,19 +623,19 @@ class Captioner(nn.Module):
             latents = self.config.num_latents
             media_kv = {i: (k[:, :, -latents:].contiguous(), v[:, :, -latents:].contiguous())
                         for i, (k, v) in media_kv.items()}
-        return self.next_token_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache)
+        return self.float32_logits(h[:, -1]), dict(media_kv=media_kv, cache=cache)
 
     def step(self, token, state):
         """Feed one token per row [B] at the cache's next position; returns the next-token logits
         [B, vocab]. The same shapes and memory every step (see KVCache)."""
         h = self.gpt(token[:, None], cross=self.cross_hook(state['media_kv']), cache=state['cache'])
-        return self.next_token_logits(h[:, -1])
+        return self.float32_logits(h[:, -1])
 
-    def next_token_logits(self, h):
+    def float32_logits(self, h):
         """Decoding's logits [B, vocab] of final hidden states [B, C], over the real words only (no
         padding), in float32 even under autocast: bfloat16 logits come in steps of 0.25 to 0.5 at typical
         sizes, coarse enough to tie or swap the best tokens and beams, so a GPU would caption differently
-        from a CPU. Training keeps the autocast head: one row per step here, thousands there."""
+        from a CPU. Cross-entropy training keeps the autocast head: one row per step here, thousands there."""
         with torch.autocast(h.device.type, enabled=False):
             head = self.gpt.lm_head if self.cpu_head is None else self.cpu_head
             return head(h.float().contiguous())[:, :self.gpt.config.vocab_size]

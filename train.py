@@ -143,21 +143,32 @@ def mixed_precision(device_type, dtype):
 # image, each rewarded with its CIDEr-D minus the mean reward of the image's other samples (no greedy
 # baseline), and the policy gradient of their log-probabilities
 
+# The end of a caption is a word of its reward, as Rennie et al. (2017) and self-critical.pytorch count it: every
+# reference ends with it, and so does every sample that ended (not one cut at the token limit). A sample that
+# stops at "... on a" then misses the n-grams "on a <end>" would need, and the end's document frequency comes
+# from the references like every other word's. Upper case: no word of the tokenizer can be it (it lower-cases).
+END_WORD = '<END>'
+
+
 class CiderReward:
-    """The CIDEr-D of sampled captions against their images' references: eval_bleu's CIDEr-D, with document
-    frequencies from all the references of the split (computed once)."""
+    """The CIDEr-D of sampled captions against their images' references: eval_bleu's CIDEr-D, the end of a
+    caption counted as a word, with document frequencies from all the references of the split (computed
+    once)."""
 
     def __init__(self, records):
         import tiktoken
-        self.references = eval_bleu.tokenize_groups([r['captions'] for r in records])
+        references = eval_bleu.tokenize_groups([r['captions'] for r in records])
+        self.references = [[words + [END_WORD] for words in image] for image in references]
         self.cider = eval_bleu.CiderD(self.references)
         self.encoder = tiktoken.get_encoding('gpt2')
 
-    def __call__(self, samples, image_ids):
-        """Rewards [B, k] of samples [B * k token lists]: k consecutive ones per image of image_ids [B]."""
+    def __call__(self, samples, image_ids, max_new_tokens):
+        """Rewards [B, k] of samples [B * k token lists] of at most max_new_tokens (shorter ones ended): k
+        consecutive ones per image of image_ids [B]."""
         k = len(samples) // len(image_ids)
         assert len(samples) == k * len(image_ids)
         words = eval_bleu.tokenize_all([decode_caption(self.encoder, s) for s in samples])
+        words = [w + [END_WORD] * (len(s) < max_new_tokens) for w, s in zip(words, samples)]
         return np.array([self.cider.image_scores(words[i * k:(i + 1) * k], self.references[image])
                          for i, image in enumerate(image_ids)])
 
@@ -192,7 +203,7 @@ def sampled_batch(samples, max_new_tokens):
 
 def sample_log_probs(model, features, mask, tokens, targets, positions):
     """The log-probability [B] of each sampled caption (the sum over its targets), with gradients."""
-    _, token_losses = model(features, mask, tokens, targets, positions, reduction='none')
+    _, token_losses = model(features, mask, tokens, targets, positions, reduction='none', float32_head=True)
     # each target's log-probability in its place in [B, S] (0 elsewhere), then each row's sum: in a fixed
     # order, where index_add's atomic adds on a GPU would sum in any
     log_probs = torch.zeros(tokens.numel(), device=token_losses.device).index_put((positions,), -token_losses)
@@ -300,6 +311,10 @@ def main(config):
         scaler.load_state_dict(checkpoint['scaler'])
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
         best_val_cider = checkpoint.get('best_val_cider', -math.inf)
+        if iter_num >= total_iters:
+            raise InputError(f'{path}: the run is finished ({iter_num:,} of {total_iters:,} iterations); to train '
+                             f'further, resume with more --epochs or --max_iters, or start a new run from it '
+                             f'with --init_from={path} --out_dir=ANOTHER')
     raw_model = model
     if compile:
         model = torch.compile(model)
@@ -328,12 +343,14 @@ def main(config):
         return (totals[0] / totals[1]).item()
 
     def caption_scores():
-        """BLEU-4 and CIDEr-D of greedy captions of the first eval_images validation images."""
+        """BLEU-4, CIDEr-D and the share of bad endings of greedy captions of the first eval_images validation
+        images."""
         with autocast:
             captions, records = eval_bleu.caption_split(raw_model, data_dir, val_split, eval_images,
                                                        batch_size, dict(max_new_tokens=30), dev)
         scores = eval_bleu.score(captions, [r['captions'] for r in records])
-        return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'])
+        return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
+                    val_bad_endings=eval_bleu.bad_endings(captions))
 
     def cross_entropy_loss(micro_ids, all_targets):
         """The micro batch's share of the mean loss over all the target tokens of the global batch. Every
@@ -360,7 +377,7 @@ def main(config):
         generator = torch.Generator(dev).manual_seed(sampling_seed)
         with autocast:
             samples = raw_model.generate(features, mask, scst_max_tokens, decoding='sample', generator=generator)
-        rewards = reward(samples, image_ids)
+        rewards = reward(samples, image_ids, scst_max_tokens)
         with autocast:
             loss = policy_gradient_loss(model, features, mask, samples, rewards, scst_max_tokens)
         window['scst'] += torch.tensor([rewards.sum(), sum(map(len, samples)), len(samples)], device=dev)
@@ -395,6 +412,29 @@ def main(config):
         return dict(start=time.time(), iters=0, flops=0, captions=0, loss=torch.zeros((), device=dev),
                     scst=torch.zeros(3, device=dev))
 
+    def evaluate_and_save():
+        """Validation scores; ckpt.pt, and best.pt when they are the best so far: the lowest loss ('xe') or
+        the highest CIDEr-D ('scst')."""
+        nonlocal best_val_loss, best_val_cider
+        val_loss = evaluate()
+        if master:
+            scores = dict(val_loss=val_loss, **(caption_scores() if eval_images else {}))
+            improved = (val_loss < best_val_loss if objective == 'xe'
+                        else scores['val_cider'] > best_val_cider)
+            best_val_loss = min(best_val_loss, val_loss)
+            best_val_cider = max(best_val_cider, scores.get('val_cider', -math.inf))
+            print(f'iter {iter_num}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items())
+                  + (' (best)' if improved else ''))
+            if raw_model.xattn:
+                print('  tanh(gate) attention/feed-forward, by GPT-2 block: ' + ', '.join(
+                    f"{i} {g['attn']:.3f}/{g['ff']:.3f}" for i, g in gate_values(raw_model).items()))
+            log(dict(iter=iter_num, **scores))
+            state = checkpoint_state()
+            save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
+            if improved:
+                save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
+        window['start'] = time.time()  # evaluation time is not training time
+
     # ------------------------------------------------------------------ the loop
     # The data order follows from (seed, epoch) and the iteration number, the learning rate from the
     # iteration number, and SCST's sampling from a generator seeded with the iteration number: the
@@ -402,6 +442,8 @@ def main(config):
     peak = peak_flops(device_type) if objective == 'xe' else None  # SCST's sampling: no MFU estimate
     model.train()
     window = new_window()  # a resumed run's first window starts at the resume, wherever it falls
+    if initial is not None:  # the checkpoint this run starts from is the first candidate for best.pt
+        evaluate_and_save()
     while iter_num < total_iters:
         epoch, step = divmod(iter_num, iters_per_epoch)
         ids = epoch_order(train_items, seed, epoch)[step * global_batch:(step + 1) * global_batch]
@@ -456,24 +498,7 @@ def main(config):
             window = new_window()
 
         if iter_num % eval_interval == 0 or iter_num == total_iters:
-            val_loss = evaluate()
-            if master:
-                scores = dict(val_loss=val_loss, **(caption_scores() if eval_images else {}))
-                improved = (val_loss < best_val_loss if objective == 'xe'
-                            else scores['val_cider'] > best_val_cider)
-                best_val_loss = min(best_val_loss, val_loss)
-                best_val_cider = max(best_val_cider, scores.get('val_cider', -math.inf))
-                print(f'iter {iter_num}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items())
-                      + (' (best)' if improved else ''))
-                if raw_model.xattn:
-                    print('  tanh(gate) attention/feed-forward, by GPT-2 block: ' + ', '.join(
-                        f"{i} {g['attn']:.3f}/{g['ff']:.3f}" for i, g in gate_values(raw_model).items()))
-                log(dict(iter=iter_num, **scores))
-                state = checkpoint_state()
-                save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
-                if improved:
-                    save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
-            window['start'] = time.time()  # evaluation time is not training time
+            evaluate_and_save()
     if ddp:
         dist.barrier()  # every rank is done with the others (rank 0 was saving): only then tear down
         dist.destroy_process_group()

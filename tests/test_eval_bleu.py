@@ -101,6 +101,11 @@ def test_tokenize_equals_java_on_tricky_captions():
     assert sum(len(batch) for batch in batches) > 150
 
 
+def test_bad_endings_are_captions_that_stop_on_a_function_word():
+    captions = ['A dog on a', 'A dog on a couch.', 'Two cats and...', 'A man with the.', '', 'The cat is', 'Near.']
+    assert eval_bleu.bad_endings(captions) == pytest.approx(5 / 7)  # ...a, ...and, ...the, ...is, near
+
+
 def test_lcs_length():
     assert eval_bleu.lcs_length('a b c d e'.split(), 'a c e x'.split()) == 3
     assert eval_bleu.lcs_length([], ['a']) == 0

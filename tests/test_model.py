@@ -636,7 +636,7 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
     expected = h @ captioner.gpt.wte.weight[:50257].T
     assert expected.abs().mean() > 10
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        logits = captioner.next_token_logits(h)
+        logits = captioner.float32_logits(h)
         first_logits, _ = captioner.start(random_features(2), None, max_new_tokens=3)
     assert logits.dtype == first_logits.dtype == torch.float32
     assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
@@ -661,8 +661,8 @@ def test_onednn_linears_caption_as_the_plain_model(captioner):
         expected = captioner(features[:2], None, tokens)[0]
         assert (converted(features[:2], None, tokens)[0] - expected).abs().max().item() <= 1e-5
         h = torch.randn(4, TEXT_DIM)
-        expected = captioner.next_token_logits(h)
-        assert (converted.next_token_logits(h) - expected).abs().max().item() <= 1e-5
+        expected = captioner.float32_logits(h)
+        assert (converted.float32_logits(h) - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')

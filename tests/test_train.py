@@ -11,7 +11,7 @@ import tiktoken
 import torch
 from torch import nn
 
-from conftest import caption_text, colour_and_shape, run_script
+from conftest import RUN_OPTIONS, caption_text, colour_and_shape, run_script
 from data import EOT, Captions
 from model import load_captioner, load_vision
 from train import save_checkpoint
@@ -256,6 +256,17 @@ def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny
         f"train.py: {data_dir}/meta.json does not match the model: its features are from "
         f"{meta['vision_model']!r}, the model's vision_model is {str(tmp_path / 'other_clip')!r}; "
         f"feature_dim 32 != the vision width 24")
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, run_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    shutil.copytree(run_dir, tmp_path / 'run')
+    message = run_script('train.py', f"--out_dir={tmp_path / 'run'}", f'--data_dir={data_dir}',
+                         f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', *RUN_OPTIONS,
+                         '--init_from=resume')
+    path = tmp_path / 'run' / 'ckpt.pt'
+    assert message == (f'train.py: {path}: the run is finished (150 of 150 iterations); to train further, resume '
+                       f'with more --epochs or --max_iters, or start a new run from it with --init_from={path} '
+                       f'--out_dir=ANOTHER')
 
 
 def test_logged_loss_after_a_resume_is_the_mean_since_the_resume(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
