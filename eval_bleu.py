@@ -9,7 +9,8 @@ tokenizer included (Stanford's Java PTBTokenizer, rewritten below rule for rule:
 With --official=True the toolkit itself scores them (pycocoevalcap, which needs Java), adding METEOR and,
 where it can run, SPICE (it downloads Stanford CoreNLP on first use).
 
-Writes out_dir/metrics.json and out_dir/captions.json and prints a table.
+Writes out_dir/metrics_<name>.json and out_dir/captions_<name>.json, named by what was evaluated
+(test_beam5, val_greedy_2shot, ...: see evaluation_name), and prints a table.
 """
 import contextlib
 import functools
@@ -518,9 +519,23 @@ def official_spice(refs, hyps):
         return None
 
 
-def few_shot_settings():
-    """Where the examples of a few-shot evaluation came from, for metrics.json."""
-    return dict(shots_split=shots_split, shots_seed=shots_seed) if shots else {}
+def evaluation_name():
+    """What was evaluated, which names its files: split, decoding and shots, and the checkpoint when it is not
+    best.pt (test_beam5, val_greedy_2shot, test_sample_ckpt, ...). Each evaluation keeps its own files."""
+    parts = [split, f'beam{beam_width}' if decoding == 'beam' else decoding] + [f'{shots}shot'] * bool(shots)
+    if checkpoint != 'best.pt':
+        parts.append(os.path.splitext(os.path.basename(checkpoint))[0])
+    return '_'.join(parts)
+
+
+def evaluation_settings():
+    """Every setting that made the captions, for the metrics file."""
+    settings = dict(checkpoint=checkpoint, split=split, decoding=decoding, max_new_tokens=max_new_tokens, shots=shots)
+    if decoding == 'beam':
+        settings['beam_width'] = beam_width
+    if shots:  # where the examples came from
+        settings.update(shots_split=shots_split, shots_seed=shots_seed)
+    return settings
 
 
 def caption_split(model, data_dir, split_name, count, batch, decode_options, dev, examples=None):
@@ -568,10 +583,12 @@ if __name__ == '__main__':
     with input_errors_exit('eval_bleu.py'):
         metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
     metrics['bad_endings'] = bad_endings(captions)
-    write_json(os.path.join(out_dir, 'metrics.json'), dict(split=split, items=len(records), decoding=decoding,
-                                                           shots=shots, **few_shot_settings(), **metrics))
-    write_json(os.path.join(out_dir, 'captions.json'), [dict(file=r['file'], id=r['id'], caption=c)
-                                                        for r, c in zip(records, captions)])
-    print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else ''))
+    name = evaluation_name()
+    write_json(os.path.join(out_dir, f'metrics_{name}.json'), dict(**evaluation_settings(), items=len(records),
+                                                                   **metrics))
+    write_json(os.path.join(out_dir, f'captions_{name}.json'), [dict(file=r['file'], id=r['id'], caption=c)
+                                                               for r, c in zip(records, captions)])
+    print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else '')
+          + f' (captions and scores: {out_dir}/captions_{name}.json, metrics_{name}.json)')
     for name, value in metrics.items():
         print(f'{name:<11} {100 * value:6.2f}')  # x100, as papers report them (bad endings: a percentage)

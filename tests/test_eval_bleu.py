@@ -242,7 +242,7 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
             for size, _, options in calls] == [(4, 'beam', 3, 8), (2, 'beam', 3, 8)]
     with open(f'{data_dir}/train_images.json') as f:
         records = json.load(f)[:6]
-    with open(tmp_path / 'captions.json') as f:
+    with open(tmp_path / 'captions_train_beam3_chosen.json') as f:
         captions = json.load(f)
     assert [(c['file'], c['id']) for c in captions] == [(r['file'], r['id']) for r in records]
     model = load_captioner(tmp_path / 'chosen.pt')[0]
@@ -255,7 +255,18 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
         # and, independent of the model code, it names the colour and shape its references name
         assert colour_and_shape(caption['caption']) == colour_and_shape(record['captions'][0])
     expected = eval_bleu.score([c['caption'] for c in captions], [r['captions'] for r in records])
-    with open(tmp_path / 'metrics.json') as f:
-        assert json.load(f) == dict(split='train', items=6, decoding='beam', shots=0, **expected)
-    assert capsys.readouterr().out.splitlines() == ['train: 6 captioned, beam decoding'] + [
-        f'{name:<8} {100 * value:6.2f}' for name, value in expected.items()]  # x100, as papers report them
+    expected['bad_endings'] = 0.0  # every caption names a colour and a shape last
+    with open(tmp_path / 'metrics_train_beam3_chosen.json') as f:
+        assert json.load(f) == dict(checkpoint='chosen.pt', split='train', decoding='beam', max_new_tokens=8, shots=0,
+                                    beam_width=3, items=6, **expected)
+    assert capsys.readouterr().out.splitlines() == [
+        f'train: 6 captioned, beam decoding (captions and scores: {tmp_path}/captions_train_beam3_chosen.json, '
+        'metrics_train_beam3_chosen.json)'] + [
+        f'{name:<11} {100 * value:6.2f}' for name, value in expected.items()]  # x100, as papers report them
+    # each evaluation keeps its files: greedy decoding of the same split writes its own beside them
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', '--checkpoint=chosen.pt', f'--data_dir={data_dir}',
+                      '--split=train', '--max_items=6', '--decoding=greedy', '--max_new_tokens=8',
+                      '--device=cpu') is None
+    assert sorted(p.name for p in tmp_path.glob('*_train_*.json')) == [
+        'captions_train_beam3_chosen.json', 'captions_train_greedy_chosen.json', 'metrics_train_beam3_chosen.json',
+        'metrics_train_greedy_chosen.json']

@@ -223,6 +223,31 @@ def test_few_shot_beam_search_of_width_one_is_greedy(tiny_config, media_attentio
     assert greedy != greedy[::-1]  # the images still differ: a beam reading another row's media would show
 
 
+def test_few_shot_prompt_is_laid_out_as_training_packs_captions(tiny_config, data_dir):
+    """Decoding with two (image, caption) examples before a query reads the same sequence as training's packing
+    of those three captions: laid out by hand, and then the query's caption fed token by token gets the
+    training forward's logits at every one of its targets."""
+    prompt, media_at = few_shot_prompt([[5, 6], [7]], 2, 'cpu')
+    assert prompt.tolist() == [[EOT, 5, 6, EOT, 7, EOT]] * 2 and media_at.tolist() == [[0, 3, 5]] * 2
+    captioner = captioner_of(tiny_config)
+    data = Captions(data_dir, 'train', 48)
+    ids = np.array([5, 17, 2])
+    batch = [torch.from_numpy(a) for a in data.interleaved_batch(ids, 3)]
+    features, mask, tokens, targets, positions, media_at = batch
+    with torch.no_grad():
+        trained, _ = captioner(*batch[:5], media_at=media_at)
+    n = data.lengths[ids[2]] + 1  # the query's targets: its caption and <|endoftext|>, the last of the packing
+    spans = [tokens[0, media_at[0, j] + 1:media_at[0, j + 1]].tolist() for j in range(2)]
+    query = tokens[0, media_at[0, 2] + 1:media_at[0, 2] + n]
+    shots = (features[0, :2], mask[0, :2], spans)
+    with torch.no_grad():
+        logits, state = captioner.start(features[:, 2], mask[:, 2], int(n), shots)
+        decoded = [logits]
+        for token in query:
+            decoded.append(captioner.step(token[None], state))
+    assert (torch.cat(decoded) - trained[-n:, :50257]).abs().max() < 1e-4
+
+
 def test_few_shot_examples_are_fixed_by_the_seed_and_never_the_query(data_dir):
     examples = FewShotExamples(data_dir, 'train', 2, seed=5)
     again = FewShotExamples(data_dir, 'train', 2, seed=5)
@@ -250,8 +275,22 @@ def test_eval_bleu_few_shot_puts_the_examples_before_every_image(run_dir, data_d
     assert sizes == [1, 1, 14]
     for _, _, options in calls:
         assert len(options['shots'][2]) == 2
-    with open(tmp_path / 'captions.json') as f:
+    with open(tmp_path / 'captions_train_beam5_2shot.json') as f:
         assert len(json.load(f)) == 16
+
+
+def test_eval_bleu_examples_of_another_split_are_never_mistaken_for_the_query(run_dir, data_dir, monkeypatch,
+                                                                              tmp_path):
+    """Examples from the training split, queries from val: a val image whose index in its split is that of an
+    example in its own is not that example, so all four val images get the same two examples, in one batch."""
+    seed = next(s for s in range(100) if set(FewShotExamples(data_dir, 'train', 2, s).media[:2]) & {0, 1, 2, 3})
+    shutil.copy(f'{run_dir}/best.pt', tmp_path / 'best.pt')
+    calls = record_generate_calls(monkeypatch)
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', '--split=val', '--shots=2',
+                      '--shots_split=train', f'--shots_seed={seed}', '--device=cpu', '--decoding=greedy') is None
+    examples = FewShotExamples(data_dir, 'train', 2, seed)
+    assert [batch for batch, _, _ in calls] == [4]
+    assert calls[0][2]['shots'][2] == examples.tokens[:2]
 
 
 def test_interleaved_training_accumulates_like_one_batch(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):

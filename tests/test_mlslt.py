@@ -207,17 +207,23 @@ def video_run(tmp_path_factory, mlslt_data, tiny_clip_dir, tiny_gpt2_dir):
     return str(out)
 
 
-def test_training_and_evaluation_on_videos(video_run, mlslt_data):
+def test_training_and_evaluation_on_videos(video_run, mlslt_data, monkeypatch):
     records = [json.loads(line) for line in open(f'{video_run}/log.jsonl')]
     losses = {r['iter']: r['loss'] for r in records if 'loss' in r}
     assert list(losses) == list(range(1, 81))
     assert losses[1] > 9.0 and losses[80] < 1  # a random GPT-2's guess, then learning
     assert [r['iter'] for r in records if 'val_bleu4' in r] == [40, 80]
+    calls = record_generate_calls(monkeypatch)
     assert run_script('eval_bleu.py', f'--out_dir={video_run}', f'--data_dir={mlslt_data}', '--split=test',
                       '--decoding=greedy', '--max_new_tokens=8', '--device=cpu') is None
-    captions = json.load(open(f'{video_run}/captions.json'))
+    monkeypatch.undo()
+    captions = json.load(open(f'{video_run}/captions_test_greedy.json'))
     assert [c['id'] for c in captions] == ['c1/de', 'c1/en', 'c2/de', 'c2/en']
-    assert json.load(open(f'{video_run}/metrics.json'))['items'] == 4
+    assert json.load(open(f'{video_run}/metrics_test_greedy.json'))['items'] == 4
+    # the videos' frames, padded to the longest, go with the mask of the real ones (as the frames table,
+    # read here with numpy, counts them): whatever the trained model happens to say
+    frame_counts = np.load(f'{mlslt_data}/test_frames.npy')[:, 1].tolist()
+    assert [(size, None if mask is None else mask.sum(1).tolist()) for size, mask, _ in calls] == [(4, frame_counts)]
     # one batch of videos of 6 and of 3 frames: each caption is the checkpoint's for that video alone, unpadded
     # (the padding frames of the shorter ones are masked), and names red exactly for the red one
     model, _ = load_captioner(f'{video_run}/best.pt')
