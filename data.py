@@ -220,6 +220,18 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def gpt2_tokenizer():
+    """GPT-2's BPE, from tiktoken, which downloads its two files on first use and caches them. Without a
+    network (and without them in its cache) that fails deep inside requests: say so in one line instead."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except (OSError, ValueError) as e:  # no connection (requests' errors are OSErrors), a corrupt download, ...
+        raise InputError(f"GPT-2's tokenizer files could not be downloaded ({type(e).__name__}); without a network, "
+                         f"point TIKTOKEN_CACHE_DIR at a folder holding them (tiktoken's cache of a machine that "
+                         f"has them)")
+
+
 def decode_caption(encoder, tokens):
     """The text of generated tokens on one line: GPT-2 can emit newlines and runs of spaces."""
     return ' '.join(encoder.decode(tokens).split())
@@ -340,13 +352,12 @@ def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, worl
 def start_output(out_dir, vision, vision_model, **meta_fields):
     """For the frozen vision tower `vision` (loaded from `vision_model`): the dtype to run it in, the GPT-2
     tokenizer, the output folder, and meta.json's fields."""
-    import tiktoken
     import torch
     dtype = torch.float16 if next(vision.parameters()).device.type == 'cuda' else torch.float32
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
                 feature_dtype='float16', token_dtype='uint16', **meta_fields, splits={})
-    return dtype, tiktoken.get_encoding('gpt2'), meta
+    return dtype, gpt2_tokenizer(), meta
 
 
 def write_image_splits(splits, out_dir, vision, vision_model, batch_size, workers, skip_bad, rank=0, world=1):

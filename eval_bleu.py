@@ -25,7 +25,7 @@ from collections import Counter
 import numpy as np
 
 from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, decode_caption,
-                  first_line, input_errors_exit, read_meta, write_json)
+                  first_line, gpt2_tokenizer, input_errors_exit, read_meta, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -542,12 +542,11 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     """Captions of the first `count` images or videos of a prepared split (all if 0), and their records
     (file, id, reference captions). examples: a data.FewShotExamples of the same data_dir, whose examples
     go before each image (never the image itself)."""
-    import tiktoken
     import torch
     data = Captions(data_dir, split_name, max_tokens=1)
     records = data.records()
     count = min(count or len(records), len(records))
-    encoder = tiktoken.get_encoding('gpt2')
+    encoder = gpt2_tokenizer()
     # the images that get the same examples are captioned together
     if examples is None:
         groups = {(): range(count)}

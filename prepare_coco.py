@@ -30,7 +30,8 @@ import re
 import sys
 from contextlib import contextmanager
 
-from data import FORMAT_VERSION, InputError, input_errors_exit, read_json, write_image_splits, write_json
+from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, read_json, write_image_splits,
+                  write_json)
 from model import load_vision, pick_device
 
 # -----------------------------------------------------------------------------
@@ -289,6 +290,7 @@ if __name__ == '__main__':
             raise InputError('give --captions=FILE and --images=FOLDER')
         if not os.path.isdir(images):
             raise InputError(f'{images}: no such folder (--images)')
+        gpt2_tokenizer()  # its files, before any work
         dev = pick_device(device)  # under torchrun: this rank's own GPU
         # splits prepared by earlier runs into the same folder stay listed, if they are compatible
         meta = read_json(meta_path) or {}

@@ -18,7 +18,8 @@ An interrupted run resumes where it stopped. Needs PyAV (pip install av).
 """
 import os
 
-from data import FORMAT_VERSION, InputError, input_errors_exit, read_json, write_json, write_video_splits
+from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, read_json, write_json,
+                  write_video_splits)
 from model import CaptionerConfig, load_vision, pick_device
 
 # -----------------------------------------------------------------------------
@@ -94,6 +95,7 @@ def main(rank, world):
                          f"{meta.get('max_frames')} frames, text {meta.get('text_lang')!r}); use another "
                          f"--out_dir")
     dev = pick_device(device)  # under torchrun: this rank's own GPU
+    gpt2_tokenizer()  # its files, before any work
     split_records = {name: load_split(root, name, languages, text_lang) for name in splits.split(',')}
     vision = load_vision(vision_model).to(dev).eval()
     prepared = write_video_splits(split_records, out_dir, vision, vision_model, max_frames, batch_size,

@@ -17,7 +17,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from data import input_errors_exit, write_image_splits, write_json
+from data import gpt2_tokenizer, input_errors_exit, write_image_splits, write_json
 
 # -----------------------------------------------------------------------------
 out_dir = 'data/shapes'  # the pictures, their captions files and the stand-in checkpoints
@@ -209,6 +209,8 @@ if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     from model import load_vision, pick_device
+    with input_errors_exit('prepare_shapes.py'):
+        gpt2_tokenizer()  # its files, before any work
     rng = random.Random(seed)
     splits = {name: write_split(name, count, rng, out_dir, image_size)
               for name, count in (('train', num_train), ('val', num_val), ('test', num_test))}

@@ -21,8 +21,8 @@ from html import escape
 from PIL import Image
 
 from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
-                  count_frames, decode_caption, input_errors_exit, load_rgb, read_frames, read_meta, stack_frames, video_pixels,
-                  write_json)
+                  count_frames, decode_caption, gpt2_tokenizer, input_errors_exit, load_rgb, read_frames, read_meta,
+                  stack_frames, video_pixels, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -123,10 +123,9 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     """{path: [captions]} of every readable image or video of `files` (PreprocessedImages or
     PreprocessedVideos), in their order; reports the others. examples: a data.FewShotExamples, whose
     examples go before each file."""
-    import tiktoken
     import torch
     from tqdm import tqdm
-    encoder = tiktoken.get_encoding('gpt2')
+    encoder = gpt2_tokenizer()
     cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
                                          pin_memory=cuda)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval_bleu
 from data import (EOT, IGNORE_INDEX, Captions, InputError, atomic_write, check_data_fits_model, decode_caption,
-                  input_errors_exit, read_meta)
+                  gpt2_tokenizer, input_errors_exit, read_meta)
 from model import (CaptionerConfig, build_captioner, load_trained_weights, pick_device, read_checkpoint,
                    trainable_state, training_flops)
 
@@ -73,6 +73,7 @@ dtype = ''  # default: bfloat16 where supported, else float16 on cuda, float32 o
 compile = False
 # the model: every field of model.py's CaptionerConfig, with its defaults
 globals().update(asdict(CaptionerConfig()))
+vision_model = ''  # default: the CLIP that made data_dir's features (its meta.json says which)
 # -----------------------------------------------------------------------------
 
 
@@ -156,11 +157,10 @@ class CiderReward:
     once)."""
 
     def __init__(self, records):
-        import tiktoken
         references = eval_bleu.tokenize_groups([r['captions'] for r in records])
         self.references = [[words + [END_WORD] for words in image] for image in references]
         self.cider = eval_bleu.CiderD(self.references)
-        self.encoder = tiktoken.get_encoding('gpt2')
+        self.encoder = gpt2_tokenizer()
 
     def __call__(self, samples, image_ids, max_new_tokens):
         """Rewards [B, k] of samples [B * k token lists] of at most max_new_tokens (shorter ones ended): k
@@ -260,6 +260,8 @@ def main(config):
 
     # ------------------------------------------------------------------ model, data, optimiser
     check_objective()
+    if eval_images:
+        gpt2_tokenizer()  # its files, before any work: evaluations and SCST's rewards decode captions
     checkpoint = initial = None  # the run's own checkpoint to resume; a checkpoint to start from
     model_config = CaptionerConfig(**{f.name: config[f.name] for f in fields(CaptionerConfig)})
     if init_from == 'resume':
@@ -279,11 +281,20 @@ def main(config):
                              f"checkpoint file)")
         initial = read_checkpoint(init_from)
         model_config = initial['model_config']
+    meta = read_meta(data_dir)
+    # the vision tower is the one that made the features, unless the run names it (it must be the same)
+    model_config.vision_model = model_config.vision_model or meta['vision_model']
+    if model_config.vision_model != meta['vision_model']:  # before any weights are looked for
+        from_checkpoint = checkpoint is not None or initial is not None
+        raise InputError(f"{data_dir}/meta.json: its features are from {meta['vision_model']!r}, not from "
+                         f"{'the checkpoint' if from_checkpoint else 'vision_model'} {model_config.vision_model!r} ("
+                         + ('' if from_checkpoint else 'leave --vision_model out to train on them, or ')
+                         + 'prepare the data with that vision model)')
     torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
     model = build_captioner(model_config)
     if initial is not None:
         load_trained_weights(model, initial['model'], init_from)
-    check_data_fits_model(read_meta(data_dir), model, data_dir)
+    check_data_fits_model(meta, model, data_dir)
     train_data = Captions(data_dir, 'train', max_caption_tokens)
     val_data = Captions(data_dir, val_split, max_caption_tokens)
     # what a batch is made of: captions with their images ('xe'), or images to sample captions of ('scst')

@@ -5,8 +5,7 @@
 # torchrun --standalone --nproc_per_node=8 train.py config/train_coco.py  (eight)
 out_dir = 'out-coco'
 data_dir = 'data/coco'
-vision_model = 'openai/clip-vit-base-patch32'
-text_model = 'gpt2'
+text_model = 'gpt2'  # (vision_model: the CLIP that made the features, named in data_dir/meta.json)
 epochs = 30
 batch_size = 32  # per GPU; the reference trained with 32 on one GPU
 learning_rate = 1e-4

@@ -8,7 +8,6 @@
 out_dir = 'out-coco2017'
 data_dir = 'data/coco2017'
 val_split = 'val'
-vision_model = 'openai/clip-vit-base-patch32'
 text_model = 'gpt2'
 epochs = 6
 batch_size = 32

@@ -6,7 +6,6 @@
 out_dir = 'out-mlslt'
 data_dir = 'data/mlslt'
 val_split = 'dev'  # MLSLT's name for its validation split
-vision_model = 'openai/clip-vit-base-patch32'
 text_model = 'gpt2'
 epochs = 30
 batch_size = 16  # videos: 16 x 64 frames x 50 CLIP tokens for the resampler to read

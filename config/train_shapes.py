@@ -3,8 +3,7 @@
 # python train.py config/train_shapes.py
 out_dir = 'out-shapes'
 data_dir = 'data/shapes_clip'
-vision_model = 'data/shapes/clip'  # tiny random stand-ins saved by prepare_shapes.py
-text_model = 'data/shapes/gpt2'
+text_model = 'data/shapes/gpt2'  # a tiny random stand-in saved by prepare_shapes.py (CLIP's: meta.json names it)
 # With real GPT-2 the language model stays frozen: it already knows English. The demo's GPT-2 is random
 # (nothing can be downloaded), so it has to learn the captions' language too: all of it trains, the
 # embeddings included. (Frozen random embeddings are too small for the tied LM head to ever be sure

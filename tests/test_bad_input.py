@@ -148,6 +148,13 @@ def train_args(data, root, f, *options):
                         '--num_latents=8', '--resampler_depth=1', '--heads=2', '--dim_head=16', *options]
 
 
+@case
+def vision_model_other_than_the_features(root, f):
+    script, args = train_args(f['data_dir'], root, f)
+    return script, args + ['--vision_model=openai/clip-vit-base-patch32'], f"{f['data_dir']}/meta.json", (
+        f"its features are from {f['tiny_clip_dir']!r}, not from vision_model 'openai/clip-vit-base-patch32'")
+
+
 def broken_data(root, f, name, damage):
     """A copy of the prepared data with the file `name` damaged by damage(path)."""
     data = root / 'data'

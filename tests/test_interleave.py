@@ -324,7 +324,7 @@ def test_bad_interleave_settings_fail_in_one_line(run_dir, data_dir, tiny_clip_d
     assert run_script('train.py', f"--out_dir={tmp_path / 'run'}", '--init_from=resume', '--interleave=2') == \
         f"train.py: {tmp_path / 'run'}/ckpt.pt: a run with interleave=1; resume it with the same"
     assert run_script('eval_bleu.py', f'--out_dir={run_dir}', f'--data_dir={data_dir}', '--shots=-1',
-                      '--device=cpu') == 'eval_bleu.py: shots must be a number of examples, not -1'
+                      '--device=cpu') == 'eval_bleu.py: shots must be at least 0, not -1'
     assert run_script('eval_bleu.py', f'--out_dir={run_dir}', f'--data_dir={data_dir}', '--shots=16',
                       '--device=cpu') == (f"eval_bleu.py: {data_dir}: split 'train' has 16 images, too few for 16 "
                                           'examples and a stand-in')

@@ -82,3 +82,21 @@ def test_stand_in_vision_features_are_centred(tmp_path):
         features = vision(pixel_values=pixels).last_hidden_state
     assert features.mean(dim=(0, 1)).abs().max() < 1e-4  # measured on these 40 images
     assert features.std(dim=0).mean() > 0.1  # what differs between images is still there
+
+
+def test_without_the_tokenizer_files_prepare_shapes_stops_in_one_line_before_any_work(tmp_path, monkeypatch):
+    """No network and no cached copy: one line saying so and how to point tiktoken at a copy, not requests'
+    traceback, and nothing written."""
+    import requests
+    import tiktoken.registry
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(requests, 'get', offline)
+    monkeypatch.setattr(tiktoken.registry, 'ENCODINGS', {})  # nothing already loaded in this process
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'empty_cache'))
+    message = run_script('prepare_shapes.py', f"--out_dir={tmp_path / 'shapes'}", f"--features_dir={tmp_path / 'f'}")
+    assert message == ("prepare_shapes.py: GPT-2's tokenizer files could not be downloaded (ConnectionError); without "
+                       "a network, point TIKTOKEN_CACHE_DIR at a folder holding them (tiktoken's cache of a machine "
+                       "that has them)")
+    assert not (tmp_path / 'shapes').exists() and not (tmp_path / 'f').exists()

@@ -253,9 +253,19 @@ def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny
                          f"--vision_model={tmp_path / 'other_clip'}", '--device=cpu')
     meta = json.load(open(f'{data_dir}/meta.json'))
     assert message == (
-        f"train.py: {data_dir}/meta.json does not match the model: its features are from "
-        f"{meta['vision_model']!r}, the model's vision_model is {str(tmp_path / 'other_clip')!r}; "
-        f"feature_dim 32 != the vision width 24")
+        f"train.py: {data_dir}/meta.json: its features are from {meta['vision_model']!r}, not from vision_model "
+        f"{str(tmp_path / 'other_clip')!r} (leave --vision_model out to train on them, or prepare the data with that "
+        f"vision model)")
+
+
+def test_the_vision_model_is_the_one_that_made_the_features(tmp_path, data_dir, tiny_gpt2_dir):
+    """Without --vision_model, train.py takes the CLIP that data_dir/meta.json names (no hub name is looked for)."""
+    assert run_script('train.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', f'--text_model={tiny_gpt2_dir}',
+                      '--num_latents=8', '--resampler_depth=1', '--heads=2', '--dim_head=16', '--max_iters=1',
+                      '--batch_size=4', '--eval_captions=4', '--device=cpu') is None
+    with open(f'{data_dir}/meta.json') as f:
+        made_by = json.load(f)['vision_model']
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model_config']['vision_model'] == made_by
 
 
 def test_resuming_a_finished_run_says_so(tmp_path, run_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir):
