@@ -25,7 +25,7 @@ from collections import Counter
 import numpy as np
 
 from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, decode_caption,
-                  first_line, gpt2_tokenizer, input_errors_exit, read_meta, write_json)
+                  first_line, gpt2_tokenizer, input_errors_exit, read_json, read_meta, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -456,6 +456,52 @@ def bad_endings(captions):
     return sum(bool(words) and words[-1] in BAD_ENDINGS for words in tokenize_all(captions)) / max(len(captions), 1)
 
 
+# ----------------------------------------------------------------------------- right about the picture?
+# BLEU and CIDEr-D reward a caption for sounding like the references, not for being right: "a big red square"
+# over a red circle scores well. The shapes demo's captions file keeps every picture's scene (each shape's colour
+# and kind) and the words for them, so a caption's (colour, shape) pairs can be checked against the picture.
+
+def scenes(captions_path):
+    """{image id: [(colour, kind) of each shape]} and the words of colours and kinds ({words: kind}) of a captions
+    file that keeps its scenes (prepare_shapes.py writes them), else None."""
+    coco = read_json(captions_path) if captions_path else None
+    info = coco.get('info') if isinstance(coco, dict) else None
+    if not isinstance(info, dict) or 'kinds' not in info:
+        return None
+    kind_of = {tuple(words.split()): kind for kind, synonyms in info['kinds'].items() for words in synonyms}
+    pictures = {image['id']: [(shape['colour'], shape['kind']) for shape in image['scene']] for image in coco['images']}
+    return pictures, set(info['colours']), dict(sorted(kind_of.items(), key=lambda item: -len(item[0])))
+
+
+def named_pairs(words, colours, kind_of):
+    """The (colour, kind) pairs a caption's words name: a colour right before the words of a kind ('a big red
+    round shape' names (red, circle)), or their plural."""
+    pairs = []
+    for i, word in enumerate(words):
+        if word not in colours:
+            continue
+        for phrase, kind in kind_of.items():  # the longest phrases first
+            following = words[i + 1:i + 1 + len(phrase)]
+            plurals = [[phrase[-1] + end] for end in ('', 's', 'es')]
+            if following[:-1] == list(phrase[:-1]) and following[-1:] in plurals:
+                pairs.append((word, kind))
+                break
+    return pairs
+
+
+def scene_shares(captions, ids, pictures, colours, kind_of):
+    """Of the (colour, shape) pairs the captions name, the share that is in the picture; of the pictures' shapes,
+    the share that their caption names."""
+    right = named = shapes = mentioned = 0
+    for words, image_id in zip(tokenize_all(captions), ids):
+        pairs, picture = named_pairs(words, colours, kind_of), pictures[image_id]
+        right += sum(pair in picture for pair in pairs)
+        named += len(pairs)
+        shapes += len(picture)
+        mentioned += sum(shape in pairs for shape in picture)
+    return dict(pairs_right=right / max(named, 1), shapes_named=mentioned / max(shapes, 1))
+
+
 def require_official_toolkit():
     """Raise an InputError unless coco-caption's toolkit can run: pycocoevalcap, and Java for its tokenizer."""
     try:
@@ -582,6 +628,10 @@ if __name__ == '__main__':
     with input_errors_exit('eval_bleu.py'):
         metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
     metrics['bad_endings'] = bad_endings(captions)
+    with input_errors_exit('eval_bleu.py'):
+        known = scenes(read_meta(data_dir)['splits'][split].get('source', {}).get('captions'))
+    if known:  # the shapes: is each caption right about its picture?
+        metrics.update(scene_shares(captions, [r['id'] for r in records], *known))
     name = evaluation_name()
     write_json(os.path.join(out_dir, f'metrics_{name}.json'), dict(**evaluation_settings(), items=len(records),
                                                                    **metrics))

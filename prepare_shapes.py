@@ -152,14 +152,16 @@ def write_split(name, count, rng, root, size):
         scene = random_scene(rng)
         file_name = f'{image_id:06d}.png'
         draw(scene, size).save(os.path.join(folder, file_name))
-        images.append(dict(id=image_id, file_name=file_name, width=size, height=size))
+        # the scene too, beside the official fields: eval_bleu.py checks each caption against its picture
+        images.append(dict(id=image_id, file_name=file_name, width=size, height=size,
+                           scene=[dict(shape, cell=list(shape['cell'])) for shape in scene]))
         captions = captions_for(scene, rng)
         for caption in captions:
             annotations.append(dict(id=len(annotations), image_id=image_id, caption=caption))
         records.append(dict(file=os.path.join(folder, file_name), id=image_id, captions=captions))
     write_json(os.path.join(root, f'captions_{name}.json'),
-               dict(info=dict(description='nanocap shapes demo'), licenses=[], images=images,
-                    annotations=annotations))
+               dict(info=dict(description='nanocap shapes demo', colours=sorted(COLOURS), kinds=KINDS), licenses=[],
+                    images=images, annotations=annotations))
     return records
 
 

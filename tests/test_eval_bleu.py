@@ -106,6 +106,17 @@ def test_bad_endings_are_captions_that_stop_on_a_function_word():
     assert eval_bleu.bad_endings(captions) == pytest.approx(5 / 7)  # ...a, ...and, ...the, ...is, near
 
 
+def test_named_pairs_are_a_colour_right_before_the_words_of_a_kind():
+    colours = {'red', 'blue'}
+    kind_of = {('round', 'shape'): 'circle', ('circle',): 'circle', ('box',): 'square', ('square',): 'square'}
+    words = eval_bleu.tokenize('A big red round shape, two blue boxes and a red thing left of a square.')
+    assert eval_bleu.named_pairs(words, colours, kind_of) == [('red', 'circle'), ('blue', 'square')]
+    pictures = {0: [('red', 'circle'), ('blue', 'circle')], 1: [('red', 'square')]}
+    shares = eval_bleu.scene_shares(['A red circle and a blue box.', 'A red square.'], [0, 1], pictures, colours,
+                                    kind_of)
+    assert shares == dict(pairs_right=2 / 3, shapes_named=2 / 3)
+
+
 def test_lcs_length():
     assert eval_bleu.lcs_length('a b c d e'.split(), 'a c e x'.split()) == 3
     assert eval_bleu.lcs_length([], ['a']) == 0

@@ -100,3 +100,36 @@ def test_without_the_tokenizer_files_prepare_shapes_stops_in_one_line_before_any
                        "a network, point TIKTOKEN_CACHE_DIR at a folder holding them (tiktoken's cache of a machine "
                        "that has them)")
     assert not (tmp_path / 'shapes').exists() and not (tmp_path / 'f').exists()
+
+
+def test_captions_files_keep_each_pictures_scene_and_the_words_for_it(tmp_path):
+    """The scene stored beside each picture is the picture's: each shape's colour at its cell's centre and its
+    kind in its outline (a square fills its bounding box's corners, a triangle only the lower ones, a circle
+    none); and with the words stored beside them, every (colour, shape) pair the references name is in the
+    picture, where another picture's references are mostly wrong."""
+    import json
+    from PIL import Image
+    import eval_bleu
+    assert run_script('prepare_shapes.py', f"--out_dir={tmp_path / 'shapes'}", f"--features_dir={tmp_path / 'f'}",
+                      '--num_train=40', '--num_val=2', '--num_test=2', '--num_workers=0') is None
+    path = tmp_path / 'shapes' / 'captions_train.json'
+    coco = json.loads(path.read_text())
+    cell = 224 / 3
+    for image in coco['images']:
+        pixels = np.asarray(Image.open(tmp_path / 'shapes' / 'train' / image['file_name']).convert('RGB'))
+        for shape in image['scene']:
+            (row, col), r = shape['cell'], cell * (0.42 if shape['size'] == 'large' else 0.22)
+            cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+            filled = lambda dx, dy: tuple(pixels[int(cy + dy * r), int(cx + dx * r)]) != (255, 255, 255)
+            assert tuple(pixels[int(cy), int(cx)]) == prepare_shapes.COLOURS[shape['colour']]
+            outline = (filled(-0.85, -0.85), filled(-0.85, 0.85))  # upper left, lower left corners
+            assert outline == {'square': (True, True), 'triangle': (False, True), 'circle': (False, False)}[
+                shape['kind']], shape
+    pictures, colours, kind_of = eval_bleu.scenes(str(path))
+    ids = [a['image_id'] for a in coco['annotations']]
+    references = [a['caption'] for a in coco['annotations']]
+    own = eval_bleu.scene_shares(references, ids, pictures, colours, kind_of)
+    others = eval_bleu.scene_shares(references, [(i + 1) % 40 for i in ids], pictures, colours, kind_of)
+    assert own['pairs_right'] == 1.0 and 0.5 < own['shapes_named'] < 1.0  # "two circles and a square" names none
+    assert others['pairs_right'] < 0.3
+    assert eval_bleu.scenes(str(tmp_path / 'f' / 'train_images.json')) is None  # captions without scenes
