@@ -3,6 +3,7 @@ How fast nanocap trains, captions and runs CLIP, with random weights at any conf
 downloaded), on CPU or GPU:
 
     python bench.py                                   # the reference configuration, all three
+    python bench.py --what=params                     # its parameter table (random weights, no download)
     python bench.py --what=train --compile=True --batch_size=512
     python bench.py --vision_model=openai/clip-vit-large-patch14 --text_model=gpt2-medium
     python bench.py --what=extract --images=coco/val2014
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 
 import train
-from data import input_errors_exit, tokens_per_frame
-from model import EOT, CaptionerConfig, build_captioner, onednn_linears, pick_device, training_flops
+import decode
+from data import EOT, input_errors_exit, pick_device, tokens_per_frame
+from model import CaptionerConfig, count_params, param_table, training_flops
+from weights import build_captioner
 
 # -----------------------------------------------------------------------------
-what = 'train,generate,extract'
+what = 'train,generate,extract'  # or 'params': the parameter table alone
 device = ''  # default: cuda when available, else cpu
 dtype = ''  # default: train.py's (bfloat16 where supported, else float16 on cuda, float32 on cpu)
 compile = False  # torch.compile the training step's model
@@ -50,8 +53,27 @@ images = ''  # a folder of JPEGs (default: synthetic 640x480 JPEGs, the size of 
 num_images = 0  # images to run (0: 8192 on a GPU, 16 on a CPU); the folder's files are cycled
 extract_batch = 0  # images per batch (0: 256 on a GPU, 8 on a CPU)
 num_workers = min(16, os.cpu_count() or 1)
-# the model: every field of model.py's CaptionerConfig
-globals().update(asdict(CaptionerConfig()))
+# the model: model.py's CaptionerConfig, field by field (each is explained there), at its defaults
+vision_model = 'openai/clip-vit-base-patch32'
+text_model = 'gpt2'
+enable_mapper = True
+mapper = 'mlp'
+prefix_len = 1
+mapper_hidden = 512
+mapper_depth = 8
+mapper_heads = 8
+mapper_ffn = 2048
+enable_resampler_xattn = True
+resampler_depth = 4
+num_latents = 64
+max_frames = 500
+heads = 6
+dim_head = 64
+ff_mult = 1
+xattn_every = 1
+media_attention = 'latest'
+unfreeze_layers = 0
+train_embeddings = False
 # -----------------------------------------------------------------------------
 
 
@@ -152,9 +174,9 @@ def bench_generate(model, dev, autocast, batch, decoding, weight_bytes):
     options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens)  # random weights: make every caption full length
     with autocast:
-        model.generate(features, **options)  # warm-up
+        decode.generate(model, features, **options)  # warm-up
         with Timer(dev) as timer:
-            captions = model.generate(features, **options)
+            captions = decode.generate(model, features, **options)
     assert all(len(c) == new_tokens for c in captions)
     return dict(decoding=decoding, batch=batch, captions_per_s=batch / timer.seconds,
                 ms_per_batch=1000 * timer.seconds, peak_gib=timer.peak_gib,
@@ -207,7 +229,20 @@ def rate(x):
     return f'{x:,.0f}' if x >= 100 else f'{x:.3g}'
 
 
+def print_params(config):
+    """The parameter table of the model, with random weights on the meta device: no download, no memory."""
+    with torch.device('meta'):
+        model = build_captioner(config, init_from='scratch')
+    for name, total, trainable in param_table(model):
+        print(f'{name:<20} {total:>14,} total {trainable:>14,} trainable')
+    total, trainable = count_params(model)
+    print(f'params total={total} trainable={trainable} frozen={total - trainable}')
+
+
 def main():
+    config = CaptionerConfig(**{k: globals()[k] for k in asdict(CaptionerConfig())})
+    if what == 'params':
+        return print_params(config)
     dev = pick_device(device)
     gpu = torch.device(dev).type == 'cuda'
     ptdtype, autocast = train.mixed_precision(torch.device(dev).type, dtype)
@@ -216,7 +251,6 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
-    config = CaptionerConfig(**{k: globals()[k] for k in asdict(CaptionerConfig())})
     model = build_captioner(config, init_from='scratch').to(dev)
     device_name = torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'
     limits = machine_limits(dev, ptdtype)
@@ -234,7 +268,7 @@ def main():
                      f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.1f} TFLOP/s{mfu}, "
                      f"peak {r['peak_gib']:.2f} GiB"))
     weight_bytes = decoding_bytes(model)
-    onednn_linears(model)  # as sample.py and eval_bleu.py caption (after the training step: it cannot train)
+    decode.onednn_linears(model)  # as sample.py and eval_bleu.py caption (after the training step: it cannot train)
     if 'generate' in stages:
         report['generate'] = []
         for batch in [int(b) for b in (gen_batch_sizes or ('16,64,256,1024' if gpu else '1,8')).split(',')]:

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -50,6 +51,32 @@ def check_at_least(**settings):
     for name, (value, lowest) in settings.items():
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= lowest):
             raise InputError(f'{name} must be at least {lowest}, not {value!r}')
+
+
+def pick_device(device=''):
+    """
+    The device a script runs on, as a full string: `device` if given ('cpu', 'cuda', 'cuda:3', ...), else
+    a GPU if there is one, else the CPU. Under torchrun, 'cuda' means this process's own GPU,
+    cuda:LOCAL_RANK. A GPU is made the current device too: whatever uses "the" GPU without naming one
+    (CUDA streams and graphs, some kernels) must use this one, not cuda:0 on every rank.
+    """
+    import torch
+    if not device:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f'device={device!r} is not a device ({first_line(e)})')
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise InputError(f'device={device!r}, but no CUDA GPU is available')
+        if dev.index is None:
+            dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        if dev.index >= torch.cuda.device_count():
+            raise InputError(f'device={device!r}: there is no {dev} (this machine has '
+                             f'{torch.cuda.device_count()} GPUs)')
+        torch.cuda.set_device(dev)
+    return str(dev)
 
 
 def read_json(path):
@@ -495,6 +522,13 @@ class Captions:
                 packed_tokens, packed_targets, np.flatnonzero(packed_targets != IGNORE_INDEX), media_at)
 
 
+class Shots(NamedTuple):
+    """Few-shot examples, as decoding puts them before every query: N images or videos and a caption of each."""
+    features: object  # [N, T, tokens, width] (a tensor)
+    mask: object  # [N, T]: the real frames
+    tokens: list  # N caption token lists
+
+
 class FewShotExamples:
     """
     Few-shot captioning's examples: `shots` images (or videos) of a prepared split, each with its first
@@ -536,10 +570,10 @@ class FewShotExamples:
         return groups
 
     def shots_of(self, chosen, device):
-        """The examples `chosen` as Captioner.generate's `shots`: features, frame mask, token lists."""
+        """The examples `chosen` as decode.generate's `shots`."""
         import torch
-        return (torch.from_numpy(self.features[list(chosen)]).to(device),
-                torch.from_numpy(self.mask[list(chosen)]).to(device), [self.tokens[j] for j in chosen])
+        return Shots(torch.from_numpy(self.features[list(chosen)]).to(device),
+                     torch.from_numpy(self.mask[list(chosen)]).to(device), [self.tokens[j] for j in chosen])
 
 
 META_KEYS = ('vision_model', 'tokenizer', 'tokens_per_image', 'feature_dim', 'splits')

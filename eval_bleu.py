@@ -589,6 +589,7 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     (file, id, reference captions). examples: a data.FewShotExamples of the same data_dir, whose examples
     go before each image (never the image itself)."""
     import torch
+    import decode
     data = Captions(data_dir, split_name, max_tokens=1)
     records = data.records()
     count = min(count or len(records), len(records))
@@ -605,14 +606,16 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
         for start in range(0, len(group), batch):
             ids = np.array(group[start:start + batch])
             features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
-            for i, tokens in zip(ids, model.generate(features, mask, shots=shots, **decode_options)):
+            for i, tokens in zip(ids, decode.generate(model, features, mask, shots=shots, **decode_options)):
                 captions[i] = decode_caption(encoder, tokens)
     return captions, records[:count]
 
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    from model import check_decoding, load_captioner, onednn_linears, pick_device
+    from data import pick_device
+    from decode import check_decoding, onednn_linears
+    from weights import load_captioner
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('eval_bleu.py'):
         check_decoding(decoding, max_new_tokens, beam_width)

@@ -30,9 +30,9 @@ import re
 import sys
 from contextlib import contextmanager
 
-from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, read_json, write_image_splits,
-                  write_json)
-from model import load_vision, pick_device
+from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, pick_device, read_json,
+                  write_image_splits, write_json)
+from weights import load_vision
 
 # -----------------------------------------------------------------------------
 captions = ''  # the captions: a COCO or Karpathy JSON file, a .csv, a .jsonl, or a folder of images + .txt

@@ -18,9 +18,10 @@ An interrupted run resumes where it stopped. Needs PyAV (pip install av).
 """
 import os
 
-from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, read_json, write_json,
+from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, pick_device, read_json, write_json,
                   write_video_splits)
-from model import CaptionerConfig, load_vision, pick_device
+from model import CaptionerConfig
+from weights import load_vision
 
 # -----------------------------------------------------------------------------
 root = ''  # the dataset folder: <root>/<split>.json and <root>/<split>/<id>/<sign language>.mp4

@@ -169,7 +169,7 @@ def save_tiny_models(root, size, seed):
     """Random stand-ins for CLIP and GPT-2, in the layouts of the real checkpoints."""
     import torch
     from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
-    from model import quiet_transformers
+    from weights import quiet_transformers
     quiet_transformers()
     torch.manual_seed(seed)
     vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -195,7 +195,7 @@ def centre_vision_features(clip, clip_dir, image_paths):
     """
     import numpy as np
     import torch
-    from model import load_vision
+    from weights import load_vision
     from data import clip_preprocess, load_rgb
     vision = load_vision(clip_dir)
     pixels = torch.tensor(np.stack([clip_preprocess(load_rgb(p), vision.config.image_size)
@@ -210,7 +210,8 @@ def centre_vision_features(clip, clip_dir, image_paths):
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
-    from model import load_vision, pick_device
+    from data import pick_device
+    from weights import load_vision
     with input_errors_exit('prepare_shapes.py'):
         gpt2_tokenizer()  # its files, before any work
     rng = random.Random(seed)

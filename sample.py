@@ -125,6 +125,7 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     examples go before each file."""
     import torch
     from tqdm import tqdm
+    import decode
     encoder = gpt2_tokenizer()
     cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
@@ -141,8 +142,8 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
                     features, mask = model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
                     for chosen, rows in shot_groups(paths, examples):
                         shots = examples.shots_of(chosen, dev) if examples is not None else None
-                        tokens = model.generate(features[rows].repeat_interleave(samples, dim=0),
-                                                mask[rows].repeat_interleave(samples, dim=0), shots=shots, **options)
+                        tokens = decode.generate(model, features[rows].repeat_interleave(samples, dim=0),
+                                                 mask[rows].repeat_interleave(samples, dim=0), shots=shots, **options)
                         for i, row in enumerate(rows):
                             captions[paths[row]] = [decode_caption(encoder, t)
                                                     for t in tokens[i * samples:(i + 1) * samples]]
@@ -181,7 +182,9 @@ def write_html(path, results):
 
 def main():
     import torch
-    from model import check_decoding, load_captioner, onednn_linears, pick_device
+    from data import pick_device
+    from decode import check_decoding, onednn_linears
+    from weights import load_captioner
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
     check_at_least(num_samples=(num_samples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
                    max_frames=(max_frames, 1), shots=(shots, 0))

@@ -13,21 +13,23 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import decode
 import eval_bleu
-from data import (EOT, IGNORE_INDEX, Captions, InputError, atomic_write, check_data_fits_model, decode_caption,
-                  gpt2_tokenizer, input_errors_exit, read_meta)
-from model import (CaptionerConfig, build_captioner, load_trained_weights, pick_device, read_checkpoint,
-                   trainable_state, training_flops)
+from data import (EOT, IGNORE_INDEX, Captions, InputError, check_data_fits_model, decode_caption, gpt2_tokenizer,
+                  input_errors_exit, pick_device, read_meta)
+from model import CaptionerConfig, training_flops
+from weights import build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, trainable_state
 
 # -----------------------------------------------------------------------------
-# defaults: the reference model and hyperparameters on COCO (Karpathy split)
+# Every setting train.py reads, with its default: the reference model and hyperparameters on COCO (Karpathy
+# split). Config files and --key=value arguments change them (configurator.py).
 out_dir = 'out'
 data_dir = 'data/coco'  # written by prepare_coco.py or prepare_mlslt.py
 val_split = 'val'  # the split to evaluate on ('dev' in MLSLT)
@@ -71,10 +73,34 @@ wandb_run_name = 'run'
 device = ''  # default: cuda when available, else cpu
 dtype = ''  # default: bfloat16 where supported, else float16 on cuda, float32 on cpu
 compile = False
-# the model: every field of model.py's CaptionerConfig, with its defaults
-globals().update(asdict(CaptionerConfig()))
-vision_model = ''  # default: the CLIP that made data_dir's features (its meta.json says which)
+# the model: model.py's CaptionerConfig, field by field (each is explained there), at its defaults
+vision_model = ''  # default: the CLIP that made data_dir's features (its meta.json names it)
+text_model = 'gpt2'
+enable_mapper = True
+mapper = 'mlp'
+prefix_len = 1
+mapper_hidden = 512
+mapper_depth = 8
+mapper_heads = 8
+mapper_ffn = 2048
+enable_resampler_xattn = True
+resampler_depth = 4
+num_latents = 64
+max_frames = 500
+heads = 6
+dim_head = 64
+ff_mult = 1
+xattn_every = 1
+media_attention = 'latest'
+unfreeze_layers = 0
+train_embeddings = False
 # -----------------------------------------------------------------------------
+
+
+def settings():
+    """Every setting above and its value now: what a checkpoint records of the run that wrote it."""
+    from configurator import is_setting
+    return {k: v for k, v in globals().items() if is_setting(k, v)}
 
 
 def epoch_order(n, seed, epoch):
@@ -100,11 +126,6 @@ def make_optimizer(model, lr, weight_decay, betas, fused):
     other = [p for n, p in params if not (p.dim() >= 2 and not n.endswith(no_decay_2d))]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-
-
-def save_checkpoint(path, checkpoint):
-    """Atomically: a crash while saving leaves the previous checkpoint whole."""
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def peak_flops(device_type):
@@ -220,8 +241,8 @@ def policy_gradient_loss(model, features, mask, samples, rewards, max_new_tokens
     return -(advantages * sample_log_probs(model, features, mask, tokens, targets, positions)).sum()
 
 
-def check_objective():
-    """The objective and packing settings that cannot work, as one line each."""
+def check_settings():
+    """The settings that cannot work together, as one line each, before any work."""
     if objective not in ('xe', 'scst'):
         raise InputError(f"objective must be 'xe' or 'scst', not {objective!r}")
     if interleave < 1 or batch_size % interleave:
@@ -243,273 +264,341 @@ def check_objective():
                          'cross-entropy training (or resume)')
 
 
-def main(config):
-    # ------------------------------------------------------------------ devices, DDP and precision
+# -----------------------------------------------------------------------------
+# a run: where it runs, where it starts from, its data, and the pieces of a step
+
+@dataclass
+class Run:
+    """What every part of a step needs: where this process runs (its device, its rank among `world` DDP
+    processes, its autocast), the model (as it trains: compiled or wrapped in DDP, and the raw one), its
+    data and its optimiser."""
+    dev: str
+    rank: int
+    world: int
+    autocast: object
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    train_data: Captions
+    val_data: Captions
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    def to_device(self, array):
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor.pin_memory().to(self.dev, non_blocking=True) if self.dev.startswith('cuda') else tensor
+
+
+def start_devices():
+    """(ddp, rank, world, device) of this process: under torchrun, its own GPU in a process group."""
     ddp = 'RANK' in os.environ
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
     dev = pick_device(device)  # under torchrun: this rank's own GPU
-    device_type = torch.device(dev).type
     if ddp:
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
-    if device_type == 'cuda':
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+    if dev.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    master = rank == 0
-    ptdtype, autocast = mixed_precision(device_type, dtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    return ddp, rank, world, dev
 
-    # ------------------------------------------------------------------ model, data, optimiser
-    check_objective()
-    if eval_images:
-        gpt2_tokenizer()  # its files, before any work: evaluations and SCST's rewards decode captions
-    checkpoint = initial = None  # the run's own checkpoint to resume; a checkpoint to start from
-    model_config = CaptionerConfig(**{f.name: config[f.name] for f in fields(CaptionerConfig)})
+
+def starting_point():
+    """The model settings of the run, and the checkpoint it resumes (out_dir/ckpt.pt, with init_from='resume')
+    or starts from (init_from=FILE), if any."""
+    model_config = CaptionerConfig(**{f.name: globals()[f.name] for f in fields(CaptionerConfig)})
+    resume = start = None
     if init_from == 'resume':
         path = os.path.join(out_dir, 'ckpt.pt')
         if not os.path.isfile(path):
             raise InputError(f'{path}: no checkpoint to resume from')
-        checkpoint = read_checkpoint(path)
-        model_config = checkpoint['model_config']
+        resume = read_checkpoint(path)
+        model_config = resume['model_config']
         # what each step reads follows from these: with others, a resumed run would not continue the run
         for setting, default in (('objective', 'xe'), ('interleave', 1)):
-            was = checkpoint['train_config'].get(setting, default)
-            if was != config[setting]:
+            was = resume['train_config'].get(setting, default)
+            if was != globals()[setting]:
                 raise InputError(f'{path}: a run with {setting}={was}; resume it with the same')
     elif init_from != 'pretrained':
         if not os.path.isfile(init_from):
             raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume' or a "
                              f"checkpoint file)")
-        initial = read_checkpoint(init_from)
-        model_config = initial['model_config']
-    meta = read_meta(data_dir)
+        start = read_checkpoint(init_from)
+        model_config = start['model_config']
     # the vision tower is the one that made the features, unless the run names it (it must be the same)
+    meta = read_meta(data_dir)
     model_config.vision_model = model_config.vision_model or meta['vision_model']
     if model_config.vision_model != meta['vision_model']:  # before any weights are looked for
-        from_checkpoint = checkpoint is not None or initial is not None
+        from_checkpoint = resume is not None or start is not None
         raise InputError(f"{data_dir}/meta.json: its features are from {meta['vision_model']!r}, not from "
                          f"{'the checkpoint' if from_checkpoint else 'vision_model'} {model_config.vision_model!r} ("
                          + ('' if from_checkpoint else 'leave --vision_model out to train on them, or ')
                          + 'prepare the data with that vision model)')
-    torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
-    model = build_captioner(model_config)
-    if initial is not None:
-        load_trained_weights(model, initial['model'], init_from)
-    check_data_fits_model(meta, model, data_dir)
+    return model_config, resume, start
+
+
+def load_data(model):
+    """The training and validation splits, checked against the model: features of its CLIP, tokens of its
+    GPT-2, and (interleaved) sequences that fit its positions."""
+    check_data_fits_model(read_meta(data_dir), model, data_dir)
     train_data = Captions(data_dir, 'train', max_caption_tokens)
     val_data = Captions(data_dir, val_split, max_caption_tokens)
-    # what a batch is made of: captions with their images ('xe'), or images to sample captions of ('scst')
-    item_name, train_items = (('caption', len(train_data)) if objective == 'xe'
-                              else ('image', train_data.media_count))
-    global_batch = batch_size * gradient_accumulation_steps * world
-    iters_per_epoch = train_items // global_batch
-    if iters_per_epoch == 0:
-        raise InputError(f'{train_items} training {item_name}s make no batch of {global_batch}')
-    total_iters = max_iters or epochs * iters_per_epoch
     longest_caption = int(train_data.lengths.max())
     packed = interleave * (model.prefix_len + 1 + longest_caption)  # prefix + <|endoftext|> + caption, k times
     if interleave > 1 and packed > model.gpt.config.block_size:  # fail now, not mid-run
         raise InputError(f'interleave={interleave} x (prefix {model.prefix_len} + <|endoftext|> + longest caption '
                          f'{longest_caption}) = {packed} positions > the language model\'s '
                          f'{model.gpt.config.block_size}: lower interleave or max_caption_tokens')
+    return train_data, val_data
+
+
+def schedule(train_data, world):
+    """What an iteration trains on: (items in the training split, items per iteration, iterations per epoch,
+    iterations in all). An item is a caption with its image ('xe'), or an image to sample captions of ('scst')."""
+    item_name, items = ('caption', len(train_data)) if objective == 'xe' else ('image', train_data.media_count)
+    global_batch = batch_size * gradient_accumulation_steps * world
+    iters_per_epoch = items // global_batch
+    if iters_per_epoch == 0:
+        raise InputError(f'{items} training {item_name}s make no batch of {global_batch}')
+    total_iters = max_iters or epochs * iters_per_epoch
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'{items:,} training {item_name}s, {global_batch} per iteration, {iters_per_epoch:,} iterations per '
+              f'epoch, {total_iters:,} in all')
+    return items, global_batch, iters_per_epoch, total_iters
+
+
+def restore(resume, model, optimizer, scaler, total_iters):
+    """Put back the state of the run being resumed: its weights, optimiser and gradient scaler. Returns its
+    iteration and its best validation scores."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    load_trained_weights(model, resume['model'], path)
+    optimizer.load_state_dict(resume['optimizer'])
+    scaler.load_state_dict(resume['scaler'])
+    if resume['iter_num'] >= total_iters:
+        raise InputError(f"{path}: the run is finished ({resume['iter_num']:,} of {total_iters:,} iterations); to "
+                         f'train further, resume with more --epochs or --max_iters, or start a new run from it with '
+                         f'--init_from={path} --out_dir=ANOTHER')
+    return resume['iter_num'], dict(val_loss=resume['best_val_loss'],
+                                    val_cider=resume.get('best_val_cider', -math.inf))
+
+
+@torch.no_grad()
+def validation_loss(run):
+    """Mean loss per target token over the fixed validation captions, shared among the ranks."""
+    run.model.eval()
+    ids = np.linspace(0, len(run.val_data) - 1, min(eval_captions, len(run.val_data))).astype(np.int64)
+    totals = torch.zeros(2, device=run.dev)  # loss sum, token count
+    for first in range(run.rank * batch_size, len(ids), run.world * batch_size):
+        batch_ids = ids[first:first + batch_size]
+        with run.autocast:
+            _, loss = run.raw_model(*(run.to_device(a) for a in run.val_data.batch(batch_ids)))
+        count = run.val_data.target_count(batch_ids)
+        totals += torch.tensor([loss.item() * count, count], device=run.dev)
+    if run.world > 1:
+        dist.all_reduce(totals)
+    run.model.train()
+    return (totals[0] / totals[1]).item()
+
+
+def caption_scores(run):
+    """BLEU-4, CIDEr-D and the share of bad endings of greedy captions of the first eval_images validation
+    images."""
+    with run.autocast:
+        captions, records = eval_bleu.caption_split(run.raw_model, data_dir, val_split, eval_images, batch_size,
+                                                   dict(max_new_tokens=30), run.dev)
+    scores = eval_bleu.score(captions, [r['captions'] for r in records])
+    return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
+                val_bad_endings=eval_bleu.bad_endings(captions))
+
+
+def cross_entropy_loss(run, ids, all_targets):
+    """The micro batch `ids`'s share of the mean loss over all the target tokens of the global batch, and its
+    FLOPs. Every rank knows the whole global batch, so each can scale its loss to it: the same gradient as
+    one process on the whole batch."""
+    if interleave == 1:
+        batch, media_at = run.train_data.batch(ids), None
+    else:
+        *batch, media_at = run.train_data.interleaved_batch(ids, interleave)
+        media_at = run.to_device(media_at)
+    features, mask, tokens, targets, positions = map(run.to_device, batch)
+    with run.autocast:
+        _, loss = run.model(features, mask, tokens, targets, positions, media_at)
+    rows = len(tokens)
+    flops = rows * training_flops(run.raw_model, tokens.shape[1], mask.shape[-1], len(positions) / rows,
+                                  media=interleave)
+    return loss * (run.train_data.target_count(ids) / all_targets), flops
+
+
+def self_critical_loss(run, reward, image_ids, sampling_seed, global_batch):
+    """Sample scst_samples captions of each image, reward each with its CIDEr-D, and return the micro batch's
+    share of the policy-gradient loss (the mean over the global batch's samples of -advantage x
+    log-probability) and the sums of its rewards, sampled tokens and samples."""
+    features, mask = (run.to_device(a).repeat_interleave(scst_samples, 0)
+                      for a in run.train_data.features(image_ids))
+    generator = torch.Generator(run.dev).manual_seed(sampling_seed)
+    with run.autocast:
+        samples = decode.generate(run.raw_model, features, mask, scst_max_tokens, decoding='sample',
+                                  generator=generator)
+    rewards = reward(samples, image_ids, scst_max_tokens)
+    with run.autocast:
+        loss = policy_gradient_loss(run.model, features, mask, samples, rewards, scst_max_tokens)
+    sums = torch.tensor([rewards.sum(), sum(map(len, samples)), len(samples)], device=run.dev)
+    return loss / (global_batch * scst_samples), sums
+
+
+# -----------------------------------------------------------------------------
+# logging, evaluating and saving
+
+@dataclass
+class Window:
+    """What happened since the last log line. On the device, read only when logging: the loss summed over
+    iterations, and for SCST the sums of the rewards, of the sampled tokens and of the samples."""
+    start: float
+    loss: torch.Tensor
+    scst: torch.Tensor
+    iters: int = 0
+    flops: float = 0
+    captions: int = 0
+
+    @classmethod
+    def new(cls, dev):
+        return cls(time.time(), torch.zeros((), device=dev), torch.zeros(3, device=dev))
+
+
+def log(record):
+    """A record of log.jsonl (and of Weights & Biases): rank 0's."""
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb_log:
+        import wandb
+        wandb.log(record, step=record['iter'])
+
+
+def log_progress(run, window, iter_num, total_iters, lr, peak):
+    """The training record of the window (loss, speed, MFU, SCST's rewards, the gates), printed and logged."""
+    sums = torch.cat([window.loss[None], window.scst])
+    if run.world > 1:
+        dist.all_reduce(sums)
+    loss_sum, reward_sum, token_sum, samples = sums.tolist()  # waits for the GPU: only when logging
+    elapsed = time.time() - window.start
+    record = dict(iter=iter_num, loss=loss_sum / window.iters, lr=lr, ms_per_iter=1000 * elapsed / window.iters,
+                  captions_per_s=window.captions / elapsed,
+                  mfu=window.flops * run.world / elapsed / peak if peak else None)
+    if objective == 'scst':  # the mean CIDEr-D of the samples, and their mean length in tokens
+        record.update(reward=reward_sum / samples, length=token_sum / samples)
+    record['gates'] = gate_values(run.raw_model)
+    if run.rank != 0:
+        return
+    shown = [f'loss {record["loss"]:.4f}']
+    if objective == 'scst':
+        shown += [f'reward {record["reward"]:.4f}', f'length {record["length"]:.1f}']
+    shown += [f'lr {lr:.2e}', f'{record["ms_per_iter"]:.1f} ms/iter', f'{record["captions_per_s"]:,.0f} captions/s']
+    if peak:
+        shown.append(f'MFU {100 * record["mfu"]:.1f}%')
+    eta_min = (total_iters - iter_num) * record['ms_per_iter'] / 60000
+    print(f'iter {iter_num}/{total_iters}: ' + ', '.join(shown) + f', ETA {eta_min:.1f} min')
+    log(record)
+
+
+def evaluate_and_save(run, iter_num, best):
+    """Validation scores; ckpt.pt, and best.pt when they are the best so far (best: the lowest validation loss
+    and the highest CIDEr-D so far, updated): the lowest loss ('xe') or the highest CIDEr-D ('scst')."""
+    val_loss = validation_loss(run)
+    if run.rank != 0:
+        return
+    scores = dict(val_loss=val_loss, **(caption_scores(run) if eval_images else {}))
+    improved = val_loss < best['val_loss'] if objective == 'xe' else scores['val_cider'] > best['val_cider']
+    best['val_loss'] = min(best['val_loss'], val_loss)
+    best['val_cider'] = max(best['val_cider'], scores.get('val_cider', -math.inf))
+    print(f'iter {iter_num}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()) + (' (best)' if improved else ''))
+    if run.raw_model.xattn:
+        print('  tanh(gate) attention/feed-forward, by GPT-2 block: ' + ', '.join(
+            f"{i} {g['attn']:.3f}/{g['ff']:.3f}" for i, g in gate_values(run.raw_model).items()))
+    log(dict(iter=iter_num, **scores))
+    state = dict(model=trainable_state(run.raw_model), model_config=asdict(run.raw_model.config),
+                 train_config=settings(), optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                 iter_num=iter_num, best_val_loss=best['val_loss'], best_val_cider=best['val_cider'])
+    save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
+    if improved:
+        save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    ddp, rank, world, dev = start_devices()
+    ptdtype, autocast = mixed_precision(torch.device(dev).type, dtype)
+    scaler = torch.amp.GradScaler(torch.device(dev).type, enabled=ptdtype == torch.float16)
+    check_settings()
+    if eval_images:
+        gpt2_tokenizer()  # its files, before any work: evaluations and SCST's rewards decode captions
+    model_config, resume, start = starting_point()
+    torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
+    model = build_captioner(model_config)
+    if start is not None:
+        load_trained_weights(model, start['model'], init_from)
+    train_data, val_data = load_data(model)
+    items, global_batch, iters_per_epoch, total_iters = schedule(train_data, world)
     reward = CiderReward(train_data.records()) if objective == 'scst' else None
     model.to(dev)
-    optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda')
-    # the best validation scores so far: best.pt is the lowest loss ('xe') or the highest CIDEr-D ('scst')
-    iter_num, best_val_loss, best_val_cider = 0, math.inf, -math.inf
-    if checkpoint is not None:
-        load_trained_weights(model, checkpoint['model'], path)
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
-        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-        best_val_cider = checkpoint.get('best_val_cider', -math.inf)
-        if iter_num >= total_iters:
-            raise InputError(f'{path}: the run is finished ({iter_num:,} of {total_iters:,} iterations); to train '
-                             f'further, resume with more --epochs or --max_iters, or start a new run from it '
-                             f'with --init_from={path} --out_dir=ANOTHER')
-    raw_model = model
-    if compile:
-        model = torch.compile(model)
+    optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), fused=dev.startswith('cuda'))
+    # where the run is: the iteration, and the best validation scores so far
+    iter_num, best = 0, dict(val_loss=math.inf, val_cider=-math.inf)
+    if resume is not None:
+        iter_num, best = restore(resume, model, optimizer, scaler, total_iters)
+    trained = torch.compile(model) if compile else model
     if ddp:
-        model = DDP(model, device_ids=[torch.device(dev).index] if device_type == 'cuda' else None)
-
-    def to_device(array):
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        return tensor.pin_memory().to(dev, non_blocking=True) if device_type == 'cuda' else tensor
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss per target token over the fixed validation captions, shared among the ranks."""
-        model.eval()
-        ids = np.linspace(0, len(val_data) - 1, min(eval_captions, len(val_data))).astype(np.int64)
-        totals = torch.zeros(2, device=dev)  # loss sum, token count
-        for start in range(rank * batch_size, len(ids), world * batch_size):
-            batch_ids = ids[start:start + batch_size]
-            with autocast:
-                _, loss = raw_model(*(to_device(a) for a in val_data.batch(batch_ids)))
-            count = val_data.target_count(batch_ids)
-            totals += torch.tensor([loss.item() * count, count], device=dev)
-        if ddp:
-            dist.all_reduce(totals)
-        model.train()
-        return (totals[0] / totals[1]).item()
-
-    def caption_scores():
-        """BLEU-4, CIDEr-D and the share of bad endings of greedy captions of the first eval_images validation
-        images."""
-        with autocast:
-            captions, records = eval_bleu.caption_split(raw_model, data_dir, val_split, eval_images,
-                                                       batch_size, dict(max_new_tokens=30), dev)
-        scores = eval_bleu.score(captions, [r['captions'] for r in records])
-        return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
-                    val_bad_endings=eval_bleu.bad_endings(captions))
-
-    def cross_entropy_loss(micro_ids, all_targets):
-        """The micro batch's share of the mean loss over all the target tokens of the global batch. Every
-        rank knows the whole global batch, so each can scale its loss to it: the same gradient as one
-        process on the whole batch."""
-        if interleave == 1:
-            batch, media_at = train_data.batch(micro_ids), None
-        else:
-            *batch, media_at = train_data.interleaved_batch(micro_ids, interleave)
-            media_at = to_device(media_at)
-        features, mask, tokens, targets, positions = map(to_device, batch)
-        with autocast:
-            _, loss = model(features, mask, tokens, targets, positions, media_at)
-        rows = len(tokens)
-        window['flops'] += rows * training_flops(raw_model, tokens.shape[1], mask.shape[-1], len(positions) / rows,
-                                                 media=interleave)
-        return loss * (train_data.target_count(micro_ids) / all_targets)
-
-    def self_critical_loss(image_ids, sampling_seed):
-        """Sample scst_samples captions of each image, reward each with its CIDEr-D, and return the micro
-        batch's share of the policy-gradient loss: the mean over the global batch's samples of
-        -advantage x log-probability."""
-        features, mask = (to_device(a).repeat_interleave(scst_samples, 0) for a in train_data.features(image_ids))
-        generator = torch.Generator(dev).manual_seed(sampling_seed)
-        with autocast:
-            samples = raw_model.generate(features, mask, scst_max_tokens, decoding='sample', generator=generator)
-        rewards = reward(samples, image_ids, scst_max_tokens)
-        with autocast:
-            loss = policy_gradient_loss(model, features, mask, samples, rewards, scst_max_tokens)
-        window['scst'] += torch.tensor([rewards.sum(), sum(map(len, samples)), len(samples)], device=dev)
-        return loss / (global_batch * scst_samples)
-
-    # ------------------------------------------------------------------ logging
-    if master:
+        trained = DDP(trained, device_ids=[torch.device(dev).index] if dev.startswith('cuda') else None)
+    run = Run(dev, rank, world, autocast, trained, model, train_data, val_data, optimizer, scaler)
+    if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        print(f'{train_items:,} training {item_name}s, {global_batch} per iteration, '
-              f'{iters_per_epoch:,} iterations per epoch, {total_iters:,} in all')
         if wandb_log:
             import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+            wandb.init(project=wandb_project, name=wandb_run_name, config=settings())
 
-    def log(record):
-        if not master:
-            return
-        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
-        if wandb_log:
-            import wandb
-            wandb.log(record, step=record['iter'])
-
-    def checkpoint_state():
-        return dict(model=trainable_state(raw_model), model_config=asdict(raw_model.config),
-                    train_config=config, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    iter_num=iter_num, best_val_loss=best_val_loss, best_val_cider=best_val_cider)
-
-    def new_window():
-        """What happened since the last log line. On the device, read only when logging: the loss summed
-        over iterations, and for SCST the sums of the rewards, of the sampled tokens and of the samples."""
-        return dict(start=time.time(), iters=0, flops=0, captions=0, loss=torch.zeros((), device=dev),
-                    scst=torch.zeros(3, device=dev))
-
-    def evaluate_and_save():
-        """Validation scores; ckpt.pt, and best.pt when they are the best so far: the lowest loss ('xe') or
-        the highest CIDEr-D ('scst')."""
-        nonlocal best_val_loss, best_val_cider
-        val_loss = evaluate()
-        if master:
-            scores = dict(val_loss=val_loss, **(caption_scores() if eval_images else {}))
-            improved = (val_loss < best_val_loss if objective == 'xe'
-                        else scores['val_cider'] > best_val_cider)
-            best_val_loss = min(best_val_loss, val_loss)
-            best_val_cider = max(best_val_cider, scores.get('val_cider', -math.inf))
-            print(f'iter {iter_num}: ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items())
-                  + (' (best)' if improved else ''))
-            if raw_model.xattn:
-                print('  tanh(gate) attention/feed-forward, by GPT-2 block: ' + ', '.join(
-                    f"{i} {g['attn']:.3f}/{g['ff']:.3f}" for i, g in gate_values(raw_model).items()))
-            log(dict(iter=iter_num, **scores))
-            state = checkpoint_state()
-            save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
-            if improved:
-                save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
-        window['start'] = time.time()  # evaluation time is not training time
-
-    # ------------------------------------------------------------------ the loop
     # The data order follows from (seed, epoch) and the iteration number, the learning rate from the
     # iteration number, and SCST's sampling from a generator seeded with the iteration number: the
     # checkpoint's iter_num is the whole position of a run, and a resumed run continues exactly.
-    peak = peak_flops(device_type) if objective == 'xe' else None  # SCST's sampling: no MFU estimate
-    model.train()
-    window = new_window()  # a resumed run's first window starts at the resume, wherever it falls
-    if initial is not None:  # the checkpoint this run starts from is the first candidate for best.pt
-        evaluate_and_save()
+    peak = peak_flops(torch.device(dev).type) if objective == 'xe' else None  # SCST samples: no MFU estimate
+    trained.train()
+    window = Window.new(dev)  # a resumed run's first window starts at the resume, wherever it falls
+    if start is not None:  # the checkpoint this run starts from is the first candidate for best.pt
+        evaluate_and_save(run, iter_num, best)
+        window.start = time.time()  # evaluation time is not training time
     while iter_num < total_iters:
         epoch, step = divmod(iter_num, iters_per_epoch)
-        ids = epoch_order(train_items, seed, epoch)[step * global_batch:(step + 1) * global_batch]
+        ids = epoch_order(items, seed, epoch)[step * global_batch:(step + 1) * global_batch]
         all_targets = train_data.target_count(ids) if objective == 'xe' else None
         lr = lr_at(iter_num, total_iters, learning_rate, min_lr, warmup_frac)
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(gradient_accumulation_steps):
-            start = (micro * world + rank) * batch_size
-            micro_ids = ids[start:start + batch_size]
+            first = (micro * world + rank) * batch_size
+            micro_ids = ids[first:first + batch_size]
             if ddp:  # synchronise gradients only on the last micro step
-                model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+                trained.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             if objective == 'xe':
-                loss = cross_entropy_loss(micro_ids, all_targets)
+                loss, flops = cross_entropy_loss(run, micro_ids, all_targets)
+                window.flops += flops
             else:
-                loss = self_critical_loss(micro_ids, sample_seed(seed, iter_num, start))
+                loss, sums = self_critical_loss(run, reward, micro_ids, sample_seed(seed, iter_num, first), global_batch)
+                window.scst += sums
             scaler.scale(loss * world).backward()  # DDP averages over ranks: undo it
-            window['loss'] += loss.detach()
+            window.loss += loss.detach()
         if grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        window['iters'] += 1
-        window['captions'] += global_batch * (scst_samples if objective == 'scst' else 1)
+        window.iters += 1
+        window.captions += global_batch * (scst_samples if objective == 'scst' else 1)
 
         if iter_num % log_interval == 0 or iter_num == total_iters:
-            sums = torch.cat([window['loss'][None], window['scst']])
-            if ddp:
-                dist.all_reduce(sums)
-            loss_sum, reward_sum, token_sum, samples = sums.tolist()  # waits for the GPU: only when logging
-            elapsed = time.time() - window['start']
-            record = dict(iter=iter_num, loss=loss_sum / window['iters'], lr=lr,
-                          ms_per_iter=1000 * elapsed / window['iters'], captions_per_s=window['captions'] / elapsed,
-                          mfu=window['flops'] * world / elapsed / peak if peak else None)
-            if objective == 'scst':  # the mean CIDEr-D of the samples, and their mean length in tokens
-                record.update(reward=reward_sum / samples, length=token_sum / samples)
-            record['gates'] = gate_values(raw_model)
-            if master:
-                shown = [f'loss {record["loss"]:.4f}']
-                if objective == 'scst':
-                    shown += [f'reward {record["reward"]:.4f}', f'length {record["length"]:.1f}']
-                shown += [f'lr {lr:.2e}', f'{record["ms_per_iter"]:.1f} ms/iter',
-                          f'{record["captions_per_s"]:,.0f} captions/s']
-                if peak:
-                    shown.append(f'MFU {100 * record["mfu"]:.1f}%')
-                eta_min = (total_iters - iter_num) * record['ms_per_iter'] / 60000
-                print(f'iter {iter_num}/{total_iters}: ' + ', '.join(shown) + f', ETA {eta_min:.1f} min')
-            log(record)
-            window = new_window()
-
+            log_progress(run, window, iter_num, total_iters, lr, peak)
+            window = Window.new(dev)
         if iter_num % eval_interval == 0 or iter_num == total_iters:
-            evaluate_and_save()
+            evaluate_and_save(run, iter_num, best)
+            window.start = time.time()  # evaluation time is not training time
     if ddp:
         dist.barrier()  # every rank is done with the others (rank 0 was saving): only then tear down
         dist.destroy_process_group()
@@ -517,7 +606,6 @@ def main(config):
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    config = configure({k: v for k, v in globals().items() if is_setting(k, v)})
-    globals().update(config)
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('train.py'):
-        main(config)
+        main()

@@ -129,14 +129,14 @@ def run_dir(tmp_path_factory, data_dir, tiny_clip_dir, tiny_gpt2_dir):
 
 
 def record_generate_calls(monkeypatch):
-    """Make Captioner.generate record every call as (batch size, frame mask, options); returns the record."""
-    from model import Captioner
-    calls, generate = [], Captioner.generate
+    """Make decode.generate record every call as (batch size, frame mask, options); returns the record."""
+    import decode
+    calls, generate = [], decode.generate
 
-    def recorded_generate(self, features, feature_mask=None, **options):
+    def recorded_generate(model, features, feature_mask=None, *args, **options):
         calls.append((len(features), feature_mask, options))
-        return generate(self, features, feature_mask, **options)
-    monkeypatch.setattr(Captioner, 'generate', recorded_generate)
+        return generate(model, features, feature_mask, *args, **options)
+    monkeypatch.setattr(decode, 'generate', recorded_generate)
     return calls
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import run_script
 from bench import decoding_bytes
-from model import CaptionerConfig, build_captioner, training_flops
+from model import CaptionerConfig, training_flops
+from weights import build_captioner
 
 
 def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):

@@ -8,7 +8,8 @@ import torch
 
 import eval_bleu
 from conftest import caption_text, colour_and_shape, record_generate_calls, run_script, stored_features
-from model import load_captioner
+from decode import generate
+from weights import load_captioner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_DATA = os.path.join(HERE, '..', '..', 'shared', 'data')  # real captions beside the repository, if any
@@ -260,7 +261,7 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
     feats = stored_features(f'{data_dir}/train_feats.bin')
     for i, (caption, record) in enumerate(zip(captions, records)):
         with torch.no_grad():
-            alone = model.generate(torch.tensor(feats[i:i + 1], dtype=torch.float32), decoding='beam', beam_width=3,
+            alone = generate(model, torch.tensor(feats[i:i + 1], dtype=torch.float32), decoding='beam', beam_width=3,
                                    max_new_tokens=8)[0]
         assert caption['caption'] == caption_text(alone)
         # and, independent of the model code, it names the colour and shape its references name

@@ -11,8 +11,10 @@ import torch
 
 import model as model_module
 from conftest import VISION_DIM, record_generate_calls, run_script
-from data import EOT, IGNORE_INDEX, Captions, FewShotExamples
-from model import MediaLayout, build_captioner, few_shot_prompt
+from data import EOT, IGNORE_INDEX, Captions, FewShotExamples, Shots
+from decode import few_shot_prompt, generate, start
+from model import MediaLayout
+from weights import build_captioner
 from test_train import logs, train_args, train_losses
 
 TOKENS = 17  # CLIP tokens per frame of the tiny vision model
@@ -183,8 +185,8 @@ def test_packed_captions_are_each_a_target_once_and_the_prefixes_never(data_dir)
 def recomputed_greedy(captioner, features, shots, max_new_tokens):
     """Greedy decoding without a KV cache: the whole prompt and caption so far through forward() at each step."""
     B = len(features)
-    prompt, media_at = few_shot_prompt(shots[2], B, 'cpu')
-    media = torch.cat([shots[0].expand(B, *shots[0].shape), features[:, None]], dim=1)  # [B, N + 1, T, Nt, Dv]
+    prompt, media_at = few_shot_prompt(shots.tokens, B, 'cpu')
+    media = torch.cat([shots.features.expand(B, *shots.features.shape), features[:, None]], dim=1)  # [B, N + 1, T, Nt, Dv]
     tokens = prompt
     for _ in range(max_new_tokens):
         with torch.no_grad():
@@ -196,17 +198,17 @@ def recomputed_greedy(captioner, features, shots, max_new_tokens):
 @pytest.mark.parametrize('media_attention, mapper', [('latest', 'mlp'), ('earlier', 'transformer')])
 def test_few_shot_decoding_with_the_cache_equals_recomputing(tiny_config, media_attention, mapper):
     captioner = captioner_of(tiny_config, media_attention=media_attention, mapper=mapper)
-    shots = (images(2), torch.ones(2, 1, dtype=torch.bool), [[64, 2266, 6333], [32, 4171]])
+    shots = Shots(images(2), torch.ones(2, 1, dtype=torch.bool), [[64, 2266, 6333], [32, 4171]])
     features = images(3)
     expected = recomputed_greedy(captioner, features, shots, 6)
     with torch.no_grad():
-        logits, state = captioner.start(features, None, 6, shots)
+        logits, state = start(captioner, features, None, 6, shots)
         got = [logits.argmax(-1)]
         for _ in range(5):
-            got.append(captioner.step(got[-1], state).argmax(-1))
+            got.append(captioner.step(got[-1], state.media_kv, state.cache).argmax(-1))
     assert torch.stack(got, 1).tolist() == expected
     # the examples change the captions: without them, the same model says something else
-    assert captioner.generate(features, max_new_tokens=6) != captioner.generate(features, max_new_tokens=6,
+    assert generate(captioner, features, max_new_tokens=6) != generate(captioner, features, max_new_tokens=6,
                                                                                 shots=shots)
 
 
@@ -215,11 +217,11 @@ def test_few_shot_beam_search_of_width_one_is_greedy(tiny_config, media_attentio
     """Beam search keeps each beam's media through its reordering: with one beam it is greedy decoding,
     here with examples of two frames (one masked out) before images of one."""
     captioner = captioner_of(tiny_config, media_attention=media_attention)
-    shots = (torch.randn(2, 2, TOKENS, VISION_DIM).half(), torch.tensor([[True, False], [True, True]]),
-             [[64, 2266, 6333], [32, 4171]])
+    shots = Shots(torch.randn(2, 2, TOKENS, VISION_DIM).half(), torch.tensor([[True, False], [True, True]]),
+                  [[64, 2266, 6333], [32, 4171]])
     features = images(6)
-    greedy = captioner.generate(features, max_new_tokens=6, shots=shots)
-    assert captioner.generate(features, max_new_tokens=6, shots=shots, decoding='beam', beam_width=1) == greedy
+    greedy = generate(captioner, features, max_new_tokens=6, shots=shots)
+    assert generate(captioner, features, max_new_tokens=6, shots=shots, decoding='beam', beam_width=1) == greedy
     assert greedy != greedy[::-1]  # the images still differ: a beam reading another row's media would show
 
 
@@ -239,12 +241,12 @@ def test_few_shot_prompt_is_laid_out_as_training_packs_captions(tiny_config, dat
     n = data.lengths[ids[2]] + 1  # the query's targets: its caption and <|endoftext|>, the last of the packing
     spans = [tokens[0, media_at[0, j] + 1:media_at[0, j + 1]].tolist() for j in range(2)]
     query = tokens[0, media_at[0, 2] + 1:media_at[0, 2] + n]
-    shots = (features[0, :2], mask[0, :2], spans)
+    shots = Shots(features[0, :2], mask[0, :2], spans)
     with torch.no_grad():
-        logits, state = captioner.start(features[:, 2], mask[:, 2], int(n), shots)
+        logits, state = start(captioner, features[:, 2], mask[:, 2], int(n), shots)
         decoded = [logits]
         for token in query:
-            decoded.append(captioner.step(token[None], state))
+            decoded.append(captioner.step(token[None], state.media_kv, state.cache))
     assert (torch.cat(decoded) - trained[-n:, :50257]).abs().max() < 1e-4
 
 

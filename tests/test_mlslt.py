@@ -14,7 +14,8 @@ import data  # noqa: E402
 import prepare_mlslt  # noqa: E402
 from conftest import caption_text, record_generate_calls, run_script, stored_features  # noqa: E402
 from data import clip_preprocess, extract_features  # noqa: E402
-from model import load_captioner, load_vision  # noqa: E402
+from decode import generate  # noqa: E402
+from weights import load_captioner, load_vision  # noqa: E402
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220)}
 MAX_FRAMES = 6
@@ -232,7 +233,7 @@ def test_training_and_evaluation_on_videos(video_run, mlslt_data, monkeypatch):
     assert frames[:, 1].tolist() == [6, 6, 3, 3]
     for caption, (first, count) in zip(captions, frames):
         with torch.no_grad():
-            alone = model.generate(torch.tensor(feats[first:first + count][None], dtype=torch.float32),
+            alone = generate(model, torch.tensor(feats[first:first + count][None], dtype=torch.float32),
                                    max_new_tokens=8)[0]
         assert caption['caption'] == caption_text(alone)
         assert ('red' in caption['caption'].split()) == (caption['id'].split('/')[0] in RED), caption
@@ -264,7 +265,7 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
         frames = data.read_frames(path, MAX_FRAMES, data.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
         with torch.no_grad():
-            alone = model.generate(*model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0]
+            alone = generate(model, *model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0]
         assert caption == caption_text(alone)
         assert ('red' in caption.split()) == (os.path.basename(os.path.dirname(path)) in RED), (path, caption)
 

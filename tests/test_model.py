@@ -10,10 +10,11 @@ import torch
 from transformers import CLIPModel, GPT2LMHeadModel
 
 from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
-from data import InputError
 import torch.nn.functional as F
-from model import (EOT, IGNORE_INDEX, CaptionerConfig, KVCache, build_captioner, count_params, load_gpt2,
-                   load_vision, onednn_linears, param_table, pick_device, sample_token, training_flops)
+from data import EOT, InputError, pick_device
+from decode import KVCache, generate, onednn_linears, sample_token, start
+from model import IGNORE_INDEX, CaptionerConfig, count_params, param_table, training_flops
+from weights import build_captioner, load_gpt2, load_vision
 
 
 def build(config, **changes):
@@ -206,17 +207,17 @@ def test_xattn_every_and_unfreeze_layers():
     assert count_params(meta_captioner(train_embeddings=True).gpt)[1] == embeddings
 
 
-def test_model_script_prints_exact_counts():
-    out = subprocess.run([sys.executable, 'model.py', '--init_from=scratch'], capture_output=True,
-                         text=True, check=True).stdout
+def test_parameter_table_prints_exact_counts():
+    out = subprocess.run([sys.executable, 'bench.py', '--what=params'], capture_output=True, text=True,
+                         check=True).stdout
     assert out.splitlines()[-1] == 'params total=250958360 trainable=39026456 frozen=211931904'
 
 
-def test_model_script_reports_bad_setting_in_one_line():
-    result = subprocess.run([sys.executable, 'model.py', '--init_from=scratch', '--mapper=lstm'],
+def test_parameter_table_reports_bad_setting_in_one_line():
+    result = subprocess.run([sys.executable, 'bench.py', '--what=params', '--mapper=lstm'],
                             capture_output=True, text=True)
     assert result.returncode != 0
-    assert result.stderr.strip() == "model.py: mapper must be 'mlp' or 'transformer', not 'lstm'"
+    assert result.stderr.strip() == "bench.py: mapper must be 'mlp' or 'transformer', not 'lstm'"
 
 
 # ----------------------------------------------------------------------------- training forward
@@ -366,11 +367,11 @@ def test_mappers_read_every_real_frame(tiny_config):
 def test_too_many_frames_or_positions_fail_clearly(tiny_config):
     model = build(tiny_config)
     with pytest.raises(InputError, match='7 frames, but the resampler has time embeddings for 6'):
-        model.generate(random_features(1, frames=7), max_new_tokens=2)
+        generate(model, random_features(1, frames=7), max_new_tokens=2)
     # the prompt is the 2 prefix tokens and <|endoftext|>: 61 new tokens fill GPT-2's 64 positions
-    assert len(model.generate(random_features(1), max_new_tokens=61)[0]) <= 61
+    assert len(generate(model, random_features(1), max_new_tokens=61)[0]) <= 61
     with pytest.raises(InputError, match='^a sequence of 65 positions .* longer than the language model'):
-        model.generate(random_features(1), max_new_tokens=62)
+        generate(model, random_features(1), max_new_tokens=62)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -410,15 +411,15 @@ def cut_at_eot(rows):
 def test_kv_cached_greedy_equals_argmax_loop(captioner):
     features = random_features(6)
     for max_new_tokens in (12, 8):  # all end with <|endoftext|>; some are cut at the limit
-        captions = captioner.generate(features, max_new_tokens=max_new_tokens)
+        captions = generate(captioner, features, max_new_tokens=max_new_tokens)
         assert captions == cut_at_eot(argmax_loop(captioner, features, max_new_tokens))
         assert len({len(c) for c in captions}) > 1
 
 
 def test_beam_width_one_equals_greedy(captioner):
     features = random_features(6)
-    assert captioner.generate(features, decoding='beam', beam_width=1, max_new_tokens=12) == \
-        captioner.generate(features, max_new_tokens=12)
+    assert generate(captioner, features, decoding='beam', beam_width=1, max_new_tokens=12) == \
+        generate(captioner, features, max_new_tokens=12)
 
 
 class MarkovLM:
@@ -434,10 +435,11 @@ class MarkovLM:
         self.slot[self.TOKENS] = torch.arange(4)
 
     def install(self, model, monkeypatch):
-        state = dict(cache=KVCache(0, 0), media_kv={})
-        monkeypatch.setattr(model, 'start', lambda features, mask, n, shots=None: (self.logits(
+        import decode
+        state = decode.Decoding(media_kv={}, cache=KVCache(0, 0))
+        monkeypatch.setattr(decode, 'start', lambda model, features, mask, n, shots=None: (self.logits(
             torch.full((features.shape[0],), EOT)), state))
-        monkeypatch.setattr(model, 'step', lambda token, state: self.logits(token))
+        monkeypatch.setattr(model, 'step', lambda token, media_kv, cache: self.logits(token))
 
     def logits(self, last_token):
         return self.rows[self.slot[last_token]]
@@ -463,10 +465,10 @@ def test_beam_search_against_exhaustive_search(tiny_config, monkeypatch, seed):
     lm.install(model, monkeypatch)
     features = random_features(1)
     # 81 beams hold every hypothesis of 4 tokens, so beam search is exact here
-    assert model.generate(features, decoding='beam', beam_width=81, max_new_tokens=4)[0] == \
+    assert generate(model, features, decoding='beam', beam_width=81, max_new_tokens=4)[0] == \
         lm.best_caption(4)
-    assert model.generate(features, decoding='beam', beam_width=1, max_new_tokens=6) == \
-        model.generate(features, max_new_tokens=6)
+    assert generate(model, features, decoding='beam', beam_width=1, max_new_tokens=6) == \
+        generate(model, features, max_new_tokens=6)
 
 
 @torch.no_grad()
@@ -511,7 +513,7 @@ def test_beam_search_equals_reference_beam_search(captioner, beam_width):
     features = random_features(4)
     captions = {}
     for length_penalty in (0.6, 1.0, 1.5):
-        captions[length_penalty] = captioner.generate(features, decoding='beam', beam_width=beam_width,
+        captions[length_penalty] = generate(captioner, features, decoding='beam', beam_width=beam_width,
                                                       max_new_tokens=10, length_penalty=length_penalty)
         assert captions[length_penalty] == reference_beam_search(captioner, features, beam_width, 10,
                                                                  length_penalty)
@@ -527,21 +529,21 @@ def test_caption_is_the_same_alone_and_in_a_padded_batch(captioner, decoding):
     for i, video in enumerate(videos):
         batch[i, :video.shape[1]] = video[0]
         mask[i, :video.shape[1]] = True
-    together = captioner.generate(batch, mask, decoding=decoding, beam_width=3, max_new_tokens=10)
-    alone = [captioner.generate(v, decoding=decoding, beam_width=3, max_new_tokens=10)[0] for v in videos]
+    together = generate(captioner, batch, mask, decoding=decoding, beam_width=3, max_new_tokens=10)
+    alone = [generate(captioner, v, decoding=decoding, beam_width=3, max_new_tokens=10)[0] for v in videos]
     assert together == alone
     assert len({len(c) for c in together}) > 1
 
 
 def test_sampling(captioner):
     features = random_features(4)
-    greedy = captioner.generate(features, max_new_tokens=8)
-    assert captioner.generate(features, decoding='sample', top_k=1, max_new_tokens=8) == greedy
-    assert captioner.generate(features, decoding='sample', top_p=1e-6, max_new_tokens=8) == greedy
+    greedy = generate(captioner, features, max_new_tokens=8)
+    assert generate(captioner, features, decoding='sample', top_k=1, max_new_tokens=8) == greedy
+    assert generate(captioner, features, decoding='sample', top_p=1e-6, max_new_tokens=8) == greedy
 
     def sample(seed, **options):
         g = torch.Generator().manual_seed(seed)
-        return captioner.generate(features, decoding='sample', max_new_tokens=8, generator=g, **options)
+        return generate(captioner, features, decoding='sample', max_new_tokens=8, generator=g, **options)
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
     # the temperature reaches the sampler: near 0 it is greedy, at 1 it is not
@@ -550,7 +552,7 @@ def test_sampling(captioner):
 
 
 # generate's settings that are not decoding settings, and values outside the range of every other one
-NOT_DECODING = {'self', 'features', 'feature_mask', 'generator', 'shots'}
+NOT_DECODING = {'model', 'features', 'feature_mask', 'generator', 'shots'}
 OUT_OF_RANGE = dict(decoding=['topk', None], max_new_tokens=[0, -1, 2.5], beam_width=[0, True], temperature=[0, -1.0, math.inf],
                     top_k=[-1, 1.5], top_p=[0, 1.5, math.nan], length_penalty=[-1.0, math.inf], min_new_tokens=[-1, 21])
 
@@ -559,15 +561,14 @@ def test_every_decoding_setting_outside_its_range_fails_in_one_line(captioner):
     """generate's parameters, walked: a new one must be listed above. Each bad value raises an InputError
     naming the setting (min_new_tokens against the default max_new_tokens of 20)."""
     import inspect
-    from model import Captioner
-    parameters = set(inspect.signature(Captioner.generate).parameters)
+    parameters = set(inspect.signature(generate).parameters)
     assert parameters - NOT_DECODING == set(OUT_OF_RANGE)
     features = random_features(1)
     for name, values in OUT_OF_RANGE.items():
         for value in values:
             with pytest.raises(InputError, match=f'^{name} must be '):
-                captioner.generate(features, **{name: value})
-    assert captioner.generate(features, min_new_tokens=20, top_k=0, top_p=1.0, length_penalty=0)  # the edges
+                generate(captioner, features, **{name: value})
+    assert generate(captioner, features, min_new_tokens=20, top_k=0, top_p=1.0, length_penalty=0)  # the edges
 
 
 def test_sampled_first_tokens_follow_the_tempered_top_k_softmax(captioner):
@@ -576,10 +577,10 @@ def test_sampled_first_tokens_follow_the_tempered_top_k_softmax(captioner):
     about a third each)."""
     image = random_features(1)
     with torch.no_grad():
-        logits, _ = captioner.start(image, None, 1)
+        logits, _ = start(captioner, image, None, 1)
     best = logits[0].topk(3)
     expected = (best.values / 0.05).softmax(-1)
-    firsts = captioner.generate(image.expand(500, -1, -1, -1), decoding='sample', top_k=3, temperature=0.05,
+    firsts = generate(captioner, image.expand(500, -1, -1, -1), decoding='sample', top_k=3, temperature=0.05,
                                 max_new_tokens=1, generator=torch.Generator().manual_seed(0))
     counts = torch.tensor([firsts.count([token]) for token in best.indices.tolist()])
     assert counts.sum() == 500
@@ -637,7 +638,7 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
     assert expected.abs().mean() > 10
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = captioner.float32_logits(h)
-        first_logits, _ = captioner.start(random_features(2), None, max_new_tokens=3)
+        first_logits, _ = start(captioner, random_features(2), None, max_new_tokens=3)
     assert logits.dtype == first_logits.dtype == torch.float32
     assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
 
@@ -655,8 +656,8 @@ def test_onednn_linears_caption_as_the_plain_model(captioner):
     assert sum(isinstance(m, MkldnnLinear) for m in converted.modules()) == 3 * 4 + 3 * 5 + 1  # + the LM head
     features, (tokens, _) = random_features(6), caption_batch()
     for decoding in ('greedy', 'beam'):
-        assert converted.generate(features, decoding=decoding, max_new_tokens=12) == \
-            captioner.generate(features, decoding=decoding, max_new_tokens=12)
+        assert generate(converted, features, decoding=decoding, max_new_tokens=12) == \
+            generate(captioner, features, decoding=decoding, max_new_tokens=12)
     with torch.no_grad():
         expected = captioner(features[:2], None, tokens)[0]
         assert (converted(features[:2], None, tokens)[0] - expected).abs().max().item() <= 1e-5
@@ -670,13 +671,14 @@ def test_cuda_graph_replays_decode_as_eager_steps(captioner, monkeypatch):
     """On a GPU each decoding step is captured once and replayed; the captions must be those of eager
     steps, greedy and beam (whose reorders copy the cache in place, under the graph's feet)."""
     import copy
-    import model as model_module
+    import decode as decode_module
     gpu_model, features = copy.deepcopy(captioner).cuda(), random_features(6).cuda()
 
     def captions():
-        return [gpu_model.generate(features, decoding=d, beam_width=3, max_new_tokens=12) for d in ('greedy', 'beam')]
+        return [generate(gpu_model, features, decoding=d, beam_width=3, max_new_tokens=12) for d in ('greedy', 'beam')]
     replayed = captions()
-    monkeypatch.setattr(model_module, 'cuda_graph_step', lambda model, token, state: lambda t: model.step(t, state))
+    monkeypatch.setattr(decode_module, 'cuda_graph_step',
+                        lambda model, token, state: lambda t: model.step(t, state.media_kv, state.cache))
     assert captions() == replayed
 
 
@@ -685,13 +687,13 @@ def test_min_new_tokens(captioner, decoding):
     """<|endoftext|> is banned for exactly the first min_new_tokens steps, as in the slow references with
     the same ban (some of these captions are shorter without it)."""
     features = random_features(4)
-    captions = captioner.generate(features, decoding=decoding, beam_width=3, max_new_tokens=12,
+    captions = generate(captioner, features, decoding=decoding, beam_width=3, max_new_tokens=12,
                                   min_new_tokens=9)
     if decoding == 'greedy':
         assert captions == cut_at_eot(argmax_loop(captioner, features, 12, min_new_tokens=9))
     else:
         assert captions == reference_beam_search(captioner, features, 3, 12, min_new_tokens=9)
-    assert captions != captioner.generate(features, decoding=decoding, beam_width=3, max_new_tokens=12)
+    assert captions != generate(captioner, features, decoding=decoding, beam_width=3, max_new_tokens=12)
 
 
 def test_training_flops():

@@ -10,7 +10,7 @@ import data
 import prepare_coco
 from conftest import run_script, stored_features
 from data import InputError
-from model import load_vision
+from weights import load_vision
 
 
 def save_image(path, size=(40, 30), color=(200, 30, 30), seed=0):

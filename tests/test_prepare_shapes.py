@@ -7,7 +7,7 @@ import numpy as np
 import data
 import prepare_shapes
 from conftest import run_script
-from model import load_gpt2, load_vision
+from weights import load_gpt2, load_vision
 
 
 def test_every_shape_is_drawn_in_its_colour_and_cell():

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from conftest import caption_text, colour_and_shape, draw_shape, record_generate_calls, run_script, shape_scenes
-from model import load_captioner
+from decode import generate
+from weights import load_captioner
 from data import clip_preprocess, load_rgb
 
 BAD_FILES = [('empty.jpg', 'empty file'), ('truncated.jpg', 'not a readable image'),
@@ -31,7 +32,7 @@ def caption_alone(model, path, **options):
     """The checkpoint's caption of one image, given to model.generate on its own."""
     pixels = torch.tensor(clip_preprocess(load_rgb(path), model.vision.config.image_size))[None]
     with torch.no_grad():
-        return caption_text(model.generate(*model.encode_pixels(pixels, [1]), **options)[0])
+        return caption_text(generate(model, *model.encode_pixels(pixels, [1]), **options)[0])
 
 
 @pytest.fixture(scope='module')

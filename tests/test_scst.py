@@ -8,7 +8,8 @@ import torch
 
 from conftest import TEXT_DIM, run_script
 from data import EOT, IGNORE_INDEX
-from model import build_captioner
+from decode import generate, start
+from weights import build_captioner
 from eval_bleu import CiderD, tokenize_all
 from test_eval_bleu import coco_mini_images, needs_java, needs_real_data
 from test_train import logs, train, train_args
@@ -99,11 +100,11 @@ def captioner(tiny_config):
 def decoding_log_prob(model, features, sample, max_new_tokens):
     """A sample's log-probability as decoding sees it: token by token through the KV cache."""
     with torch.no_grad():
-        logits, state = model.start(features[None], None, max_new_tokens)
+        logits, state = start(model, features[None], None, max_new_tokens)
         total = 0.0
         for token in sample + [EOT] * (len(sample) < max_new_tokens):
             total += logits[0].log_softmax(-1)[token].item()
-            logits = model.step(torch.tensor([token]), state)
+            logits = model.step(torch.tensor([token]), state.media_kv, state.cache)
     return total
 
 
@@ -193,14 +194,14 @@ def test_every_micro_batch_of_every_step_samples_with_its_own_seed(tmp_path, run
                                                                    tiny_gpt2_dir, monkeypatch):
     """3 steps of 2 micro batches: 6 generators, each seeded differently (a seed without the iteration draws
     the same numbers at every step; one without the micro batch's place, the same in both halves)."""
-    import model
-    seeds, sample_token = [], model.sample_token
+    import decode
+    seeds, sample_token = [], decode.sample_token
 
     def recording_sample_token(logits, temperature, top_k, top_p, generator):
         if not seeds or seeds[-1][0] is not generator:
             seeds.append((generator, generator.initial_seed()))
         return sample_token(logits, temperature, top_k, top_p, generator)
-    monkeypatch.setattr(model, 'sample_token', recording_sample_token)
+    monkeypatch.setattr(decode, 'sample_token', recording_sample_token)
     assert run_script('train.py', *train_args(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir), *SCST,
                       f'--init_from={run_dir}/ckpt.pt', '--max_iters=3', '--eval_interval=100', '--batch_size=2',
                       '--gradient_accumulation_steps=2') is None
@@ -212,18 +213,18 @@ def first_step_loss(run_dir, data_dir):
     batches of 2, 3 samples each), computed here: the mean over the 12 samples of -advantage x
     log-probability."""
     from data import Captions
-    from model import load_captioner
+    from weights import load_captioner
     from train import epoch_order, sample_seed
     model, _ = load_captioner(f'{run_dir}/ckpt.pt')
     data = Captions(data_dir, 'train', 48)
     reward = CiderReward(data.records())
     order = epoch_order(data.media_count, 1337, 0)
     total = 0.0
-    for start in (0, 2):
-        images = order[start:start + 2]
+    for first in (0, 2):
+        images = order[first:first + 2]
         features, mask = (torch.from_numpy(a).repeat_interleave(3, 0) for a in data.features(images))
-        generator = torch.Generator().manual_seed(sample_seed(1337, 0, start))
-        samples = model.generate(features, mask, 20, decoding='sample', generator=generator)
+        generator = torch.Generator().manual_seed(sample_seed(1337, 0, first))
+        samples = generate(model, features, mask, 20, decoding='sample', generator=generator)
         total += policy_gradient_loss(model, features, mask, samples, reward(samples, images, 20), 20).item()
     return total / 12
 

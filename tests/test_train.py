@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import RUN_OPTIONS, caption_text, colour_and_shape, run_script
 from data import EOT, Captions
-from model import load_captioner, load_vision
+from decode import generate
+from weights import load_captioner, load_vision
 from train import save_checkpoint
 
 
@@ -49,7 +50,7 @@ def test_tiny_model_overfits_and_its_captions_name_their_own_picture(run_dir, da
     model, _ = load_captioner(f'{run_dir}/ckpt.pt')
     train_data = Captions(data_dir, 'train', 48)
     features, mask = train_data.features(np.arange(16))
-    captions = model.generate(torch.from_numpy(features).float(), torch.from_numpy(mask), max_new_tokens=12)
+    captions = generate(model, torch.from_numpy(features).float(), torch.from_numpy(mask), max_new_tokens=12)
     for tokens, record in zip(captions, train_data.records()):
         said = caption_text(tokens)
         assert colour_and_shape(said) == colour_and_shape(record['captions'][0]), (record['file'], said)
@@ -127,10 +128,10 @@ def test_optimizer_steps_follow_the_schedule_the_decay_groups_and_the_clip(
         tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir, monkeypatch):
     """Watch every AdamW step of a real run: its learning rate, which weights it decays, the gradient
     norm it gets."""
-    import model as model_module
+    import weights as weights_module
     built, steps = [], []
-    build = model_module.build_captioner
-    monkeypatch.setattr(model_module, 'build_captioner', lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    build = weights_module.build_captioner
+    monkeypatch.setattr(weights_module, 'build_captioner', lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     adamw_step = torch.optim.AdamW.step
 
     def watched_step(optimizer, *args, **kwargs):
@@ -205,7 +206,7 @@ def test_logged_validation_scores_are_those_of_the_checkpoint(run_dir, data_dir)
         _, loss = model(features, mask, tokens, targets)
     assert last['val_loss'] == pytest.approx(loss.item(), rel=1e-5)
     pictures = val.features(np.arange(4))
-    captions = [caption_text(c) for c in model.generate(*(torch.from_numpy(a) for a in pictures), max_new_tokens=30)]
+    captions = [caption_text(c) for c in generate(model, *(torch.from_numpy(a) for a in pictures), max_new_tokens=30)]
     references = [r['captions'] for r in val.records()]
     expected = eval_bleu.score(captions, references)
     assert last['val_bleu4'] == pytest.approx(expected['BLEU-4'], rel=1e-9)
@@ -256,6 +257,19 @@ def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny
         f"train.py: {data_dir}/meta.json: its features are from {meta['vision_model']!r}, not from vision_model "
         f"{str(tmp_path / 'other_clip')!r} (leave --vision_model out to train on them, or prepare the data with that "
         f"vision model)")
+
+
+@pytest.mark.parametrize('script', ['train', 'bench'])
+def test_scripts_list_every_model_setting_at_its_default(script):
+    """train.py and bench.py list the model's settings for a reader to see: each one's default is model.py's
+    (train.py's vision model is the data's, by default)."""
+    import dataclasses
+    import importlib
+    from model import CaptionerConfig
+    module = importlib.import_module(script)
+    for field in dataclasses.fields(CaptionerConfig):
+        default = '' if (script, field.name) == ('train', 'vision_model') else field.default
+        assert getattr(module, field.name) == default, field.name
 
 
 def test_the_vision_model_is_the_one_that_made_the_features(tmp_path, data_dir, tiny_gpt2_dir):

@@ -1,0 +1,378 @@
+"""
+Decoding: how a trained captioner writes a caption, one token at a time. It calls the model (model.py's
+Captioner: encode, prefill, step) and never the other way round.
+
+    generate(model, features, mask, decoding='greedy' | 'beam' | 'sample', ...) -> a token list per image
+
+The prompt, [prefix; <|endoftext|>] (with few-shot examples, each example's [prefix; <|endoftext|> caption]
+before it), goes through the model once; then each step feeds the token just chosen and gets the logits
+of the next. First the loops (greedy and sampling, then beam search, then the few-shot prompt), then what
+makes them fast, each apart from the idea it speeds up: the KV cache, a step replayed as a CUDA graph on a
+GPU, and oneDNN's linear layers on a CPU.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from data import EOT, InputError, Shots
+
+
+@dataclass
+class Decoding:
+    """What each step reads: the media's cross-attention keys/values {GPT-2 block: (k, v)}, computed once from
+    the images, and the KV cache of the text so far, which each step adds to."""
+    media_kv: dict
+    cache: 'KVCache'
+
+
+@torch.no_grad()
+def generate(model, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
+             temperature=1.0, top_k=0, top_p=1.0, length_penalty=1.0, generator=None, min_new_tokens=0,
+             shots: Shots = None):
+    """
+    Caption a batch of images or videos: features [B, T, N, Dv] (or [B, N, Dv]) with the mask of real frames
+    [B, T]. decoding: 'greedy', 'beam' (per-image beams, scores normalised by length ** length_penalty) or
+    'sample' (temperature, top_k (0: off), top_p (1: off), drawn with `generator`). No caption ends before
+    min_new_tokens tokens. shots: few-shot examples to put before every input, the same for each (see
+    few_shot_prompt). Returns one list of token ids per input, without <|endoftext|>.
+    """
+    check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p, length_penalty,
+                   min_new_tokens)
+    if decoding == 'beam':
+        tokens = beam_search(model, features, feature_mask, max_new_tokens, beam_width, length_penalty,
+                             min_new_tokens, shots)
+    else:
+        pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
+            lambda logits: sample_token(logits, temperature, top_k or None, top_p if top_p < 1 else None,
+                                        generator))
+        tokens = greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots)
+    return [strip_eot(row) for row in tokens.tolist()]
+
+
+def start(model, features, feature_mask, max_new_tokens, shots=None):
+    """Encode the media and run the prompt through the model, filling a KV cache with room for max_new_tokens
+    more. Returns the next-token logits [B, vocab] and the Decoding state that every step reads."""
+    B, device = features.shape[0], features.device
+    if shots is None:
+        prompt, media = torch.full((B, 1), EOT, dtype=torch.long, device=device), 1
+    else:
+        prompt, media_at = few_shot_prompt(shots.tokens, B, device)
+        media = media_at.shape[1]
+    check_fits(model, features, shots, media * model.prefix_len + prompt.shape[1] + max_new_tokens)
+    cache = KVCache(model.gpt.config.n_layer, media * model.prefix_len + prompt.shape[1] + max_new_tokens)
+    prefix, media_kv = model.encode(features, feature_mask)
+    layout = visible = None
+    if shots is not None:
+        # the examples are the same for every query: encoded once, as one row of N media
+        examples = model.encode(shots.features[None].to(device), shots.mask[None].to(device))
+        prefix, media_kv = examples_first(examples, (prefix, media_kv), B)
+        layout, visible = model.interleaving(media_at, prompt.shape[1])
+    logits = model.prefill(prompt, prefix, media_kv, cache, layout, visible)
+    if shots is not None and model.config.media_attention == 'latest':
+        # the caption to write comes after the last media, the query: it reads the query's latents
+        # alone, so the steps keep those (with 'earlier' it reads every media's: no mask is needed)
+        latents = model.config.num_latents
+        media_kv = {i: (k[:, :, -latents:].contiguous(), v[:, :, -latents:].contiguous())
+                    for i, (k, v) in media_kv.items()}
+    return logits, Decoding(media_kv, cache)
+
+
+def check_fits(model, features, shots, positions):
+    """Fail in one line, before any work, unless the media's frames fit the resampler's time embeddings and
+    the prompt and caption fit GPT-2's positions."""
+    frames = [features.shape[-3] if features.dim() >= 4 else 1] + ([shots.features.shape[1]] if shots else [])
+    if model.resampler is not None and max(frames) > model.config.max_frames:
+        raise InputError(f'{max(frames)} frames, but the resampler has time embeddings for {model.config.max_frames}')
+    if positions > model.gpt.config.block_size:
+        raise InputError(f'a sequence of {positions} positions (prefix + caption) is longer than the language '
+                         f"model's {model.gpt.config.block_size}")
+
+
+def check_decoding(decoding='greedy', max_new_tokens=20, beam_width=5, temperature=1.0, top_k=0, top_p=1.0,
+                   length_penalty=1.0, min_new_tokens=0):
+    """Raise an InputError naming the first decoding setting outside its range (the scripts call this before
+    they load a model: a typo should not cost a minute of loading)."""
+    def require(ok, name, value, expected):
+        if not ok:
+            raise InputError(f'{name} must be {expected}, not {value!r}')
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    require(decoding in ('greedy', 'beam', 'sample'), 'decoding', decoding, "'greedy', 'beam' or 'sample'")
+    require(whole(max_new_tokens) and max_new_tokens >= 1, 'max_new_tokens', max_new_tokens, 'at least 1')
+    require(whole(min_new_tokens) and 0 <= min_new_tokens <= max_new_tokens, 'min_new_tokens', min_new_tokens,
+            f'in 0..max_new_tokens ({max_new_tokens})')
+    require(whole(beam_width) and beam_width >= 1, 'beam_width', beam_width, 'at least 1')
+    require(real(temperature) and temperature > 0, 'temperature', temperature,
+            'above 0 (decoding=greedy takes the best word)')
+    require(whole(top_k) and top_k >= 0, 'top_k', top_k, 'a number of words, or 0 for all')
+    require(real(top_p) and 0 < top_p <= 1, 'top_p', top_p, 'a share of the probability in (0, 1], 1 for all')
+    require(real(length_penalty) and length_penalty >= 0, 'length_penalty', length_penalty,
+            'at least 0 (0: scores not normalised by length)')
+
+
+# -----------------------------------------------------------------------------
+# greedy and sampling: one token per step for every row
+
+@torch.no_grad()
+def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots=None):
+    """Token ids [B, max_new_tokens]: one token per step for every row, chosen by pick(logits) (the
+    best, or a sample); rows that have ended keep emitting <|endoftext|>."""
+    logits, state = start(model, features, feature_mask, max_new_tokens, shots)
+    B = logits.shape[0]
+    out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
+    ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    step = None
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits[:, EOT] = -math.inf
+        token = pick(logits).masked_fill(ended, EOT)
+        out[:, t] = token
+        ended |= token == EOT
+        if t == max_new_tokens - 1 or ended.all():
+            break
+        step = step or stepper(model, token, state)
+        logits = step(token)
+    return out
+
+
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Sample one token per row from logits [B, vocab], restricted to the top_k and/or nucleus top_p."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, -math.inf)
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the best one stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    # inverse transform sampling: one uniform number per row, looked up in the cumulative probabilities
+    # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time)
+    probs = logits.softmax(-1)
+    cdf = probs.cumsum(-1)
+    if cdf.device.type != 'cpu':
+        # A GPU's cumsum adds in another order at every position, so its sums can step back, or move at a
+        # word of probability 0: the running maximum, with those words held at 0, makes every step up a
+        # word's own. (A CPU adds in order: its sums never step back. cummax there would double the time.)
+        cdf = torch.where(probs > 0, cdf, 0).cummax(-1).values
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=logits.device) * total
+    # u < total, or a product rounded up to it would land past the last word that has any probability
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def strip_eot(tokens):
+    """Token ids up to (not including) the first <|endoftext|>."""
+    return tokens[:tokens.index(EOT)] if EOT in tokens else tokens
+
+
+# -----------------------------------------------------------------------------
+# beam search
+
+@torch.no_grad()
+def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens, shots=None):
+    """Token ids [B, max_new_tokens]: each input's best hypothesis of K beams, by log-probability over
+    length ** length_penalty; a hypothesis ends at <|endoftext|> (the rest is <|endoftext|>)."""
+    logits, state = start(model, features, feature_mask, max_new_tokens, shots)
+    B, V = logits.shape
+    device = logits.device
+    # every image's state is copied to its K beams; at first only beam 0 is alive, so that the
+    # K beams do not start as K copies of the same hypothesis
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    state.cache.reorder(rows)
+    # beams never move between images, so the media keys/values need no reordering after this
+    state.media_kv = {i: (k[rows], v[rows]) for i, (k, v) in state.media_kv.items()}
+    logprobs = logits.float().log_softmax(-1)[rows]
+    beam_scores = torch.full((B, K), -math.inf, device=device)
+    beam_scores[:, 0] = 0.0
+    beams = torch.full((B, K, max_new_tokens), EOT, dtype=torch.long, device=device)
+    # the K best hypotheses that ended with <|endoftext|>, by length-normalised score
+    done_beams = beams.clone()
+    done_scores = torch.full((B, K), -math.inf, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # no live beam can win any more
+    rank = torch.arange(2 * K, device=device)
+    step = None
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logprobs[:, EOT] = -math.inf
+        length_norm = (t + 1) ** length_penalty
+        # the 2K best extensions: at most K of them end, so at least K stay alive
+        scores = (beam_scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)
+        top_scores, top_index = scores.topk(2 * K, dim=1)
+        source, token = top_index // V, top_index % V
+        candidates = beams.gather(1, source[:, :, None].expand(-1, -1, max_new_tokens))
+        candidates[:, :, t] = token
+        # extensions by <|endoftext|> among the K best enter the pool of ended hypotheses
+        ends = token == EOT
+        end_scores = torch.where(ends & (rank < K) & ~finished[:, None], top_scores / length_norm,
+                                 -math.inf)
+        done_scores, keep = torch.cat([done_scores, end_scores], 1).topk(K, dim=1)
+        done_beams = torch.cat([done_beams, candidates], 1).gather(
+            1, keep[:, :, None].expand(-1, -1, max_new_tokens))
+        # the K best extensions that did not end stay alive
+        beam_scores, alive = top_scores.masked_fill(ends, -math.inf).topk(K, dim=1)
+        beams = candidates.gather(1, alive[:, :, None].expand(-1, -1, max_new_tokens))
+        # an image is finished once its worst ended hypothesis beats its best live one (as
+        # transformers' beam search does, comparing at the current length)
+        finished |= done_scores[:, -1] >= beam_scores[:, 0] / length_norm
+        if t == max_new_tokens - 1 or finished.all():
+            break
+        parent = torch.arange(B, device=device)[:, None] * K + source.gather(1, alive)
+        state.cache.reorder(parent.view(-1))
+        token = beams[:, :, t].reshape(-1)
+        step = step or stepper(model, token, state)
+        logprobs = step(token).float().log_softmax(-1)
+    # at max_new_tokens, the beams still alive are hypotheses too
+    live_scores = beam_scores.masked_fill(finished[:, None], -math.inf) / (t + 1) ** length_penalty
+    all_scores = torch.cat([done_scores, live_scores], 1)
+    best = all_scores.argmax(dim=1)
+    return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
+
+
+# -----------------------------------------------------------------------------
+# the few-shot prompt: examples before every query
+
+def few_shot_prompt(shot_tokens, B, device):
+    """
+    Few-shot captioning's prompt: N example (media, caption) pairs before every query, as train.py's
+    interleave packs them (data.Captions.interleaved_batch), from the examples' caption token lists. Returns the prompt [B, S] (each
+    example's <|endoftext|> + caption, then the query's <|endoftext|>) and media_at [B, N + 1], where
+    each media goes: the examples', then the query's.
+    """
+    spans = [[EOT, *tokens] for tokens in shot_tokens] + [[EOT]]
+    prompt = torch.tensor([t for span in spans for t in span], device=device).expand(B, -1)
+    starts = [sum(map(len, spans[:i])) for i in range(len(spans))]
+    return prompt, torch.tensor(starts, device=device).expand(B, -1)
+
+
+def examples_first(examples, queries, B):
+    """The prefixes and cross-attention keys/values (Captioner.encode's) of B queries, each row after
+    those of the same few-shot examples (one row of N media)."""
+    (shot_prefix, shot_kv), (prefix, media_kv) = examples, queries
+    rows = lambda t: t.expand(B, *t.shape[1:])
+    if prefix is not None:
+        prefix = torch.cat([rows(shot_prefix), prefix], dim=1)
+    media_kv = {i: tuple(torch.cat([rows(example), query], dim=2) for example, query in zip(shot_kv[i], kv))
+                for i, kv in media_kv.items()}
+    return prefix, media_kv
+
+
+# -----------------------------------------------------------------------------
+# What makes decoding fast. Without a cache, each step would run the whole caption so far through every layer
+# again: the cache keeps every layer's keys and values, and a step computes one position's.
+
+class KVCache:
+    """
+    The keys and values of every self-attention layer, for max_len positions of a caption from the start.
+    The prompt fills positions 0..t-1; then each decoding step writes position `pos` in place and attends
+    to all max_len positions, masking those not written yet. Every step then has the same shapes and
+    reads the same memory, which is what lets a GPU replay one captured step (a CUDA graph) instead of
+    launching ~400 kernels per token. `pos` is a tensor, moved in place, for the same reason.
+    """
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.pos = None  # [1]: where the next token goes; None until the prompt is in
+        self.written = None  # [1, max_len]: the positions a decoding step attends to
+
+    def step_position(self):
+        """Start a decoding step: its position, and the mask of the positions written so far, this one
+        included (once per step, for every layer)."""
+        self.written = (torch.arange(self.max_len, device=self.pos.device) <= self.pos)[None]
+        return self.pos
+
+    def update(self, layer, k, v):
+        """Store one layer's new keys/values [B, H, t, D]; return the (keys, values, mask) to attend to."""
+        if self.pos is None:  # the prompt: it attends (causally) to itself only
+            B, H, t, D = k.shape
+            self.k[layer], self.v[layer] = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
+            self.k[layer][:, :, :t], self.v[layer][:, :, :t] = k, v
+            return k, v, None
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer], self.written
+
+    def advance(self, n):
+        """After a forward pass of n new positions."""
+        if self.pos is None:
+            self.pos = torch.tensor([n], device=self.k[0].device)
+        else:
+            self.pos.add_(n)
+
+    def reorder(self, index):
+        """Keep the batch rows `index` (beam search moves and copies hypotheses): in place, unless the
+        number of rows changes."""
+        for cached in (self.k, self.v):
+            for layer, t in enumerate(cached):
+                if len(index) == t.shape[0]:
+                    t.copy_(t[index])
+                else:
+                    cached[layer] = t[index]
+
+
+def stepper(model, token, state):
+    """model.step as a function of the next tokens [B]. On a CPU, that is all; on a GPU, the step is
+    captured once as a CUDA graph and replayed."""
+    if not token.is_cuda:
+        return lambda next_token: model.step(next_token, state.media_kv, state.cache)
+    with torch.cuda.device(token.device):  # streams and graphs on the model's GPU, not the current one
+        return cuda_graph_step(model, token, state)
+
+
+def cuda_graph_step(model, token, state):
+    """
+    CUDA graphs (GPU only): record one decoding step and return a function that replays it, one launch
+    instead of hundreds, which is most of a step's time at small batches. A replay rewrites the same
+    tensors that the capture wrote: the token is copied into the captured input, and the logits returned
+    are the graph's own output, overwritten by the next replay.
+    """
+    static_token = token.clone()
+    side = torch.cuda.Stream()  # warm up (cuBLAS workspaces, autotuning) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model.step(static_token, state.media_kv, state.cache)
+    torch.cuda.current_stream().wait_stream(side)
+    # the warm-up advanced the cache's position (Captioner.transformer -> KVCache.advance): step it back, so
+    # that the first replay writes that position again
+    state.cache.pos.sub_(1)
+    graph = torch.cuda.CUDAGraph()
+    # autocast's cast cache would outlive the capture's memory: capture without it. Thread-local
+    # capture: a DataLoader's pin-memory thread may call CUDA meanwhile (sample.py)
+    with torch.autocast('cuda', dtype=torch.get_autocast_dtype('cuda'), cache_enabled=False,
+                        enabled=torch.is_autocast_enabled('cuda')), \
+            torch.cuda.graph(graph, capture_error_mode='thread_local'):
+        logits = model.step(static_token, state.media_kv, state.cache)
+
+    def replay(next_token):
+        static_token.copy_(next_token)
+        graph.replay()
+        return logits
+    return replay
+
+
+def onednn_linears(model):
+    """
+    For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention become
+    oneDNN's (torch.utils.mkldnn.MkldnnLinear, weights kept in oneDNN's blocked layout), and decoding's
+    LM head a oneDNN copy of the tied embedding. A decoding step multiplies one to a few rows by every
+    weight, so reading the weights is its limit: MKL's matrix-vector product reads them with one core,
+    oneDNN's with all of them (on 2 cores: 19 against 32 GB/s). The model can then only caption, and
+    only on the CPU. On a GPU, or where PyTorch was built without oneDNN, nothing changes.
+    """
+    from torch.utils.mkldnn import MkldnnLinear
+    if model.gpt.wte.weight.device.type != 'cpu' or not torch.backends.mkldnn.is_available():
+        return model
+    for parent in [*model.gpt.h.modules(), *model.xattn.modules()]:
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, MkldnnLinear(child, torch.float32))
+    with torch.device('meta'):  # only a holder of the tied weights: nothing to draw
+        head = nn.Linear(model.gpt.config.n_embd, model.gpt.wte.num_embeddings)
+    head.weight, head.bias = model.gpt.wte.weight, nn.Parameter(model.gpt.vocab_bias)
+    model.cpu_head = MkldnnLinear(head, torch.float32)
+    return model

@@ -1,0 +1,225 @@
+"""
+Where the weights come from and where they go: the frozen CLIP and GPT-2, from a Hugging Face hub name or a
+local directory (transformers reads the files; we check that they are what they claim to be, and put GPT-2's
+into model.py's own GPT-2), and train.py's checkpoints, which hold only the trained weights and what it takes
+to rebuild the rest. Every problem with a file a user handed us is an InputError that names it.
+"""
+import os
+import re
+import zipfile
+
+import torch
+import torch.nn.functional as F
+
+from data import InputError, atomic_write, first_line
+from model import GPT2, Captioner, CaptionerConfig, GPTConfig
+
+# Architectures of the checkpoints we know by name, so that --init_from=scratch needs no download.
+# Any other name (or a local directory) is read from its config.json.
+GPT2_SIZES = {
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+_CLIP_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+_CLIP_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+CLIP_VISION_SIZES = {
+    'openai/clip-vit-base-patch32': dict(_CLIP_B, patch_size=32, image_size=224),
+    'openai/clip-vit-base-patch16': dict(_CLIP_B, patch_size=16, image_size=224),
+    'openai/clip-vit-large-patch14': dict(_CLIP_L, patch_size=14, image_size=224),
+    'openai/clip-vit-large-patch14-336': dict(_CLIP_L, patch_size=14, image_size=336),
+}
+
+
+# -----------------------------------------------------------------------------
+# the pretrained CLIP and GPT-2
+
+def quiet_transformers():
+    """No progress bars or warnings from transformers' loading: our own errors say what is wrong."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def check_checkpoint_kind(name, model_types, what):
+    """Fail unless `name` is a local directory or hub name whose config.json is of one of model_types.
+    transformers would otherwise build a randomly initialised model from a checkpoint of another kind
+    (or from a folder without one), and a run would train on noise without a word."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import PretrainedConfig
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, 'config.json')):
+        raise InputError(f'{name}: no config.json in it (not a checkpoint saved by save_pretrained)')
+    if not os.path.isdir(name):
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise InputError(f'{name}: no such directory (nor a model name on the Hugging Face hub)')
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name)
+    except OSError as e:  # not on the hub, no network, a broken config.json, ...
+        place = 'its config.json cannot be read' if os.path.isdir(name) else \
+            'no such directory, and the hub did not give it'
+        raise InputError(f'{name}: {place} ({first_line(e)})')
+    if config.get('model_type') not in model_types:
+        raise InputError(f"{name}: a {config.get('model_type') or 'model_type-less'} checkpoint, not {what}")
+
+
+def from_pretrained(model_class, name, what, ignored_prefixes=()):
+    """model_class.from_pretrained(name), failing with one line unless every weight was found, of the right
+    shape, and every weight of the checkpoint was used (except those starting with ignored_prefixes)."""
+    try:
+        # mismatched shapes are reported in `info` (and refused below), not raised as a bare RuntimeError
+        model, info = model_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True)
+    except OSError as e:  # no weights file, a truncated one, ...
+        raise InputError(f'{name}: cannot load the weights of {what} ({first_line(e)})')
+    unused = [k for k in info['unexpected_keys'] if not k.startswith(ignored_prefixes)]
+    problems = [f'{len(keys)} {why} (e.g. {keys[0]})' for why, keys in (
+        ('weights missing', sorted(info['missing_keys'])),
+        ('weights of another shape', sorted(k for k, *_ in info['mismatched_keys'])),
+        ('weights that are not part of it', sorted(unused))) if keys]
+    if problems:
+        raise InputError(f"{name}: not the weights of {what}: {'; '.join(problems)}")
+    return model
+
+
+def load_vision(name, pretrained=True):
+    """The CLIP vision tower of a hub name or local directory (a full CLIPModel checkpoint is fine)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    quiet_transformers()
+    if not pretrained and name in CLIP_VISION_SIZES:
+        return CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION_SIZES[name]))
+    check_checkpoint_kind(name, ('clip', 'clip_vision_model'), 'a CLIP model')
+    if not pretrained:
+        return CLIPVisionModel(CLIPVisionConfig.from_pretrained(name))
+    # a full CLIPModel checkpoint also holds the text tower and the projections: they are not needed
+    return from_pretrained(CLIPVisionModel, name, 'a CLIP vision tower',
+                           ignored_prefixes=('text_model.', 'text_projection.', 'visual_projection.',
+                                             'logit_scale'))
+
+
+# GPT-2 checkpoints store these as Conv1D weights, shaped (in, out): nn.Linear wants (out, in)
+_CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def load_gpt2(name, pretrained=True):
+    """Our GPT-2 with the weights of a hub name or local directory, via transformers' GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    quiet_transformers()
+    if not pretrained and name in GPT2_SIZES:
+        return GPT2(gpt_config(GPT2Config(**GPT2_SIZES[name])))
+    check_checkpoint_kind(name, ('gpt2',), 'a GPT-2 model')
+    if not pretrained:
+        return GPT2(gpt_config(GPT2Config.from_pretrained(name)))
+    hf_model = from_pretrained(GPT2LMHeadModel, name, 'GPT-2')
+    model = GPT2(gpt_config(hf_model.config))
+    hf_state = hf_model.state_dict()
+    state = {}
+    for key in model.state_dict():
+        weight = hf_state['transformer.' + key]
+        state[key] = weight.t() if key.endswith(_CONV1D_WEIGHTS) else weight
+    # the checkpoint has vocab_size rows, ours are padded (see GPT2.__init__)
+    state['wte.weight'] = F.pad(state['wte.weight'], (0, 0, 0, model.wte.num_embeddings - model.config.vocab_size))
+    model.load_state_dict(state)
+    return model
+
+
+def gpt_config(hf_config):
+    return GPTConfig(n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+                     block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                     layer_norm_eps=hf_config.layer_norm_epsilon)
+
+
+def build_captioner(config: CaptionerConfig, init_from='pretrained'):
+    """init_from='pretrained' loads CLIP and GPT-2 weights; 'scratch' builds them with random weights."""
+    if init_from not in ('pretrained', 'scratch'):
+        raise InputError(f"init_from must be 'pretrained' or 'scratch', not {init_from!r}")
+    pretrained = init_from == 'pretrained'
+    check_config(config)
+    vision, gpt = load_vision(config.vision_model, pretrained), load_gpt2(config.text_model, pretrained)
+    if not 0 <= config.unfreeze_layers <= gpt.config.n_layer:
+        raise InputError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {config.unfreeze_layers}')
+    return Captioner(config, vision, gpt)
+
+
+def check_config(config: CaptionerConfig):
+    """The model settings that name a choice must name one that exists."""
+    if config.mapper not in ('mlp', 'transformer'):
+        raise InputError(f"mapper must be 'mlp' or 'transformer', not {config.mapper!r}")
+    if config.media_attention not in ('latest', 'earlier'):
+        raise InputError(f"media_attention must be 'latest' or 'earlier', not {config.media_attention!r}")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: only the trained weights, plus what it takes to rebuild the rest
+
+def trainable_state(model):
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomically: a crash while saving leaves the previous checkpoint whole."""
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+CHECKPOINT_KEYS = ('model', 'model_config', 'train_config', 'optimizer', 'scaler', 'iter_num', 'best_val_loss')
+
+
+def read_checkpoint(path):
+    """A checkpoint of train.py, checked to be one, its model_config made a CaptionerConfig. Loaded with
+    weights_only=True, so that a checkpoint file cannot run code: one that holds other Python objects is
+    refused."""
+    if not os.path.isfile(path):
+        raise InputError(f'{path}: no such checkpoint')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all, ...
+        raise InputError(f'{path}: not a readable nanocap checkpoint: {unreadable_file(path, e)}')
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise InputError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)})")
+    try:
+        checkpoint['model_config'] = CaptionerConfig(**checkpoint['model_config'])
+    except TypeError as e:  # fields of another version of nanocap
+        raise InputError(f'{path}: its model_config does not fit this version of model.py ({e})')
+    return checkpoint
+
+
+def unreadable_file(path, error):
+    """What a file is that torch.load(weights_only=True) refused, in our words: torch's own message advises
+    loading it with weights_only=False, which would let the file run code. Never pass that on."""
+    with open(path, 'rb') as f:
+        head = f.read(64).lstrip()
+    global_object = re.search(r'GLOBAL (\S+) was not an allowed global', str(error))
+    if global_object:
+        return (f'it holds Python objects besides tensors (such as {global_object.group(1)}), and loading those '
+                f'could run code: refused')
+    if head.startswith(b'PK'):
+        return 'a zip archive, but not one torch.save wrote' if zipfile.is_zipfile(path) else \
+            'a zip archive cut short (an interrupted save or copy?)'
+    if head[:1] in (b'{', b'['):
+        return 'a JSON file, not a checkpoint'
+    if head[:1] == b'\x80':
+        return 'a pickle, but not one torch.save wrote'
+    return 'an empty file' if not head else 'not a file torch.save wrote'
+
+
+def load_captioner(checkpoint_path, device='cpu'):
+    """Rebuild a trained captioner from a checkpoint of train.py: the frozen parts are loaded from the
+    pretrained weights named in its config, the trained ones from the file."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    model = build_captioner(checkpoint['model_config'])
+    load_trained_weights(model, checkpoint['model'], checkpoint_path)
+    return model.to(device).eval(), checkpoint
+
+
+def load_trained_weights(model, state, checkpoint_path):
+    """Put a checkpoint's trained weights into the model, failing in one line unless they are exactly its
+    trainable ones, in the same shapes."""
+    if set(state) != set(trainable_state(model)):
+        raise InputError(f'{checkpoint_path}: its weights do not fit the model its config describes')
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ: other vision or text widths
+        raise InputError(f'{checkpoint_path}: its weights do not fit the models it names '
+                         f'({str(e).splitlines()[-1].strip()})')
