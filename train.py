@@ -371,7 +371,8 @@ def restore(resume, model, optimizer, scaler, total_iters):
     path = os.path.join(out_dir, 'ckpt.pt')
     load_trained_weights(model, resume['model'], path)
     optimizer.load_state_dict(resume['optimizer'])
-    scaler.load_state_dict(resume['scaler'])
+    if resume['scaler']:  # a run in float16 scales its gradients; one in another dtype saved no scale
+        scaler.load_state_dict(resume['scaler'])
     if resume['iter_num'] >= total_iters:
         raise InputError(f"{path}: the run is finished ({resume['iter_num']:,} of {total_iters:,} iterations); to "
                          f'train further, resume with more --epochs or --max_iters, or start a new run from it with '
@@ -479,9 +480,10 @@ def log_progress(run, window, iter_num, total_iters, lr, peak):
         dist.all_reduce(sums)
     loss_sum, reward_sum, token_sum, samples = sums.tolist()  # waits for the GPU: only when logging
     elapsed = time.time() - window.start
+    # window.flops are this rank's, done on its own GPU, whose peak is `peak`: all ranks together do world
+    # times the work on world times the peak
     record = dict(iter=iter_num, loss=loss_sum / window.iters, lr=lr, ms_per_iter=1000 * elapsed / window.iters,
-                  captions_per_s=window.captions / elapsed,
-                  mfu=window.flops * run.world / elapsed / peak if peak else None)
+                  captions_per_s=window.captions / elapsed, mfu=window.flops / elapsed / peak if peak else None)
     if objective == 'scst':  # the mean CIDEr-D of the samples, and their mean length in tokens
         record.update(reward=reward_sum / samples, length=token_sum / samples)
     record['gates'] = gate_values(run.raw_model)
@@ -579,7 +581,8 @@ def main():
                 loss, flops = cross_entropy_loss(run, micro_ids, all_targets)
                 window.flops += flops
             else:
-                loss, sums = self_critical_loss(run, reward, micro_ids, sample_seed(seed, iter_num, first), global_batch)
+                sampling_seed = sample_seed(seed, iter_num, first)
+                loss, sums = self_critical_loss(run, reward, micro_ids, sampling_seed, global_batch)
                 window.scst += sums
             scaler.scale(loss * world).backward()  # DDP averages over ranks: undo it
             window.loss += loss.detach()

@@ -4,6 +4,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -307,3 +308,29 @@ def test_logged_loss_after_a_resume_is_the_mean_since_the_resume(tmp_path, data_
     assert sorted(logs['a']) == [1, 2, 3, 4, 5, 8]  # the first run logged every step, the resumed one at 8
     # the log at 8 of the run resumed at 5 covers 6..8: three steps, whichever log boundary came before
     assert logs['a'][8] == pytest.approx(np.mean([logs['b'][i] for i in (6, 7, 8)]), rel=1e-6)
+
+
+def test_logged_mfu_is_each_ranks_flops_against_its_own_gpu(tmp_path, monkeypatch):
+    """Under torchrun, every rank counts the FLOPs of its own micro batches on its own GPU: 8 ranks at 40% of
+    their peaks log 40%, not 8 x 40%. (A window of 2 steps, 3 s, 1.2e15 FLOPs of one rank, a peak of 1e15.)"""
+    import train
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(train.dist, 'all_reduce', lambda tensor: None)  # the 8 ranks' sums: here, one's
+    monkeypatch.setattr(train, 'gate_values', lambda model: {})
+    run = train.Run('cpu', 0, 8, None, None, None, None, None, None, None)
+    window = train.Window(start=time.time() - 3.0, loss=torch.tensor(4.0), scst=torch.zeros(3), iters=2,
+                          flops=1.2e15, captions=64)
+    train.log_progress(run, window, iter_num=2, total_iters=10, lr=1e-4, peak=1e15)
+    record = logs(tmp_path)[-1]
+    assert record['mfu'] == pytest.approx(1.2e15 / 3.0 / 1e15, rel=0.01)
+
+
+def test_resuming_in_float16_a_run_saved_in_another_dtype(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    """A float32 (or bfloat16) checkpoint has no gradient scale: resumed in float16, the scale starts afresh
+    (GradScaler.load_state_dict refuses the empty state a disabled scaler saved)."""
+    common = train_args(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir, '--batch_size=4', '--eval_interval=2')
+    assert run_script('train.py', *common, '--max_iters=2', '--dtype=float32') is None
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['scaler'] == {}
+    assert run_script('train.py', *common, '--max_iters=4', '--dtype=float16', '--init_from=resume') is None
+    resumed = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert resumed['iter_num'] == 4 and resumed['scaler']['scale'] > 0
