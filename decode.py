@@ -11,6 +11,7 @@ makes them fast, each apart from the idea it speeds up: the KV cache, a step rep
 GPU, and oneDNN's linear layers on a CPU.
 """
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -239,9 +240,9 @@ def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty
 def few_shot_prompt(shot_tokens, B, device):
     """
     Few-shot captioning's prompt: N example (media, caption) pairs before every query, as train.py's
-    interleave packs them (data.Captions.interleaved_batch), from the examples' caption token lists. Returns the prompt [B, S] (each
-    example's <|endoftext|> + caption, then the query's <|endoftext|>) and media_at [B, N + 1], where
-    each media goes: the examples', then the query's.
+    interleave packs them (data.Captions.interleaved_batch), from the examples' caption token lists.
+    Returns the prompt [B, S] (each example's <|endoftext|> + caption, then the query's <|endoftext|>)
+    and media_at [B, N + 1], where each media goes: the examples', then the query's.
     """
     spans = [[EOT, *tokens] for tokens in shot_tokens] + [[EOT]]
     prompt = torch.tensor([t for span in spans for t in span], device=device).expand(B, -1)
@@ -317,11 +318,41 @@ class KVCache:
 
 def stepper(model, token, state):
     """model.step as a function of the next tokens [B]. On a CPU, that is all; on a GPU, the step is
-    captured once as a CUDA graph and replayed."""
+    captured as a CUDA graph, once for each shape, and replayed."""
     if not token.is_cuda:
         return lambda next_token: model.step(next_token, state.media_kv, state.cache)
     with torch.cuda.device(token.device):  # streams and graphs on the model's GPU, not the current one
-        return cuda_graph_step(model, token, state)
+        return replayed_step(model, token, state, cuda_graph_step)
+
+
+# The steps captured so far, {model: {shapes: (the state captured, its replay)}}: capturing syncs the device and
+# empties the allocator's cache (and on some torch versions collects garbage), which once per evaluation batch or
+# SCST micro step would cost more than the replays save. A model's captured steps go with it.
+CAPTURED = weakref.WeakKeyDictionary()
+
+
+def replayed_step(model, token, state, capture):
+    """model.step replayed from a capture(model, token, state) of the same shapes if there is one, else a new
+    one. A replay reads and writes the tensors the capture did, so a later decoding's state is copied into
+    those, and decodes on in them (the model's weights, changed in place by an optimiser, are read anew)."""
+    shapes = (tuple(token.shape), torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda'),
+              [(k.shape, k.dtype) for k in state.cache.k],
+              [(i, k.shape, k.dtype) for i, (k, _) in state.media_kv.items()])
+    captured = CAPTURED.setdefault(model, {})
+    key = repr(shapes)
+    if key not in captured:
+        captured[key] = state, capture(model, token, state)
+    static, replay = captured[key]
+    if static is not state:
+        for layer, (k, v) in enumerate(zip(state.cache.k, state.cache.v)):
+            static.cache.k[layer].copy_(k)
+            static.cache.v[layer].copy_(v)
+        static.cache.pos.copy_(state.cache.pos)
+        for i, (k, v) in state.media_kv.items():
+            static.media_kv[i][0].copy_(k)
+            static.media_kv[i][1].copy_(v)
+        state.cache, state.media_kv = static.cache, static.media_kv
+    return replay
 
 
 def cuda_graph_step(model, token, state):

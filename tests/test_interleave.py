@@ -186,7 +186,8 @@ def recomputed_greedy(captioner, features, shots, max_new_tokens):
     """Greedy decoding without a KV cache: the whole prompt and caption so far through forward() at each step."""
     B = len(features)
     prompt, media_at = few_shot_prompt(shots.tokens, B, 'cpu')
-    media = torch.cat([shots.features.expand(B, *shots.features.shape), features[:, None]], dim=1)  # [B, N + 1, T, Nt, Dv]
+    # [B, N + 1, T, Nt, Dv]: the examples, then the query
+    media = torch.cat([shots.features.expand(B, *shots.features.shape), features[:, None]], dim=1)
     tokens = prompt
     for _ in range(max_new_tokens):
         with torch.no_grad():

@@ -553,8 +553,9 @@ def test_sampling(captioner):
 
 # generate's settings that are not decoding settings, and values outside the range of every other one
 NOT_DECODING = {'model', 'features', 'feature_mask', 'generator', 'shots'}
-OUT_OF_RANGE = dict(decoding=['topk', None], max_new_tokens=[0, -1, 2.5], beam_width=[0, True], temperature=[0, -1.0, math.inf],
-                    top_k=[-1, 1.5], top_p=[0, 1.5, math.nan], length_penalty=[-1.0, math.inf], min_new_tokens=[-1, 21])
+OUT_OF_RANGE = dict(decoding=['topk', None], max_new_tokens=[0, -1, 2.5], beam_width=[0, True],
+                    temperature=[0, -1.0, math.inf], top_k=[-1, 1.5], top_p=[0, 1.5, math.nan],
+                    length_penalty=[-1.0, math.inf], min_new_tokens=[-1, 21])
 
 
 def test_every_decoding_setting_outside_its_range_fails_in_one_line(captioner):
@@ -740,3 +741,29 @@ def test_training_flops():
     assert training_flops(model, 15, frames=3, targets=10) == (
         2 * (11 * gpt2_block(T) + 2 * V * D * 10)
         + 3 * (gpt2_block(T) + mapper + 4 * resampler_layer(1024, M) + 3 * xattn_block(1024, T)))
+
+
+@pytest.mark.parametrize('decoding', ['greedy', 'beam'])
+def test_a_captured_step_is_captured_once_per_shape_and_replayed_by_later_calls(captioner, monkeypatch, decoding):
+    """A GPU captures a decoding step once per shape and replays it for every later call of that shape, each
+    call's cache, position and media copied into the captured tensors. The same logic, with an eager step
+    as the 'capture', on a CPU: three calls of one shape and one of another capture twice, and every call
+    gives the captions of a decoding of its own."""
+    import decode
+    captures = []
+
+    def eager_capture(model, token, state):
+        captures.append(tuple(token.shape))
+        static_token = token.clone()
+
+        def replay(next_token):  # reads and writes the captured state only, as a graph's replay does
+            static_token.copy_(next_token)
+            return model.step(static_token, state.media_kv, state.cache)
+        return replay
+    batches = [random_features(3, seed=1), random_features(3, seed=2), random_features(2, seed=3), random_features(3, seed=4)]
+    expected = [generate(captioner, f, decoding=decoding, beam_width=3, max_new_tokens=10) for f in batches]
+    monkeypatch.setattr(decode, 'stepper', lambda model, token, state: decode.replayed_step(
+        model, token, state, eager_capture))
+    got = [generate(captioner, f, decoding=decoding, beam_width=3, max_new_tokens=10) for f in batches]
+    assert got == expected and len({tuple(map(tuple, c)) for c in expected}) == 4
+    assert len(captures) == 2
