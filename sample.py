@@ -44,6 +44,7 @@ shots = 0  # few-shot: this many (image, caption) examples before each image (a 
 shots_data = ''  # the prepared folder (prepare_coco.py's out_dir) the examples come from, for the same CLIP
 shots_split = 'train'
 batch_size = 256  # files per batch: large batches keep a GPU busy while decoding
+pixels_gb = 2.0  # the most memory the decoded frames may take, every batch in flight together (see files_per_batch)
 num_workers = min(4, os.cpu_count() or 1)  # decoding processes
 device = ''  # default: cuda when available, else cpu
 # -----------------------------------------------------------------------------
@@ -152,6 +153,15 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     return results
 
 
+def files_per_batch(frames_per_file, size, workers, most, budget_gb):
+    """Files per batch, at most `most`, such that the float32 pixels of every batch in flight fit budget_gb:
+    each worker prepares 2 batches ahead (the DataLoader's prefetch) while one is captioned. A video of 64
+    frames is 38 MB at 224 x 224: 256 of them, 10 GB a batch, would run a host out of memory."""
+    file_bytes = frames_per_file * 3 * size * size * 4
+    in_flight = 2 * workers + 1
+    return max(1, min(most, int(budget_gb * 2 ** 30 // (file_bytes * in_flight))))
+
+
 def thumbnail_uri(path, size=256):
     """The image (or a video's middle frame) as a small inline JPEG, so the page needs no other file."""
     if path.lower().endswith(VIDEO_EXTENSIONS):
@@ -188,6 +198,8 @@ def main():
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
     check_at_least(num_samples=(num_samples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
                    max_frames=(max_frames, 1), shots=(shots, 0))
+    if not pixels_gb > 0:
+        raise InputError(f'pixels_gb must be above 0, not {pixels_gb!r}')
     if bool(images) == bool(videos):
         raise InputError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
     if num_samples > 1 and decoding != 'sample':
@@ -215,7 +227,8 @@ def main():
     generator = torch.Generator(dev).manual_seed(seed)
     options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_new_tokens=max_new_tokens, generator=generator)
-    results = caption_files(model, files, options, batch_size, num_workers, dev, num_samples, examples)
+    batch = files_per_batch(max_frames if videos else 1, size, num_workers, batch_size, pixels_gb)
+    results = caption_files(model, files, options, batch, num_workers, dev, num_samples, examples)
     for path, captions in results.items():
         for caption in captions:
             print(f'{path}\t{caption}')

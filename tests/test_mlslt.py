@@ -270,6 +270,20 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
         assert ('red' in caption.split()) == (os.path.basename(os.path.dirname(path)) in RED), (path, caption)
 
 
+def test_sample_bounds_a_batch_of_videos_by_the_memory_of_its_pixels(video_run, mlslt_root, tmp_path, monkeypatch):
+    """64 frames of 224 x 224 float32 pixels are 38,535,168 bytes: with 4 workers (2 batches ahead each, and the
+    one being captioned) in 2 GB, 6 videos to a batch, not 256 (10 GB each). Here: 6 frames of 32 x 32, 73,728
+    bytes, no workers: 0.0002 GB holds 2 of them."""
+    from sample import files_per_batch
+    assert files_per_batch(64, 224, 4, 256, 2.0) == 2 * 2 ** 30 // (38_535_168 * 9) == 6
+    assert files_per_batch(1, 224, 4, 256, 2.0) == 256  # images: the batch size
+    calls = record_generate_calls(monkeypatch)
+    assert run_script('sample.py', f'--out_dir={video_run}', f"--videos={mlslt_root / 'test'}", '--max_frames=6',
+                      '--decoding=greedy', '--max_new_tokens=2', '--num_workers=0', '--device=cpu',
+                      '--pixels_gb=0.0002') is None
+    assert [len(mask) for _, mask, _ in calls] == [2, 2]  # 4 videos
+
+
 def test_videos_longer_than_the_time_embeddings_fail_in_one_line(tmp_path, mlslt_data, tiny_clip_dir,
                                                                   tiny_gpt2_dir):
     assert run_script('train.py', f'--out_dir={tmp_path}', f'--data_dir={mlslt_data}',
