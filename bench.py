@@ -48,6 +48,7 @@ warmup_steps = 5
 gen_batch_sizes = ''  # comma-separated (default: '16,64,256,1024' on a GPU, '1,8' on a CPU)
 new_tokens = 20
 beam_width = 5
+cpu_weights = 'float32'  # decoding on a CPU: GPT-2's and the cross-attention's weights as 'float32', 'bfloat16', 'int8'
 # CLIP on JPEGs, as sample.py runs it
 images = ''  # a folder of JPEGs (default: synthetic 640x480 JPEGs, the size of COCO's)
 num_images = 0  # images to run (0: 8192 on a GPU, 16 on a CPU); the folder's files are cycled
@@ -268,7 +269,7 @@ def main():
                      f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.1f} TFLOP/s{mfu}, "
                      f"peak {r['peak_gib']:.2f} GiB"))
     weight_bytes = decoding_bytes(model)
-    decode.onednn_linears(model)  # as sample.py and eval_bleu.py caption (after the training step: it cannot train)
+    decode.cpu_decoding(model, cpu_weights)  # as sample.py and eval_bleu.py caption (after training: it cannot train)
     if 'generate' in stages:
         report['generate'] = []
         for batch in [int(b) for b in (gen_batch_sizes or ('16,64,256,1024' if gpu else '1,8')).split(',')]:

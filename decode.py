@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from data import EOT, InputError, Shots
 
@@ -384,6 +385,60 @@ def cuda_graph_step(model, token, state):
         graph.replay()
         return logits
     return replay
+
+
+def cpu_decoding(model, weights='float32'):
+    """
+    For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention, and
+    decoding's LM head (a copy of the tied embedding), keep their weights as `weights`. A decoding step
+    multiplies one to a few rows by every weight, so reading the weights is its limit: fewer bytes, faster
+    steps. 'float32': in oneDNN's layout (onednn_linears); 'bfloat16': half the bytes (BFloat16Linear);
+    'int8': a quarter, PyTorch's dynamic quantization (each row of activations quantized on the fly). The
+    model can then only caption, and only on the CPU. On a GPU, or without oneDNN, nothing changes.
+    """
+    check_cpu_weights(weights)
+    if model.gpt.wte.weight.device.type != 'cpu' or not torch.backends.mkldnn.is_available():
+        return model
+    if weights == 'float32':
+        return onednn_linears(model)
+    convert = BFloat16Linear if weights == 'bfloat16' else int8_linear
+    for parent in [*model.gpt.h.modules(), *model.xattn.modules()]:
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, convert(child))
+    head = nn.Linear(model.gpt.config.n_embd, model.gpt.config.vocab_size, bias=False)
+    head.weight = nn.Parameter(model.gpt.wte.weight[:model.gpt.config.vocab_size].detach())  # the real words'
+    model.cpu_head = convert(head)
+    return model
+
+
+def check_cpu_weights(weights):
+    if weights not in ('float32', 'bfloat16', 'int8'):
+        raise InputError(f"cpu_weights must be 'float32', 'bfloat16' or 'int8', not {weights!r}")
+
+
+class BFloat16Linear(nn.Module):
+    """A linear layer with bfloat16 weights, float32 in and out: the product runs in bfloat16 (oneDNN, with
+    float32 sums), the LayerNorms and the residual stream stay float32."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x):
+        y = F.linear(x.to(torch.bfloat16), self.weight).float()
+        return y if self.bias is None else y + self.bias
+
+
+def int8_linear(linear):
+    """PyTorch's dynamically quantized linear layer: int8 weights, scaled per layer, activations quantized
+    row by row as they come."""
+    import warnings
+    from torch.ao.quantization import quantize_dynamic
+    with warnings.catch_warnings():  # torch.ao's quantization asks its users to move to the torchao package
+        warnings.simplefilter('ignore')
+        return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
 
 
 def onednn_linears(model):

@@ -38,6 +38,7 @@ decoding = 'beam'  # 'greedy', 'beam' or 'sample'
 beam_width = 5
 max_new_tokens = 30
 device = ''  # default: cuda when available, else cpu
+cpu_weights = 'float32'  # decoding on a CPU: GPT-2's and the cross-attention's weights as 'float32', 'bfloat16', 'int8'
 official = False  # True: score with the coco-caption toolkit itself (needs Java), which adds METEOR and SPICE
 shots = 0  # few-shot: this many (image, caption) examples before each image (a model trained with interleave > 1)
 shots_split = 'train'  # the prepared split of data_dir the examples come from
@@ -287,9 +288,12 @@ def official_spice(refs, hyps):
 
 
 def evaluation_name():
-    """What was evaluated, which names its files: split, decoding and shots, and the checkpoint when it is not
-    best.pt (test_beam5, val_greedy_2shot, test_sample_ckpt, ...). Each evaluation keeps its own files."""
+    """What was evaluated, which names its files: split, decoding and shots, the CPU's weights when not float32,
+    and the checkpoint when not best.pt (test_beam5, val_greedy_2shot, test_greedy_int8, test_sample_ckpt, ...).
+    Each evaluation keeps its own files."""
     parts = [split, f'beam{beam_width}' if decoding == 'beam' else decoding] + [f'{shots}shot'] * bool(shots)
+    if cpu_weights != 'float32':
+        parts.append(cpu_weights)
     if checkpoint != 'best.pt':
         parts.append(os.path.splitext(os.path.basename(checkpoint))[0])
     return '_'.join(parts)
@@ -300,6 +304,8 @@ def evaluation_settings():
     settings = dict(checkpoint=checkpoint, split=split, decoding=decoding, max_new_tokens=max_new_tokens, shots=shots)
     if decoding == 'beam':
         settings['beam_width'] = beam_width
+    if cpu_weights != 'float32':
+        settings['cpu_weights'] = cpu_weights
     if shots:  # where the examples came from
         settings.update(shots_split=shots_split, shots_seed=shots_seed)
     return settings
@@ -335,16 +341,17 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
 if __name__ == '__main__':
     from configurator import configure, is_setting
     from data import pick_device
-    from decode import check_decoding, onednn_linears
+    from decode import check_cpu_weights, check_decoding, cpu_decoding
     from weights import load_captioner
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('eval_bleu.py'):
         check_decoding(decoding, max_new_tokens, beam_width)
+        check_cpu_weights(cpu_weights)
         check_at_least(max_items=(max_items, 0), batch_size=(batch_size, 1), shots=(shots, 0))
         if official:
             require_official_toolkit()  # before the captioning, not after
         dev = pick_device(device)
-        model = onednn_linears(load_captioner(os.path.join(out_dir, checkpoint), dev)[0])
+        model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
         check_data_fits_model(read_meta(data_dir), model, data_dir)
         options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
         examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None

@@ -47,6 +47,7 @@ batch_size = 256  # files per batch: large batches keep a GPU busy while decodin
 pixels_gb = 2.0  # the most memory the decoded frames may take, every batch in flight together (see files_per_batch)
 num_workers = min(4, os.cpu_count() or 1)  # decoding processes
 device = ''  # default: cuda when available, else cpu
+cpu_weights = 'float32'  # decoding on a CPU: GPT-2's and the cross-attention's weights as 'float32', 'bfloat16', 'int8'
 # -----------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -193,9 +194,10 @@ def write_html(path, results):
 def main():
     import torch
     from data import pick_device
-    from decode import check_decoding, onednn_linears
+    from decode import check_cpu_weights, check_decoding, cpu_decoding
     from weights import load_captioner
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
+    check_cpu_weights(cpu_weights)
     check_at_least(num_samples=(num_samples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
                    max_frames=(max_frames, 1), shots=(shots, 0))
     if not pixels_gb > 0:
@@ -209,7 +211,7 @@ def main():
     if not paths:
         raise InputError(f'no {kind} files found at {spec!r}')
     dev = pick_device(device)
-    model = onednn_linears(load_captioner(os.path.join(out_dir, checkpoint), dev)[0])
+    model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
     size = model.vision.config.image_size
     if videos:
         if model.resampler is not None and max_frames > model.config.max_frames:

@@ -389,7 +389,7 @@ UNRANGED = {'out_dir', 'checkpoint', 'images', 'videos', 'json', 'html', 'device
 OUT_OF_RANGE = {'decoding': ['topk'], 'beam_width': ['0', '-1'], 'max_new_tokens': ['0', '-1'],
                 'temperature': ['0', '-0.5', '1e999'], 'top_k': ['-1'], 'top_p': ['0', '1.5', '-0.1'],
                 'num_samples': ['0'], 'batch_size': ['0'], 'num_workers': ['-1'], 'max_frames': ['0'], 'shots': ['-1'],
-                'max_items': ['-1'], 'pixels_gb': ['0', '-1.5']}
+                'max_items': ['-1'], 'pixels_gb': ['0', '-1.5'], 'cpu_weights': ['int4', 'float16']}
 
 
 def settings_of(script):

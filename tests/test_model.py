@@ -667,6 +667,35 @@ def test_onednn_linears_caption_as_the_plain_model(captioner):
         assert (converted.float32_logits(h) - expected).abs().max().item() <= 1e-5
 
 
+def test_bfloat16_and_int8_weights_are_those_weights_rounded(captioner):
+    """cpu_decoding's bfloat16 and int8 linear layers are the float32 ones with their weights (and inputs)
+    rounded: a bfloat16 product is that of the bfloat16-rounded numbers, computed here by hand; an int8 one is
+    off by no more than the rounding bound of its steps (weights in 255 steps of 2 max|w| / 255, inputs in at
+    least 127 steps of their range), and by more than float32's."""
+    import copy
+    from decode import BFloat16Linear, cpu_decoding, int8_linear
+    linear = torch.nn.Linear(48, 32)
+    x = torch.randn(5, 48)
+    by_hand = F.linear(x.bfloat16().float(), linear.weight.bfloat16().float()) + linear.bias
+    assert (BFloat16Linear(linear)(x) - by_hand).abs().max() < 1e-2 * by_hand.abs().max()  # a bf16 rounding
+    assert (BFloat16Linear(linear)(x) - linear(x)).abs().max() > 1e-4  # and not float32
+    with torch.no_grad():
+        w_step, x_step = 2 * linear.weight.abs().max() / 255, (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
+        bound = (w_step / 2 * x.abs().sum(1, keepdim=True) + x_step / 2 * linear.weight.abs().sum(1)
+                 + w_step * x_step / 4 * 48)
+        error = (int8_linear(linear)(x) - linear(x)).abs()
+    assert (error <= bound).all() and error.max() > 1e-4
+    features = random_features(6)
+    for weights, swapped in (('bfloat16', BFloat16Linear), ('int8', torch.ao.nn.quantized.dynamic.Linear)):
+        converted = cpu_decoding(copy.deepcopy(captioner), weights)
+        assert sum(isinstance(m, swapped) for m in converted.modules()) == 3 * 4 + 3 * 5 + 1  # + the LM head
+        h = torch.randn(4, TEXT_DIM)
+        assert (converted.float32_logits(h) - captioner.float32_logits(h)).abs().max() < 0.05
+        assert len(generate(converted, features, max_new_tokens=12)) == 6
+    with pytest.raises(InputError, match="^cpu_weights must be 'float32', 'bfloat16' or 'int8', not 'int4'$"):
+        cpu_decoding(captioner, 'int4')
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_cuda_graph_replays_decode_as_eager_steps(captioner, monkeypatch):
     """On a GPU each decoding step is captured once and replayed; the captions must be those of eager
