@@ -29,14 +29,15 @@ import torch
 
 import train
 import decode
-from data import EOT, input_errors_exit, pick_device, tokens_per_frame
+from data import (EOT, decoding_autocast, input_errors_exit, native_bfloat16, pick_device, precision, tokens_per_frame,
+                  vision_dtype)
 from model import CaptionerConfig, count_params, param_table, training_flops
 from weights import build_captioner
 
 # -----------------------------------------------------------------------------
 what = 'train,generate,extract'  # or 'params': the parameter table alone
 device = ''  # default: cuda when available, else cpu
-dtype = ''  # default: train.py's (bfloat16 where supported, else float16 on cuda, float32 on cpu)
+dtype = 'auto'  # of the training step; auto: train.py's on a GPU, and both float32 and bfloat16 on a CPU that has it
 compile = False  # torch.compile the training step's model
 seed = 1337
 # training
@@ -199,7 +200,7 @@ def synthetic_jpegs(folder, count=64):
     return paths
 
 
-def bench_extract(model, dev, autocast, paths, batch):
+def bench_extract(model, dev, paths, batch):
     """CLIP features of JPEGs as sample.py makes them: alone, and end to end with greedy and beam captions."""
     from sample import PreprocessedImages, caption_files, collate_files
     model.eval()
@@ -208,8 +209,10 @@ def bench_extract(model, dev, autocast, paths, batch):
     def clip_only():
         loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=num_workers,
                                              collate_fn=collate_files, pin_memory=torch.device(dev).type == 'cuda')
+        device_type = torch.device(dev).type
+        as_sample = torch.autocast(device_type, vision_dtype(device_type), enabled=device_type == 'cuda')
         for _, frame_counts, frames, _ in loader:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), as_sample:
                 model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
 
     results = []
@@ -240,36 +243,48 @@ def print_params(config):
     print(f'params total={total} trainable={trainable} frozen={total - trainable}')
 
 
+def train_dtypes(device_type):
+    """The dtypes to time the training step in: the setting's, or with 'auto' on a CPU that multiplies bfloat16
+    natively, float32 and bfloat16 both (which is faster there depends on the machine)."""
+    if dtype == 'auto' and device_type == 'cpu' and native_bfloat16('cpu'):
+        return ['float32', 'bfloat16']
+    return [str(precision(device_type, dtype)[0]).removeprefix('torch.')]
+
+
 def main():
     config = CaptionerConfig(**{k: globals()[k] for k in asdict(CaptionerConfig())})
     if what == 'params':
         return print_params(config)
+    decode.check_cpu_weights(cpu_weights)
     dev = pick_device(device)
     gpu = torch.device(dev).type == 'cuda'
-    ptdtype, autocast = train.mixed_precision(torch.device(dev).type, dtype)
-    amp = str(ptdtype).removeprefix('torch.')
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dtypes = train_dtypes(torch.device(dev).type)
     torch.manual_seed(seed)
     model = build_captioner(config, init_from='scratch').to(dev)
     device_name = torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'
-    limits = machine_limits(dev, ptdtype)
-    report = dict(device=device_name, dtype=amp, compile=compile, vision_model=config.vision_model,
-                  text_model=config.text_model, torch=torch.__version__, limits=limits)
+    limits = {name: machine_limits(dev, precision(dev.split(':')[0], name)[0]) for name in dtypes}
+    report = dict(device=device_name, dtypes=dtypes, cpu_weights=cpu_weights, compile=compile,
+                  vision_model=config.vision_model, text_model=config.text_model, torch=torch.__version__,
+                  limits=limits)
     stages = what.split(',')
     rows = []  # (stage, settings, figure)
     if 'train' in stages:
-        # MFU against the GPU's datasheet peak (as nanoGPT's), or the matrix products measured on a CPU
-        peak = train.peak_flops('cuda') if gpu else limits['matmul_tflops'] * 1e12
-        r = report['train'] = bench_train(model, dev, autocast, batch_size or (1024 if gpu else 8), peak)
-        mfu = f", MFU {100 * r['mfu']:.1f}%" if r['mfu'] is not None else ''
-        rows.append(('train step', f"batch {r['batch']} x {caption_len} tokens",
-                     f"{r['ms_per_iter']:.1f} ms/iter, {rate(r['captions_per_s'])} captions/s, "
-                     f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.1f} TFLOP/s{mfu}, "
-                     f"peak {r['peak_gib']:.2f} GiB"))
+        report['train'] = []
+        for name in dtypes:
+            # MFU against the GPU's datasheet peak (as nanoGPT's), or the matrix products measured on a CPU
+            peak = train.peak_flops('cuda') if gpu else limits[name]['matmul_tflops'] * 1e12
+            autocast = precision(dev.split(':')[0], name)[1]
+            r = bench_train(model, dev, autocast, batch_size or (1024 if gpu else 8), peak)
+            report['train'].append(dict(dtype=name, **r))
+            mfu = f", MFU {100 * r['mfu']:.1f}%" if r['mfu'] is not None else ''
+            rows.append((f'train step, {name}', f"batch {r['batch']} x {caption_len} tokens",
+                         f"{r['ms_per_iter']:.1f} ms/iter, {rate(r['captions_per_s'])} captions/s, "
+                         f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.3g} TFLOP/s{mfu}, "
+                         f"peak {r['peak_gib']:.2f} GiB"))
     weight_bytes = decoding_bytes(model)
     decode.cpu_decoding(model, cpu_weights)  # as sample.py and eval_bleu.py caption (after training: it cannot train)
+    autocast = decoding_autocast(dev.split(':')[0])
+    read_gbs = limits[dtypes[0]]['read_gbs']
     if 'generate' in stages:
         report['generate'] = []
         for batch in [int(b) for b in (gen_batch_sizes or ('16,64,256,1024' if gpu else '1,8')).split(',')]:
@@ -277,7 +292,7 @@ def main():
                 r = bench_generate(model, dev, autocast, batch, decoding, weight_bytes)
                 report['generate'].append(r)
                 # a step reads every weight once, whatever the batch: at batch 1 that is the limit
-                share = r['weights_gbs'] / limits['read_gbs']
+                share = r['weights_gbs'] / read_gbs
                 rows.append((f'{decoding} from features', f'batch {batch}, {new_tokens} tokens',
                              f"{rate(r['captions_per_s'])} captions/s, weights read at {r['weights_gbs']:.1f} "
                              f"GB/s ({100 * share:.0f}% of the bandwidth), peak {r['peak_gib']:.2f} GiB"))
@@ -286,13 +301,13 @@ def main():
             paths = sorted(os.path.join(images, f) for f in os.listdir(images)
                            if f.lower().endswith(('.jpg', '.jpeg'))) if images else synthetic_jpegs(tmp)
             cycled = [paths[i % len(paths)] for i in range(num_images or (8192 if gpu else 16))]
-            report['extract'] = bench_extract(model, dev, autocast, cycled, extract_batch or (256 if gpu else 8))
+            report['extract'] = bench_extract(model, dev, cycled, extract_batch or (256 if gpu else 8))
         for r in report['extract']:
             rows.append((r['stage'], f"{r['images']} JPEGs, batch {r['batch']}, {num_workers} workers",
                          f"{rate(r['images_per_s'])} images/s, peak {r['peak_gib']:.2f} GiB"))
-    print(f"{device_name}, {amp}, compile={compile}, {config.vision_model} + {config.text_model}")
-    print(f"measured limits: matrix products {limits['matmul_tflops']:.3g} TFLOP/s ({amp}), "
-          f"memory reads {limits['read_gbs']:.0f} GB/s")
+    print(f"{device_name}, compile={compile}, {config.vision_model} + {config.text_model}, CPU weights {cpu_weights}")
+    print('measured limits: matrix products ' + ', '.join(f"{limits[name]['matmul_tflops']:.3g} TFLOP/s ({name})"
+                                                      for name in dtypes) + f', memory reads {read_gbs:.0f} GB/s')
     width = max(len(stage) for stage, _, _ in rows), max(len(settings) for _, settings, _ in rows)
     for stage, settings, figure in rows:
         print(f'{stage:<{width[0]}}  {settings:<{width[1]}}  {figure}')

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -77,6 +77,49 @@ def pick_device(device=''):
                              f'{torch.cuda.device_count()} GPUs)')
         torch.cuda.set_device(dev)
     return str(dev)
+
+
+# ----------------------------------------------------------------------------- precision, one policy for every script
+# Training: the dtype setting (below). Decoding, wherever it runs (train.py's validation captions and SCST's
+# samples, eval_bleu.py, sample.py, bench.py): on a GPU under the default training dtype's autocast, with the LM
+# head in float32 (Captioner.float32_logits); on a CPU in float32, or the weights decode.cpu_decoding chose. On a
+# GPU, float32 products run as TF32 everywhere. CLIP: float16 autocast on a GPU, float32 on a CPU, as it made the
+# stored features. So one image gets one caption, whichever script captions it.
+
+def precision(device_type, dtype='auto'):
+    """(torch dtype, autocast context) of a dtype setting: 'float32', 'bfloat16', 'float16', or 'auto':
+    bfloat16 where the hardware multiplies it natively (a GPU that has it; a CPU with AVX512-BF16 or AMX),
+    else float16 on a GPU and float32 on a CPU."""
+    import torch
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype != 'auto' and dtype not in dtypes:
+        raise InputError(f"dtype must be 'auto' or one of {', '.join(dtypes)}, not {dtype!r}")
+    if dtype == 'auto':
+        dtype = 'bfloat16' if native_bfloat16(device_type) else 'float16' if device_type == 'cuda' else 'float32'
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=dtypes[dtype])
+    return dtypes[dtype], autocast
+
+
+def native_bfloat16(device_type):
+    """Whether the device multiplies bfloat16 in hardware (most x86 servers and laptops since 2020 do)."""
+    import torch
+    if device_type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    return device_type == 'cpu' and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def decoding_autocast(device_type):
+    """The autocast every script decodes under (see above)."""
+    return precision('cuda')[1] if device_type == 'cuda' else nullcontext()
+
+
+def vision_dtype(device_type):
+    """The dtype CLIP runs in: float16 autocast on a GPU, as the features were stored, float32 on a CPU."""
+    import torch
+    return torch.float16 if device_type == 'cuda' else torch.float32
 
 
 def read_json(path):
@@ -379,8 +422,7 @@ def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, worl
 def start_output(out_dir, vision, vision_model, **meta_fields):
     """For the frozen vision tower `vision` (loaded from `vision_model`): the dtype to run it in, the GPT-2
     tokenizer, the output folder, and meta.json's fields."""
-    import torch
-    dtype = torch.float16 if next(vision.parameters()).device.type == 'cuda' else torch.float32
+    dtype = vision_dtype(next(vision.parameters()).device.type)
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
                 feature_dtype='float16', token_dtype='uint16', **meta_fields, splits={})

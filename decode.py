@@ -32,25 +32,39 @@ class Decoding:
 @torch.no_grad()
 def generate(model, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
              temperature=1.0, top_k=0, top_p=1.0, length_penalty=1.0, generator=None, min_new_tokens=0,
-             shots: Shots = None):
+             shots: Shots = None, n_best=1):
     """
     Caption a batch of images or videos: features [B, T, N, Dv] (or [B, N, Dv]) with the mask of real frames
     [B, T]. decoding: 'greedy', 'beam' (per-image beams, scores normalised by length ** length_penalty) or
     'sample' (temperature, top_k (0: off), top_p (1: off), drawn with `generator`). No caption ends before
     min_new_tokens tokens. shots: few-shot examples to put before every input, the same for each (see
-    few_shot_prompt). Returns one list of token ids per input, without <|endoftext|>.
+    few_shot_prompt). Returns one list of token ids per input, without <|endoftext|>; with n_best > 1 (beam
+    search), each input's n_best best hypotheses, best first.
     """
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p, length_penalty,
-                   min_new_tokens)
+                   min_new_tokens, n_best)
     if decoding == 'beam':
         tokens = beam_search(model, features, feature_mask, max_new_tokens, beam_width, length_penalty,
-                             min_new_tokens, shots)
+                             min_new_tokens, shots, n_best)
+        hypotheses = [[strip_eot(row) for row in image] for image in tokens.tolist()]
+        return [image[0] for image in hypotheses] if n_best == 1 else hypotheses
     else:
         pick = (lambda logits: logits.argmax(-1)) if decoding == 'greedy' else (
             lambda logits: sample_token(logits, temperature, top_k or None, top_p if top_p < 1 else None,
                                         generator))
         tokens = greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots)
     return [strip_eot(row) for row in tokens.tolist()]
+
+
+def candidates(model, features, feature_mask, count, shots=None, **options):
+    """`count` captions (token lists) of each input to choose from (clipscore.ClipScorer.best): the beam's
+    n-best (count: at most the beam width), or `count` samples (decoding='sample')."""
+    if options.get('decoding') == 'beam':
+        best = generate(model, features, feature_mask, shots=shots, n_best=count, **options)
+        return best if count > 1 else [[hypothesis] for hypothesis in best]
+    flat = generate(model, features.repeat_interleave(count, 0), feature_mask.repeat_interleave(count, 0),
+                    shots=shots, **options)
+    return [flat[i * count:(i + 1) * count] for i in range(len(features))]
 
 
 def start(model, features, feature_mask, max_new_tokens, shots=None):
@@ -93,7 +107,7 @@ def check_fits(model, features, shots, positions):
 
 
 def check_decoding(decoding='greedy', max_new_tokens=20, beam_width=5, temperature=1.0, top_k=0, top_p=1.0,
-                   length_penalty=1.0, min_new_tokens=0):
+                   length_penalty=1.0, min_new_tokens=0, n_best=1):
     """Raise an InputError naming the first decoding setting outside its range (the scripts call this before
     they load a model: a typo should not cost a minute of loading)."""
     def require(ok, name, value, expected):
@@ -112,6 +126,8 @@ def check_decoding(decoding='greedy', max_new_tokens=20, beam_width=5, temperatu
     require(real(top_p) and 0 < top_p <= 1, 'top_p', top_p, 'a share of the probability in (0, 1], 1 for all')
     require(real(length_penalty) and length_penalty >= 0, 'length_penalty', length_penalty,
             'at least 0 (0: scores not normalised by length)')
+    require(whole(n_best) and 1 <= n_best <= (beam_width if decoding == 'beam' else 1), 'n_best', n_best,
+            f'in 1..beam_width ({beam_width}) with decoding=beam, 1 with another')
 
 
 # -----------------------------------------------------------------------------
@@ -176,9 +192,10 @@ def strip_eot(tokens):
 # beam search
 
 @torch.no_grad()
-def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens, shots=None):
-    """Token ids [B, max_new_tokens]: each input's best hypothesis of K beams, by log-probability over
-    length ** length_penalty; a hypothesis ends at <|endoftext|> (the rest is <|endoftext|>)."""
+def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty, min_new_tokens, shots=None,
+                n_best=1):
+    """Token ids [B, n_best, max_new_tokens]: each input's n_best best hypotheses of K beams, by log-probability
+    over length ** length_penalty; a hypothesis ends at <|endoftext|> (the rest is <|endoftext|>)."""
     logits, state = start(model, features, feature_mask, max_new_tokens, shots)
     B, V = logits.shape
     device = logits.device
@@ -231,8 +248,8 @@ def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty
     # at max_new_tokens, the beams still alive are hypotheses too
     live_scores = beam_scores.masked_fill(finished[:, None], -math.inf) / (t + 1) ** length_penalty
     all_scores = torch.cat([done_scores, live_scores], 1)
-    best = all_scores.argmax(dim=1)
-    return torch.cat([done_beams, beams], 1)[torch.arange(B, device=device), best]
+    best = all_scores.sort(dim=1, descending=True, stable=True).indices[:, :n_best]  # ties: the first, as argmax
+    return torch.cat([done_beams, beams], 1).gather(1, best[..., None].expand(-1, -1, max_new_tokens))
 
 
 # -----------------------------------------------------------------------------

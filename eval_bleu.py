@@ -25,7 +25,7 @@ import numpy as np
 
 from coco_tokenizer import tokenize, tokenize_all, tokenize_groups  # noqa: F401 (tokenize: for the tests)
 from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, decode_caption,
-                  first_line, gpt2_tokenizer, input_errors_exit, read_json, read_meta, write_json)
+                  decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit, read_json, read_meta, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -43,6 +43,9 @@ official = False  # True: score with the coco-caption toolkit itself (needs Java
 shots = 0  # few-shot: this many (image, caption) examples before each image (a model trained with interleave > 1)
 shots_split = 'train'  # the prepared split of data_dir the examples come from
 shots_seed = 1337  # which examples
+rerank = ''  # 'clip': each caption the best by CLIP-S of the beam's n-best, or of num_samples samples
+num_samples = 1  # decoding='sample': captions sampled per image (to rerank)
+seed = 1337  # of sampling
 # -----------------------------------------------------------------------------
 
 
@@ -294,6 +297,8 @@ def evaluation_name():
     parts = [split, f'beam{beam_width}' if decoding == 'beam' else decoding] + [f'{shots}shot'] * bool(shots)
     if cpu_weights != 'float32':
         parts.append(cpu_weights)
+    if rerank:
+        parts.append(f'{rerank}reranked')
     if checkpoint != 'best.pt':
         parts.append(os.path.splitext(os.path.basename(checkpoint))[0])
     return '_'.join(parts)
@@ -306,15 +311,19 @@ def evaluation_settings():
         settings['beam_width'] = beam_width
     if cpu_weights != 'float32':
         settings['cpu_weights'] = cpu_weights
+    if rerank:
+        settings.update(rerank=rerank, candidates=beam_width if decoding == 'beam' else num_samples)
     if shots:  # where the examples came from
         settings.update(shots_split=shots_split, shots_seed=shots_seed)
     return settings
 
 
-def caption_split(model, data_dir, split_name, count, batch, decode_options, dev, examples=None):
-    """Captions of the first `count` images or videos of a prepared split (all if 0), and their records
-    (file, id, reference captions). examples: a data.FewShotExamples of the same data_dir, whose examples
-    go before each image (never the image itself)."""
+def caption_split(model, data_dir, split_name, count, batch, decode_options, dev, examples=None, scorer=None,
+                  samples=1):
+    """Captions of the first `count` images or videos of a prepared split (all if 0), their records (file, id,
+    reference captions), and with a scorer (clipscore.ClipScorer) each one's candidates and the one chosen.
+    examples: a data.FewShotExamples of the same data_dir, whose examples go before each image (never the image
+    itself). scorer: each caption is the best by CLIP-S of the beam's n-best, or of `samples` samples."""
     import torch
     import decode
     data = Captions(data_dir, split_name, max_tokens=1)
@@ -327,48 +336,101 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     else:
         same_split = examples.split == split_name
         groups = examples.groups(range(count), lambda i, media, record: same_split and media == i)
-    captions = [None] * count
+    captions, choices = [None] * count, [None] * count
     for chosen, group in groups.items():
         shots = examples.shots_of(chosen, dev) if examples is not None else None
         for start in range(0, len(group), batch):
             ids = np.array(group[start:start + batch])
             features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
-            for i, tokens in zip(ids, decode.generate(model, features, mask, shots=shots, **decode_options)):
-                captions[i] = decode_caption(encoder, tokens)
-    return captions, records[:count]
+            if scorer is None:
+                rows = [[tokens] for tokens in decode.generate(model, features, mask, shots=shots, **decode_options)]
+            else:  # the beam's n-best, or samples, to choose from
+                n = decode_options['beam_width'] if decode_options['decoding'] == 'beam' else samples
+                rows = decode.candidates(model, features, mask, n, shots, **decode_options)
+            candidates = [[decode_caption(encoder, tokens) for tokens in row] for row in rows]
+            best = scorer.best(features, mask, candidates) if scorer else [0] * len(ids)
+            for i, texts, b in zip(ids, candidates, best):
+                captions[i], choices[i] = texts[b], (texts, b)
+    return captions, records[:count], choices if scorer else None
+
+
+def clip_scores(scorer, data_dir, split_name, captions, references, batch, dev):
+    """{CLIP-S, RefCLIP-S}: the means over the images of the first len(captions) of a split."""
+    import torch
+    data = Captions(data_dir, split_name, max_tokens=1)
+    clip_s, ref_clip_s = [], []
+    for start in range(0, len(captions), batch):
+        ids = np.arange(start, min(start + batch, len(captions)))
+        features, mask = (torch.from_numpy(a) for a in data.features(ids))
+        per_image = scorer.clip_s(scorer.image_embeddings(features, mask), [captions[i] for i in ids])
+        clip_s.append(per_image)
+        ref_clip_s.append(scorer.ref_clip_s(per_image, [captions[i] for i in ids], [references[i] for i in ids]))
+    return {'CLIP-S': torch.cat(clip_s).mean().item(), 'RefCLIP-S': torch.cat(ref_clip_s).mean().item()}
+
+
+def check_settings():
+    """The settings that cannot work, each as one line, before anything loads."""
+    from decode import check_cpu_weights, check_decoding
+    check_decoding(decoding, max_new_tokens, beam_width)
+    check_cpu_weights(cpu_weights)
+    check_at_least(max_items=(max_items, 0), batch_size=(batch_size, 1), shots=(shots, 0),
+                   num_samples=(num_samples, 1))
+    if rerank not in ('', 'clip'):
+        raise InputError(f"rerank must be '' or 'clip', not {rerank!r}")
+    if num_samples > 1 and decoding != 'sample':
+        raise InputError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
+    if rerank and not (decoding == 'beam' or num_samples > 1):
+        raise InputError(f'rerank=clip chooses among candidates: decoding=beam (its n-best) or sample with '
+                         f'num_samples > 1, not {decoding} decoding of one')
+    if official:
+        require_official_toolkit()  # before the captioning, not after
+
+
+def main():
+    import torch
+    from clipscore import clip_scorer_of
+    from data import pick_device
+    from decode import cpu_decoding
+    from weights import load_captioner
+    check_settings()
+    dev = pick_device(device)
+    model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
+    check_data_fits_model(read_meta(data_dir), model, data_dir)
+    scorer, why_not = clip_scorer_of(model.config.vision_model, dev)
+    if rerank and scorer is None:
+        raise InputError(f'rerank=clip: {why_not}')
+    options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens,
+                   generator=torch.Generator(dev).manual_seed(seed))
+    examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None
+    with decoding_autocast(dev.split(':')[0]):  # as train.py and sample.py decode
+        captions, records, choices = caption_split(model, data_dir, split, max_items, batch_size, options, dev,
+                                                   examples, scorer if rerank else None, num_samples)
+    references = [r['captions'] for r in records]
+    metrics = (official_scores if official else score)(captions, references)
+    metrics['bad_endings'] = bad_endings(captions)
+    known = scenes(read_meta(data_dir)['splits'][split].get('source', {}).get('captions'))
+    if known:  # the shapes: is each caption right about its picture?
+        metrics.update(scene_shares(captions, [r['id'] for r in records], *known))
+    if scorer is not None:
+        metrics.update(clip_scores(scorer, data_dir, split, captions, references, batch_size, dev))
+    else:
+        print(f'eval_bleu.py: no CLIP-S: {why_not}', file=sys.stderr)
+    name = evaluation_name()
+    write_json(os.path.join(out_dir, f'metrics_{name}.json'), dict(**evaluation_settings(), items=len(records),
+                                                                   **metrics))
+    write_json(os.path.join(out_dir, f'captions_{name}.json'), [
+        dict(file=r['file'], id=r['id'], caption=c, **(dict(candidates=choices[i][0], chosen=choices[i][1])
+                                                        if choices else {}))
+        for i, (r, c) in enumerate(zip(records, captions))])
+    print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else '')
+          + (', reranked by CLIP-S' if rerank else '')
+          + f' (captions and scores: {out_dir}/captions_{name}.json, metrics_{name}.json)')
+    for metric, value in metrics.items():
+        print(f'{metric:<11} {100 * value:6.2f}')  # x100, as papers report them (bad endings: a percentage)
 
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    from data import pick_device
-    from decode import check_cpu_weights, check_decoding, cpu_decoding
-    from weights import load_captioner
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
     with input_errors_exit('eval_bleu.py'):
-        check_decoding(decoding, max_new_tokens, beam_width)
-        check_cpu_weights(cpu_weights)
-        check_at_least(max_items=(max_items, 0), batch_size=(batch_size, 1), shots=(shots, 0))
-        if official:
-            require_official_toolkit()  # before the captioning, not after
-        dev = pick_device(device)
-        model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
-        check_data_fits_model(read_meta(data_dir), model, data_dir)
-        options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens)
-        examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None
-        captions, records = caption_split(model, data_dir, split, max_items, batch_size, options, dev, examples)
-    with input_errors_exit('eval_bleu.py'):
-        metrics = (official_scores if official else score)(captions, [r['captions'] for r in records])
-    metrics['bad_endings'] = bad_endings(captions)
-    with input_errors_exit('eval_bleu.py'):
-        known = scenes(read_meta(data_dir)['splits'][split].get('source', {}).get('captions'))
-    if known:  # the shapes: is each caption right about its picture?
-        metrics.update(scene_shares(captions, [r['id'] for r in records], *known))
-    name = evaluation_name()
-    write_json(os.path.join(out_dir, f'metrics_{name}.json'), dict(**evaluation_settings(), items=len(records),
-                                                                   **metrics))
-    write_json(os.path.join(out_dir, f'captions_{name}.json'), [dict(file=r['file'], id=r['id'], caption=c)
-                                                               for r, c in zip(records, captions)])
-    print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else '')
-          + f' (captions and scores: {out_dir}/captions_{name}.json, metrics_{name}.json)')
-    for name, value in metrics.items():
-        print(f'{name:<11} {100 * value:6.2f}')  # x100, as papers report them (bad endings: a percentage)
+        main()

@@ -179,11 +179,30 @@ def save_tiny_models(root, size, seed):
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64))
     clip_dir = os.path.join(root, 'clip')
     clip.save_pretrained(clip_dir)
+    save_clip_tokenizer(clip_dir, text['bos_token_id'], text['eos_token_id'])
     centre_vision_features(clip, clip_dir, sorted(glob.glob(os.path.join(root, 'train', '*.png')))[:256])
     # GPT-2's real vocabulary, so the real tokenizer works: over 50,257 words the LM head is most of the
     # demo's training time, and a narrow model makes it cheap
     gpt2 = GPT2Config(n_layer=4, n_head=4, n_embd=64, n_positions=128)
     GPT2LMHeadModel(gpt2).save_pretrained(os.path.join(root, 'gpt2'))
+
+
+def save_clip_tokenizer(clip_dir, bos, eos):
+    """A tokenizer for the stand-in's text tower, in the files of CLIP's own (vocab.json, merges.txt), which
+    CLIPScore reads captions with: every byte a token, alone and ending a word, and no merges (a random text
+    tower knows no words to merge into); bos and eos, the ids of <|startoftext|> and <|endoftext|>."""
+    import json
+    # GPT-2's and CLIP's byte-to-character map: the printable bytes stand for themselves, the others for 256 + n
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+    vocab = {'<|startoftext|>': bos, '<|endoftext|>': eos}
+    free = (i for i in range(2 * len(chars) + 2) if i not in (bos, eos))
+    vocab.update((token, next(free)) for token in chars + [c + '</w>' for c in chars])
+    with open(os.path.join(clip_dir, 'vocab.json'), 'w') as f:
+        json.dump(vocab, f)
+    with open(os.path.join(clip_dir, 'merges.txt'), 'w') as f:
+        f.write('#version: 0.2\n')
 
 
 def centre_vision_features(clip, clip_dir, image_paths):

@@ -15,14 +15,13 @@ import io
 import os
 import sys
 import warnings
-from contextlib import nullcontext
 from html import escape
 
 from PIL import Image
 
 from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
-                  count_frames, decode_caption, gpt2_tokenizer, input_errors_exit, load_rgb, read_frames, read_meta,
-                  stack_frames, video_pixels, write_json)
+                  count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit, load_rgb,
+                  read_frames, read_meta, stack_frames, video_pixels, vision_dtype, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -46,6 +45,7 @@ shots_split = 'train'
 batch_size = 256  # files per batch: large batches keep a GPU busy while decoding
 pixels_gb = 2.0  # the most memory the decoded frames may take, every batch in flight together (see files_per_batch)
 num_workers = min(4, os.cpu_count() or 1)  # decoding processes
+rerank = ''  # 'clip': the best by CLIP-S of the beam's n-best, or of num_samples samples
 device = ''  # default: cuda when available, else cpu
 cpu_weights = 'float32'  # decoding on a CPU: GPT-2's and the cross-attention's weights as 'float32', 'bfloat16', 'int8'
 # -----------------------------------------------------------------------------
@@ -121,10 +121,12 @@ def shot_groups(paths, examples):
     return list(examples.groups(paths, same_file).items())
 
 
-def caption_files(model, files, options, batch, workers, dev, samples=1, examples=None):
-    """{path: [captions]} of every readable image or video of `files` (PreprocessedImages or
-    PreprocessedVideos), in their order; reports the others. examples: a data.FewShotExamples, whose
-    examples go before each file."""
+def caption_files(model, files, options, batch, workers, dev, samples=1, examples=None, scorer=None, rerank=False):
+    """{path: its captions} of every readable image or video of `files` (PreprocessedImages or
+    PreprocessedVideos), in their order; reports the others. Its captions: dict(captions=[str], clip_s=[float]
+    or None): `samples` of them, or with rerank the best by CLIP-S of the beam's n-best or of `samples` samples,
+    which also keeps the candidates, their CLIP-S and the one chosen. examples: a data.FewShotExamples, whose
+    examples go before each file. scorer: a clipscore.ClipScorer, or None (no CLIP-S)."""
     import torch
     from tqdm import tqdm
     import decode
@@ -132,26 +134,40 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
                                          pin_memory=cuda)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+    clip_autocast = torch.autocast(dev.split(':')[0], dtype=vision_dtype(dev.split(':')[0]), enabled=cuda)
+    count = options['beam_width'] if rerank and options['decoding'] == 'beam' else samples
     results = {}
     with tqdm(total=len(files), unit='file', disable=len(files) < 100, file=sys.stderr) as bar:
         for paths, frame_counts, frames, bad in loader:
             for path, why in bad:
                 print(f'{path}: skipped, {why}', file=sys.stderr)
             if paths:
-                captions = {}
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), clip_autocast:
                     features, mask = model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
-                    for chosen, rows in shot_groups(paths, examples):
-                        shots = examples.shots_of(chosen, dev) if examples is not None else None
-                        tokens = decode.generate(model, features[rows].repeat_interleave(samples, dim=0),
-                                                 mask[rows].repeat_interleave(samples, dim=0), shots=shots, **options)
-                        for i, row in enumerate(rows):
-                            captions[paths[row]] = [decode_caption(encoder, t)
-                                                    for t in tokens[i * samples:(i + 1) * samples]]
-                results.update((path, captions[path]) for path in paths)
+                features = features.to(torch.float16)  # as prepare_coco.py stores them: the same caption
+                for chosen, rows in shot_groups(paths, examples):
+                    shots = examples.shots_of(chosen, dev) if examples is not None else None
+                    with decoding_autocast(dev.split(':')[0]):
+                        tokens = decode.candidates(model, features[rows], mask[rows], count, shots, **options)
+                    texts = [[decode_caption(encoder, t) for t in row] for row in tokens]
+                    for row, captions in zip(rows, texts):
+                        results[paths[row]] = scored(scorer, features[row:row + 1], mask[row:row + 1], captions,
+                                                     rerank)
             bar.update(len(paths) + len(bad))
-    return results
+    return {path: results[path] for path in sorted(results)}
+
+
+def scored(scorer, features, mask, captions, rerank):
+    """One file's captions with their CLIP-S (None without a scorer); with rerank, the best of them, chosen
+    among the others."""
+    if scorer is None:
+        return dict(captions=captions, clip_s=None)
+    clip_s = scorer.clip_s(scorer.image_embeddings(features, mask).expand(len(captions), -1), captions).tolist()
+    if not rerank:
+        return dict(captions=captions, clip_s=clip_s)
+    best = max(range(len(captions)), key=lambda i: (clip_s[i], -i))  # the first of equals
+    return dict(captions=[captions[best]], clip_s=[clip_s[best]], candidates=captions, candidates_clip_s=clip_s,
+                chosen=best)
 
 
 def files_per_batch(frames_per_file, size, workers, most, budget_gb):
@@ -176,10 +192,13 @@ def thumbnail_uri(path, size=256):
 
 
 def write_html(path, results):
+    def line(caption, clip_s):
+        score = f' <small>CLIP-S {clip_s:.3f}</small>' if clip_s is not None else ''
+        return f'<p>{escape(caption)}{score}</p>'
     rows = '\n'.join(
         f'<figure><img src="{thumbnail_uri(image)}" alt=""><figcaption><b>{escape(os.path.basename(image))}'
-        f'</b>{"".join(f"<p>{escape(c)}</p>" for c in captions)}</figcaption></figure>'
-        for image, captions in results.items())
+        f'</b>{"".join(line(c, s) for c, s in zip(r["captions"], r["clip_s"] or [None] * len(r["captions"])))}'
+        f'</figcaption></figure>' for image, r in results.items())
     page = ('<!doctype html><meta charset="utf-8"><title>nanocap captions</title><style>'
             'body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:16px;margin:16px}'
             'figure{width:256px;margin:0}img{max-width:256px;max-height:256px}p{margin:4px 0}</style>\n'
@@ -193,11 +212,17 @@ def write_html(path, results):
 
 def main():
     import torch
+    from clipscore import clip_scorer_of
     from data import pick_device
     from decode import check_cpu_weights, check_decoding, cpu_decoding
     from weights import load_captioner
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
     check_cpu_weights(cpu_weights)
+    if rerank not in ('', 'clip'):
+        raise InputError(f"rerank must be '' or 'clip', not {rerank!r}")
+    if rerank and not (decoding == 'beam' or num_samples > 1):
+        raise InputError(f'rerank=clip chooses among candidates: decoding=beam (its n-best) or sample with '
+                         f'num_samples > 1, not {decoding} decoding of one')
     check_at_least(num_samples=(num_samples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
                    max_frames=(max_frames, 1), shots=(shots, 0))
     if not pixels_gb > 0:
@@ -212,6 +237,11 @@ def main():
         raise InputError(f'no {kind} files found at {spec!r}')
     dev = pick_device(device)
     model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
+    scorer, why_not = clip_scorer_of(model.config.vision_model, dev)
+    if scorer is None:
+        if rerank:
+            raise InputError(f'rerank=clip: {why_not}')
+        print(f'sample.py: no CLIP-S: {why_not}', file=sys.stderr)
     size = model.vision.config.image_size
     if videos:
         if model.resampler is not None and max_frames > model.config.max_frames:
@@ -230,12 +260,15 @@ def main():
     options = dict(decoding=decoding, beam_width=beam_width, temperature=temperature, top_k=top_k, top_p=top_p,
                    max_new_tokens=max_new_tokens, generator=generator)
     batch = files_per_batch(max_frames if videos else 1, size, num_workers, batch_size, pixels_gb)
-    results = caption_files(model, files, options, batch, num_workers, dev, num_samples, examples)
-    for path, captions in results.items():
-        for caption in captions:
-            print(f'{path}\t{caption}')
+    results = caption_files(model, files, options, batch, num_workers, dev, num_samples, examples, scorer,
+                            bool(rerank))
+    for path, r in results.items():  # <path> TAB <caption> (TAB <its CLIP-S>)
+        for caption, clip_s in zip(r['captions'], r['clip_s'] or [None] * len(r['captions'])):
+            print(f'{path}\t{caption}' + (f'\t{clip_s:.3f}' if clip_s is not None else ''))
+        if rerank:
+            print(f"{path}: chose candidate {r['chosen'] + 1} of {len(r['candidates'])} by CLIP-S", file=sys.stderr)
     if json:
-        write_json(json, [{kind: p, 'captions': c} for p, c in results.items()])
+        write_json(json, [{kind: p, **r} for p, r in results.items()])
     if html:
         write_html(html, results)
     if not results:

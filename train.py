@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -22,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decode
 import eval_bleu
-from data import (EOT, IGNORE_INDEX, Captions, InputError, check_data_fits_model, decode_caption, gpt2_tokenizer,
-                  input_errors_exit, pick_device, read_meta)
+from data import (EOT, IGNORE_INDEX, Captions, InputError, check_data_fits_model, decode_caption, decoding_autocast,
+                  gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta)
 from model import CaptionerConfig, training_flops
-from weights import build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, trainable_state
+from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, save_model,
+                     trainable_state)
 
 # -----------------------------------------------------------------------------
 # Every setting train.py reads, with its default: the reference model and hyperparameters on COCO (Karpathy
@@ -34,7 +34,8 @@ out_dir = 'out'
 data_dir = 'data/coco'  # written by prepare_coco.py or prepare_mlslt.py
 val_split = 'val'  # the split to evaluate on ('dev' in MLSLT)
 # 'pretrained' (a new bridge on pretrained CLIP and GPT-2), 'resume' (out_dir/ckpt.pt, exactly where it
-# stopped) or a checkpoint file to start from (its weights and model settings, a new optimiser, iteration 0)
+# stopped) or a checkpoint file or model folder to start from (its weights and model settings, a new optimiser,
+# iteration 0)
 init_from = 'pretrained'
 # 'xe': cross-entropy on the reference captions; 'scst': self-critical sequence training, maximising the
 # CIDEr-D of sampled captions (start it from an 'xe' checkpoint)
@@ -71,7 +72,7 @@ wandb_project = 'nanocap'
 wandb_run_name = 'run'
 # system
 device = ''  # default: cuda when available, else cpu
-dtype = ''  # default: bfloat16 where supported, else float16 on cuda, float32 on cpu
+dtype = 'auto'  # or float32, bfloat16, float16; auto: bfloat16 where the hardware has it, else float16 / float32
 compile = False
 # the model: model.py's CaptionerConfig, field by field (each is explained there), at its defaults
 vision_model = ''  # default: the CLIP that made data_dir's features (its meta.json names it)
@@ -146,18 +147,6 @@ def gate_values(model):
         return {}
     gates = torch.stack([torch.cat([b.attn_gate, b.ff_gate]) for b in model.xattn.values()]).tanh().tolist()
     return {i: dict(attn=round(a, 4), ff=round(f, 4)) for i, (a, f) in zip(model.xattn, gates)}
-
-
-def mixed_precision(device_type, dtype):
-    """(torch dtype, autocast context) of the dtype setting; '' picks bfloat16 on a GPU that has it,
-    else float16 there, and float32 on a CPU."""
-    name = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported()
-                     else 'float16' if device_type == 'cuda' else 'float32')
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-    if name not in dtypes:
-        raise InputError(f"dtype must be one of {', '.join(dtypes)}, not {name!r}")
-    autocast = nullcontext() if name == 'float32' else torch.autocast(device_type, dtype=dtypes[name])
-    return dtypes[name], autocast
 
 
 # -----------------------------------------------------------------------------
@@ -295,9 +284,6 @@ def start_devices():
     dev = pick_device(device)  # under torchrun: this rank's own GPU
     if ddp:
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
-    if dev.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, dev
 
 
@@ -318,9 +304,9 @@ def starting_point():
             if was != globals()[setting]:
                 raise InputError(f'{path}: a run with {setting}={was}; resume it with the same')
     elif init_from != 'pretrained':
-        if not os.path.isfile(init_from):
-            raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume' or a "
-                             f"checkpoint file)")
+        if not os.path.exists(init_from):
+            raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', 'resume', a "
+                             f"checkpoint file or a model folder)")
         start = read_checkpoint(init_from)
         model_config = start['model_config']
     # the vision tower is the one that made the features, unless the run names it (it must be the same)
@@ -402,9 +388,9 @@ def validation_loss(run):
 def caption_scores(run):
     """BLEU-4, CIDEr-D and the share of bad endings of greedy captions of the first eval_images validation
     images."""
-    with run.autocast:
-        captions, records = eval_bleu.caption_split(run.raw_model, data_dir, val_split, eval_images, batch_size,
-                                                   dict(max_new_tokens=30), run.dev)
+    with decoding_autocast(torch.device(run.dev).type):  # as eval_bleu.py and sample.py decode
+        captions, records, _ = eval_bleu.caption_split(run.raw_model, data_dir, val_split, eval_images, batch_size,
+                                                      dict(max_new_tokens=30), run.dev)
     scores = eval_bleu.score(captions, [r['captions'] for r in records])
     return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
                 val_bad_endings=eval_bleu.bad_endings(captions))
@@ -521,13 +507,14 @@ def evaluate_and_save(run, iter_num, best):
     save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
     if improved:
         save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
+        save_model(state['model'], run.raw_model.config, os.path.join(out_dir, 'best'))  # to share: no pickle
 
 
 # -----------------------------------------------------------------------------
 
 def main():
     ddp, rank, world, dev = start_devices()
-    ptdtype, autocast = mixed_precision(torch.device(dev).type, dtype)
+    ptdtype, autocast = precision(torch.device(dev).type, dtype)
     scaler = torch.amp.GradScaler(torch.device(dev).type, enabled=ptdtype == torch.float16)
     check_settings()
     if eval_images:

@@ -7,11 +7,12 @@ to rebuild the rest. Every problem with a file a user handed us is an InputError
 import os
 import re
 import zipfile
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
-from data import InputError, atomic_write, first_line
+from data import InputError, atomic_write, first_line, read_json, write_json
 from model import GPT2, Captioner, CaptionerConfig, GPTConfig
 
 # Architectures of the checkpoints we know by name, so that --init_from=scratch needs no download.
@@ -166,9 +167,11 @@ CHECKPOINT_KEYS = ('model', 'model_config', 'train_config', 'optimizer', 'scaler
 
 
 def read_checkpoint(path):
-    """A checkpoint of train.py, checked to be one, its model_config made a CaptionerConfig. Loaded with
-    weights_only=True, so that a checkpoint file cannot run code: one that holds other Python objects is
-    refused."""
+    """A checkpoint of train.py (a .pt file) or a shared model (a folder, see save_model), checked to be one,
+    its model_config made a CaptionerConfig. A .pt file is loaded with weights_only=True, so that it cannot run
+    code: one that holds other Python objects is refused."""
+    if os.path.isdir(path):
+        return read_model_folder(path)
     if not os.path.isfile(path):
         raise InputError(f'{path}: no such checkpoint')
     try:
@@ -178,11 +181,15 @@ def read_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise InputError(f"{path}: not a checkpoint of train.py (no {', '.join(missing)})")
+    checkpoint['model_config'] = model_config_of(checkpoint['model_config'], path)
+    return checkpoint
+
+
+def model_config_of(fields, path):
     try:
-        checkpoint['model_config'] = CaptionerConfig(**checkpoint['model_config'])
+        return CaptionerConfig(**fields)
     except TypeError as e:  # fields of another version of nanocap
         raise InputError(f'{path}: its model_config does not fit this version of model.py ({e})')
-    return checkpoint
 
 
 def unreadable_file(path, error):
@@ -216,10 +223,51 @@ def load_captioner(checkpoint_path, device='cpu'):
 def load_trained_weights(model, state, checkpoint_path):
     """Put a checkpoint's trained weights into the model, failing in one line unless they are exactly its
     trainable ones, in the same shapes."""
-    if set(state) != set(trainable_state(model)):
-        raise InputError(f'{checkpoint_path}: its weights do not fit the model its config describes')
+    expected = trainable_state(model)
+    shape = lambda t: list(t.shape)
+    problems = [f'{len(names)} {why} (e.g. {names[0]}{detail(names[0])})' for why, names, detail in (
+        ('missing', sorted(expected.keys() - state.keys()), lambda name: ''),
+        ('that are not part of it', sorted(state.keys() - expected.keys()), lambda name: ''),
+        ('of another shape', sorted(k for k in expected.keys() & state.keys() if shape(state[k]) != shape(expected[k])),
+         lambda name: f': {shape(state[name])}, the model\'s {shape(expected[name])}')) if names]
+    if problems:
+        raise InputError(f"{checkpoint_path}: its weights do not fit the model its config describes (with the "
+                         f"CLIP and GPT-2 it names): weights {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)
+
+
+# -----------------------------------------------------------------------------
+# a trained model to share: a folder as the Hugging Face hub holds models, with no pickle in it
+
+MODEL_FILES = ('config.json', 'model.safetensors')
+
+
+def save_model(state, model_config, folder):
+    """The trained weights `state` alone as model.safetensors (safetensors, the format transformers itself uses:
+    tensors and nothing else, so loading it cannot run code), and the model settings, which name the frozen CLIP
+    and GPT-2 it needs, as config.json. Each file atomically."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    weights = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    atomic_write(os.path.join(folder, 'model.safetensors'), lambda tmp: save_file(weights, tmp))
+    write_json(os.path.join(folder, 'config.json'), dict(format='nanocap', version=1,
+                                                         model_config=asdict(model_config)))
+
+
+def read_model_folder(folder):
+    """A folder of save_model as a checkpoint of train.py's for loading: its model_config and its weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    names = [os.path.join(folder, name) for name in MODEL_FILES]
+    missing = [name for name in names if not os.path.isfile(name)]
+    if missing:
+        raise InputError(f"{folder}: not a nanocap model folder (no {', '.join(map(os.path.basename, missing))})")
+    config = read_json(names[0])
+    if not (isinstance(config, dict) and config.get('format') == 'nanocap' and isinstance(config.get('model_config'),
+                                                                                              dict)):
+        raise InputError(f'{names[0]}: not the config.json of a nanocap model (no format "nanocap", model_config)')
     try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that differ: other vision or text widths
-        raise InputError(f'{checkpoint_path}: its weights do not fit the models it names '
-                         f'({str(e).splitlines()[-1].strip()})')
+        state = load_file(names[1])
+    except (SafetensorError, OSError) as e:  # cut short, not safetensors
+        raise InputError(f'{names[1]}: not a readable safetensors file ({first_line(e)})')
+    return dict(model=state, model_config=model_config_of(config['model_config'], names[0]))

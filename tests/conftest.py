@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from prepare_shapes import centre_vision_features
+from prepare_shapes import centre_vision_features, save_clip_tokenizer
 
 VISION_DIM, TEXT_DIM = 32, 48  # different on purpose: the bridge must project between them
 TOKENS_PER_FRAME = 17  # CLS + (32 / 8) ** 2 patches
@@ -34,6 +34,7 @@ def tiny_clip_dir(tmp_path_factory):
     for i, scene in enumerate(shape_scenes('train')):
         draw_shape(*scene).save(pictures / f'{i}.png')
     centre_vision_features(clip, path, sorted(map(str, pictures.iterdir())))
+    save_clip_tokenizer(path, bos=0, eos=1)  # for CLIPScore's text tower, as the real checkpoints carry theirs
     return str(path)
 
 
@@ -115,7 +116,7 @@ def data_dir(tmp_path_factory, tiny_clip_dir):
 RUN_OPTIONS = ('--num_latents=8', '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
                '--batch_size=8', '--max_iters=150', '--eval_interval=50', '--eval_images=4',
                '--learning_rate=5e-3', '--warmup_frac=0.05', '--unfreeze_layers=3', '--train_embeddings=True',
-               '--log_interval=1', '--device=cpu')
+               '--log_interval=1', '--device=cpu', '--dtype=float32')  # tests compare it to float32's rounding
 
 
 @pytest.fixture(scope='session')

@@ -239,7 +239,8 @@ def weight_of_another_shape(path):
 @case
 def resume_from_checkpoint_of_other_shapes(root, f):
     return (*resume_args(root, f, weight_of_another_shape),
-            'its weights do not fit the models it names (size mismatch for')
+            'its weights do not fit the model its config describes (with the CLIP and GPT-2 it names): weights 1 of '
+            'another shape (e.g. ')
 
 
 @case
@@ -325,7 +326,8 @@ def checkpoint_of_another_version(root, f):
 @case
 def checkpoint_of_other_shapes(root, f):
     run, path = run_copy(root, f, weight_of_another_shape)
-    return (*sample_args(run, root), path, 'its weights do not fit the models it names (size mismatch for')
+    return (*sample_args(run, root), path, 'its weights do not fit the model its config describes (with the CLIP '
+            'and GPT-2 it names): weights 1 of another shape (e.g. ')
 
 
 @case
@@ -389,7 +391,8 @@ UNRANGED = {'out_dir', 'checkpoint', 'images', 'videos', 'json', 'html', 'device
 OUT_OF_RANGE = {'decoding': ['topk'], 'beam_width': ['0', '-1'], 'max_new_tokens': ['0', '-1'],
                 'temperature': ['0', '-0.5', '1e999'], 'top_k': ['-1'], 'top_p': ['0', '1.5', '-0.1'],
                 'num_samples': ['0'], 'batch_size': ['0'], 'num_workers': ['-1'], 'max_frames': ['0'], 'shots': ['-1'],
-                'max_items': ['-1'], 'pixels_gb': ['0', '-1.5'], 'cpu_weights': ['int4', 'float16']}
+                'max_items': ['-1'], 'pixels_gb': ['0', '-1.5'], 'cpu_weights': ['int4', 'float16'],
+                'rerank': ['blip']}
 
 
 def settings_of(script):

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+import data
+
 from conftest import run_script
 from bench import decoding_bytes
 from model import CaptionerConfig, training_flops
@@ -18,12 +20,15 @@ def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert lines[1].startswith('measured limits: matrix products ')
+    dtypes = report['dtypes']  # on a CPU that multiplies bfloat16 natively, both
+    assert dtypes == (['float32', 'bfloat16'] if data.native_bfloat16('cpu') else ['float32'])
     assert [line.split('  ')[0] for line in lines[2:-1]] == (
-        ['train step'] + ['greedy from features', 'beam from features'] * 2
+        [f'train step, {name}' for name in dtypes] + ['greedy from features', 'beam from features'] * 2
         + ['CLIP features', 'sample.py, greedy', 'sample.py, beam'])
-    train = report['train']
+    assert [train['dtype'] for train in report['train']] == dtypes
+    train = report['train'][0]
     assert train['batch'] == 8
-    assert train['mfu'] == pytest.approx(train['tflops'] / report['limits']['matmul_tflops'])  # a CPU's own
+    assert train['mfu'] == pytest.approx(train['tflops'] / report['limits']['float32']['matmul_tflops'])  # a CPU's
     assert train['tokens_per_s'] == pytest.approx(16 * train['captions_per_s'])
     config = CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
                              resampler_depth=1, heads=2, dim_head=16, mapper_hidden=32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval_bleu
+from clipscore import ClipScorer
 from conftest import caption_text, colour_and_shape, record_generate_calls, run_script, stored_features
 from decode import generate
 from weights import load_captioner
@@ -317,13 +318,22 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
         assert colour_and_shape(caption['caption']) == colour_and_shape(record['captions'][0])
     expected = eval_bleu.score([c['caption'] for c in captions], [r['captions'] for r in records])
     expected['bad_endings'] = 0.0  # every caption names a colour and a shape last
+    # CLIP-S and RefCLIP-S: the means over the images of each image's own (clipscore.py is checked against
+    # transformers' CLIPModel in test_clipscore.py; here, that eval_bleu.py batches, pairs and averages them right)
+    scorer = ClipScorer(json.load(open(f'{data_dir}/meta.json'))['vision_model'])
+    per_image = [scorer.clip_s(scorer.image_embeddings(torch.tensor(feats[i:i + 1, None], dtype=torch.float32)),
+                               [c['caption']]) for i, c in enumerate(captions)]
+    expected['CLIP-S'] = pytest.approx(torch.cat(per_image).mean().item(), abs=1e-6)
+    expected['RefCLIP-S'] = pytest.approx(torch.cat([scorer.ref_clip_s(s, [c['caption']], [r['captions']]) for s, c, r
+                                                     in zip(per_image, captions, records)]).mean().item(), abs=1e-6)
     with open(tmp_path / 'metrics_train_beam3_chosen.json') as f:
         assert json.load(f) == dict(checkpoint='chosen.pt', split='train', decoding='beam', max_new_tokens=8, shots=0,
                                     beam_width=3, items=6, **expected)
     assert capsys.readouterr().out.splitlines() == [
         f'train: 6 captioned, beam decoding (captions and scores: {tmp_path}/captions_train_beam3_chosen.json, '
         'metrics_train_beam3_chosen.json)'] + [
-        f'{name:<11} {100 * value:6.2f}' for name, value in expected.items()]  # x100, as papers report them
+        f'{name:<11} {100 * float(value.expected if hasattr(value, "expected") else value):6.2f}'
+        for name, value in expected.items()]  # x100, as papers report them
     # each evaluation keeps its files: greedy decoding of the same split writes its own beside them
     assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', '--checkpoint=chosen.pt', f'--data_dir={data_dir}',
                       '--split=train', '--max_items=6', '--decoding=greedy', '--max_new_tokens=8',

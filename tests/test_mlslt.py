@@ -253,7 +253,7 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
     frame_counts = [None if mask is None else mask.sum(1).tolist() for _, mask, _ in calls]
     assert frame_counts == [[MAX_FRAMES, MAX_FRAMES, 3], [3]]
     output = capsys.readouterr()
-    lines = [line.split('\t') for line in output.out.splitlines()]
+    lines = [line.split('\t')[:2] for line in output.out.splitlines()]  # path, caption (then its CLIP-S)
     paths = [str(folder / i / f'{lang}.mp4') for i in ('c1', 'c2') for lang in ('de', 'en')]
     assert [path for path, _ in lines] == paths
     assert f"{folder / 'broken.mp4'}: skipped, not a readable video" in output.err
@@ -265,7 +265,8 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
         frames = data.read_frames(path, MAX_FRAMES, data.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
         with torch.no_grad():
-            alone = generate(model, *model.encode_pixels(pixels, [len(pixels)]), max_new_tokens=8)[0]
+            features, mask = model.encode_pixels(pixels, [len(pixels)])
+            alone = generate(model, features.half(), mask, max_new_tokens=8)[0]  # stored as prepare_mlslt.py does
         assert caption == caption_text(alone)
         assert ('red' in caption.split()) == (os.path.basename(os.path.dirname(path)) in RED), (path, caption)
 

@@ -444,18 +444,17 @@ class MarkovLM:
     def logits(self, last_token):
         return self.rows[self.slot[last_token]]
 
-    def best_caption(self, max_new_tokens):
-        """Exhaustive search of the length-normalised score that beam search approximates."""
+    def best_captions(self, max_new_tokens, n=1):
+        """Exhaustive search of the length-normalised score that beam search approximates: the n best."""
         logprobs = self.rows.log_softmax(-1)
-        best, best_score = None, -math.inf
-        for n in range(max_new_tokens + 1):
-            for caption in itertools.product([1, 2, 3], repeat=n):
-                ends = n < max_new_tokens
+        scored = []
+        for length in range(max_new_tokens + 1):
+            for caption in itertools.product([1, 2, 3], repeat=length):
+                ends = length < max_new_tokens
                 sequence = [EOT, *caption] + ([EOT] if ends else [])
                 score = sum(logprobs[self.slot[a], b] for a, b in zip(sequence, sequence[1:]))
-                if score / (n + ends) > best_score:
-                    best, best_score = list(caption), score / (n + ends)
-        return best
+                scored.append((-score / (length + ends), list(caption)))
+        return [caption for _, caption in sorted(scored)[:n]]
 
 
 @pytest.mark.parametrize('seed', range(20))
@@ -466,7 +465,10 @@ def test_beam_search_against_exhaustive_search(tiny_config, monkeypatch, seed):
     features = random_features(1)
     # 81 beams hold every hypothesis of 4 tokens, so beam search is exact here
     assert generate(model, features, decoding='beam', beam_width=81, max_new_tokens=4)[0] == \
-        lm.best_caption(4)
+        lm.best_captions(4)[0]
+    # and the n best of them, best first
+    assert generate(model, features, decoding='beam', beam_width=81, max_new_tokens=4, n_best=5)[0] == \
+        lm.best_captions(4, n=5)
     assert generate(model, features, decoding='beam', beam_width=1, max_new_tokens=6) == \
         generate(model, features, max_new_tokens=6)
 
@@ -555,7 +557,7 @@ def test_sampling(captioner):
 NOT_DECODING = {'model', 'features', 'feature_mask', 'generator', 'shots'}
 OUT_OF_RANGE = dict(decoding=['topk', None], max_new_tokens=[0, -1, 2.5], beam_width=[0, True],
                     temperature=[0, -1.0, math.inf], top_k=[-1, 1.5], top_p=[0, 1.5, math.nan],
-                    length_penalty=[-1.0, math.inf], min_new_tokens=[-1, 21])
+                    length_penalty=[-1.0, math.inf], min_new_tokens=[-1, 21], n_best=[0, 2, 1.5])
 
 
 def test_every_decoding_setting_outside_its_range_fails_in_one_line(captioner):

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from html import escape
 from types import SimpleNamespace
@@ -29,10 +30,12 @@ def sample(run_dir, *options):
 
 
 def caption_alone(model, path, **options):
-    """The checkpoint's caption of one image, given to model.generate on its own."""
+    """The checkpoint's caption of one image, given to generate on its own, its CLIP features in float16 as
+    prepare_coco.py stores them."""
     pixels = torch.tensor(clip_preprocess(load_rgb(path), model.vision.config.image_size))[None]
     with torch.no_grad():
-        return caption_text(generate(model, *model.encode_pixels(pixels, [1]), **options)[0])
+        features, mask = model.encode_pixels(pixels, [1])
+        return caption_text(generate(model, features.half(), mask, **options)[0])
 
 
 @pytest.fixture(scope='module')
@@ -81,8 +84,9 @@ def captioned(run_dir, folder, tmp_path_factory):
         calls = record_generate_calls(patch)
         status = sample(run_dir, f'--images={folder.root}', '--batch_size=3', '--decoding=beam', '--beam_width=3',
                         '--max_new_tokens=8', f"--json={out / 'out.json'}", f"--html={out / 'out.html'}")
-    return SimpleNamespace(status=status, lines=[tuple(line.split('\t')) for line in stdout.getvalue().splitlines()],
-                           stderr=stderr.getvalue(), json=json.loads((out / 'out.json').read_text()),
+    columns = [line.split('\t') for line in stdout.getvalue().splitlines()]  # path, caption, its CLIP-S
+    return SimpleNamespace(status=status, lines=[tuple(c[:2]) for c in columns],
+                           clip_s=[float(c[2]) for c in columns], stderr=stderr.getvalue(), json=json.loads((out / 'out.json').read_text()),
                            html=(out / 'out.html').read_text(), calls=calls)
 
 
@@ -116,11 +120,13 @@ def test_decoding_options_reach_generate(captioned):
 
 
 def test_json_and_html_hold_each_images_captions(captioned, folder):
-    assert captioned.json == [dict(image=path, captions=[caption]) for path, caption in captioned.lines]
+    assert captioned.json == [dict(image=path, captions=[caption], clip_s=[pytest.approx(clip_s, abs=5e-4)])
+                              for (path, caption), clip_s in zip(captioned.lines, captioned.clip_s)]
     figures = re.findall(r'<figure><img src="data:image/jpeg;base64,([^"]*)" alt=""><figcaption><b>(.*?)</b>'
                          r'(.*?)</figcaption></figure>', captioned.html)
     assert [(name, text) for _, name, text in figures] == [
-        (escape(os.path.basename(path)), f'<p>{escape(caption)}</p>') for path, caption in captioned.lines]
+        (escape(os.path.basename(path)), f'<p>{escape(caption)} <small>CLIP-S {clip_s:.3f}</small></p>')
+        for (path, caption), clip_s in zip(captioned.lines, captioned.clip_s)]
     # each picture's thumbnail is that picture: nearer to it than to any other
     pictures = {path: np.asarray(load_rgb(path), dtype=np.float32) for path in folder.drawn}
     for (thumbnail, _, _), (path, _) in zip(figures, captioned.lines):
@@ -141,7 +147,7 @@ def greedy_lines(model, folder):
 def sampled(run_dir, folder, capsys, *options):
     assert sample(run_dir, f'--images={folder.root}/shapes', '--decoding=sample', '--num_samples=2',
                   '--max_new_tokens=5', *options) is None
-    return capsys.readouterr().out.splitlines()
+    return ['\t'.join(line.split('\t')[:2]) for line in capsys.readouterr().out.splitlines()]  # no CLIP-S
 
 
 @pytest.mark.parametrize('option', ['--top_k=1', '--top_p=1e-6', '--temperature=1e-4'])
@@ -172,3 +178,27 @@ def test_bad_arguments_fail_in_one_line(run_dir, folder, options, message):
 def test_no_readable_image_is_an_error(run_dir, folder):
     status = sample(run_dir, f'--images={folder.root}/[et]*.*')  # empty.jpg, text.png, truncated.jpg
     assert status == 'sample.py: none of the 3 image file(s) could be read'
+
+
+def test_an_image_gets_the_caption_eval_bleu_gives_it(run_dir, data_dir, tmp_path, monkeypatch):
+    """One precision policy: sample.py runs CLIP on the validation pictures and rounds the features to float16
+    as prepare_coco.py stored them, then decodes as eval_bleu.py does from the stored ones. The features it
+    decodes are the stored ones, to float16's rounding, and every caption is eval_bleu.py's."""
+    import decode
+    pictures = os.path.join(os.path.dirname(data_dir), 'val')
+    decoded = []
+    generate_of = decode.generate
+    monkeypatch.setattr(decode, 'generate', lambda model, features, *a, **k: decoded.append(features) or
+                        generate_of(model, features, *a, **k))
+    out = tmp_path / 'captions.json'
+    assert sample(run_dir, f'--images={pictures}', '--decoding=greedy', f'--json={out}') is None
+    stored = np.fromfile(os.path.join(data_dir, 'val_feats.bin'), dtype=np.float16).reshape(decoded[0].shape)
+    assert decoded[0].dtype == torch.float16
+    assert np.abs(decoded[0].numpy().astype(np.float32) - stored.astype(np.float32)).max() <= 2e-3
+    shutil.copy(f'{run_dir}/best.pt', tmp_path / 'best.pt')
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', '--split=val',
+                      '--decoding=greedy', '--device=cpu', '--batch_size=2') is None
+    by_eval = {os.path.realpath(c['file']): c['caption']
+               for c in json.load(open(tmp_path / 'captions_val_greedy.json'))}
+    by_sample = {os.path.realpath(r['image']): r['captions'][0] for r in json.load(open(out))}
+    assert by_sample == by_eval and len(by_eval) == 4

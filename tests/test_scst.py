@@ -181,7 +181,10 @@ def test_scst_on_one_process_and_two_ranks_logs_rewards_and_gates(tmp_path, run_
             # the key bias adds the same to every attention score of a query, which softmax ignores: its
             # gradient is rounding noise, which Adam scales up to steps of the learning rate's size
             one, other = (torch.cat([w[:TEXT_DIM], w[2 * TEXT_DIM:]]) for w in (one, other))
-        assert torch.allclose(one, other, atol=1e-5), name
+        # Adam's first steps are about lr * sign(gradient): a weight whose gradient is rounding noise can move by
+        # a few 1e-5 one way in one process and the other way on two ranks; a wrong shard or a missed micro
+        # batch moves every weight by about the learning rate (1e-3)
+        assert torch.allclose(one, other, atol=1e-4), name
     start = torch.load(f'{run_dir}/ckpt.pt', weights_only=True)['model']
     assert not torch.equal(weights[0]['xattn.0.attn_gate'], start['xattn.0.attn_gate'])  # it trained
     gates = {i: {g: round(float(weights[0][f'xattn.{i}.{g}_gate'].tanh()), 4) for g in ('attn', 'ff')}
@@ -257,8 +260,8 @@ def test_scst_best_checkpoint_is_that_of_the_best_validation_cider(ciders, best_
     ('--scst_max_tokens=0', 'train.py: scst_max_tokens must be at least 1, not 0'),
     ('--init_from=pretrained', 'train.py: objective=scst trains a captioner further: give init_from a checkpoint '
                                'of cross-entropy training (or resume)'),
-    ('--init_from=out/no.pt', "train.py: out/no.pt: no such checkpoint (init_from is 'pretrained', 'resume' or "
-                              "a checkpoint file)"),
+    ('--init_from=out/no.pt', "train.py: out/no.pt: no such checkpoint (init_from is 'pretrained', 'resume', a "
+                              "checkpoint file or a model folder)"),
 ])
 def test_bad_scst_settings_fail_in_one_line(option, message):
     assert run_script('train.py', '--objective=scst', '--eval_images=4', option) == message

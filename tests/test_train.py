@@ -23,7 +23,7 @@ def train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options):
     return [f'--out_dir={out_dir}', f'--data_dir={data_dir}', f'--vision_model={tiny_clip_dir}',
             f'--text_model={tiny_gpt2_dir}', '--num_latents=8', '--resampler_depth=1', '--heads=2',
             '--dim_head=16', '--mapper_hidden=32', '--eval_captions=12', '--log_interval=1', '--device=cpu',
-            *options]
+            '--dtype=float32', *options]  # float32: these runs are compared to float32's rounding
 
 
 def train(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options, ranks=1):
@@ -73,7 +73,7 @@ def test_resume_continues_exactly(objective, tmp_path, data_dir, tiny_clip_dir, 
     import signal
     import time
     common = ['--batch_size=4', '--max_iters=40', '--eval_interval=5', '--learning_rate=2e-3',
-              '--unfreeze_layers=1']
+              '--unfreeze_layers=1', '--dtype=auto']  # bfloat16 autocast where the CPU has it, as the quick start
     if objective == 'scst':  # from a model whose samples differ in reward, so that it learns
         common = ['--batch_size=2', '--max_iters=40', '--eval_interval=5', '--learning_rate=1e-3', '--objective=scst',
                   '--scst_samples=3', '--eval_images=2', f'--init_from={run_dir}/ckpt.pt']

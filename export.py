@@ -1,0 +1,27 @@
+"""
+A trained model as a folder to share, with no pickle in it: model.safetensors (the trained weights alone) and
+config.json (the model settings, which name the frozen CLIP and GPT-2 it needs), from a checkpoint of train.py:
+
+    python export.py --checkpoint=out-shapes/best.pt --out=out-shapes/best
+
+train.py writes out_dir/best/ beside each best.pt itself. sample.py and eval_bleu.py (--checkpoint=best) and
+train.py (--init_from=out-shapes/best) read such a folder as they read a .pt checkpoint. It could sit on the
+Hugging Face hub as any model folder does; nothing here reaches the hub, so only local folders are tested.
+"""
+from data import InputError, input_errors_exit
+from weights import read_checkpoint, save_model
+
+# -----------------------------------------------------------------------------
+checkpoint = ''  # a .pt file of train.py (its ckpt.pt or best.pt)
+out = ''  # the folder to write
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    with input_errors_exit('export.py'):
+        if not checkpoint or not out:
+            raise InputError('give --checkpoint=FILE.pt and --out=FOLDER')
+        state = read_checkpoint(checkpoint)
+        save_model(state['model'], state['model_config'], out)
+    print(f'wrote {out}: model.safetensors ({len(state["model"])} tensors) and config.json')
