@@ -25,7 +25,11 @@ features_dir = 'data/shapes_clip'  # their features and caption tokens, for trai
 num_train = 3000
 num_val = 250
 num_test = 250
-image_size = 224
+image_size = 224  # of the pictures
+# of the stand-in CLIP's input: 3 x 3 patches of 32 pixels, one per cell of the pictures' 3 x 3 grid, so that
+# each patch token sees one cell (at 224, 7 x 7 patches straddle the cells, and a random ViT mixes the colours
+# of neighbouring shapes: the captions then named a wrong colour for a shape about a third of the time)
+vision_size = 96
 seed = 1337
 batch_size = 64  # of feature extraction
 num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
@@ -236,7 +240,7 @@ if __name__ == '__main__':
     rng = random.Random(seed)
     splits = {name: write_split(name, count, rng, out_dir, image_size)
               for name, count in (('train', num_train), ('val', num_val), ('test', num_test))}
-    save_tiny_models(out_dir, image_size, seed)
+    save_tiny_models(out_dir, vision_size, seed)
     print(f'wrote {out_dir}: {num_train} / {num_val} / {num_test} images (train / val / test), '
           f'5 captions each, and tiny random clip/ and gpt2/ checkpoints')
     clip_dir = os.path.join(out_dir, 'clip')

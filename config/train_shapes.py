@@ -11,9 +11,9 @@ text_model = 'data/shapes/gpt2'  # a tiny random stand-in saved by prepare_shape
 unfreeze_layers = 4
 train_embeddings = True
 # a smaller bridge for a small problem
-num_latents = 16
+num_latents = 32
 resampler_depth = 2
-heads = 2  # x 64 = the stand-in CLIP's width
+heads = 4
 batch_size = 32
 epochs = 2
 learning_rate = 3e-3

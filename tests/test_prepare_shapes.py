@@ -67,7 +67,7 @@ def test_script_is_deterministic_and_writes_what_prepare_coco_would(tmp_path):
     assert written == sorted(p.name for p in (tmp_path / 'coco').iterdir())
     for name in written:
         assert (tmp_path / 'first_clip' / name).read_bytes() == (tmp_path / 'coco' / name).read_bytes(), name
-    assert load_vision(str(out / 'clip')).config.image_size == 224
+    assert load_vision(str(out / 'clip')).config.image_size == prepare_shapes.vision_size
     assert load_gpt2(str(out / 'gpt2')).config.vocab_size == 50257
 
 
@@ -77,7 +77,7 @@ def test_stand_in_vision_features_are_centred(tmp_path):
                     '--num_train=40', '--num_val=1', '--num_test=1'], check=True, capture_output=True)
     vision = load_vision(str(tmp_path / 'clip'))
     images = sorted((tmp_path / 'train').glob('*.png'))
-    pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(p)) for p in images]))
+    pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(p), vision.config.image_size) for p in images]))
     with torch.no_grad():
         features = vision(pixel_values=pixels).last_hidden_state
     assert features.mean(dim=(0, 1)).abs().max() < 1e-4  # measured on these 40 images
