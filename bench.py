@@ -121,13 +121,18 @@ def machine_limits(dev, ptdtype):
                 read_gbs=big.numel() * 4 / best_time(big.sum, dev) / 1e9)
 
 
-def decoding_bytes(model):
+def decoding_bytes(model, cpu_weights='float32'):
     """Bytes of the weights that every decoding step reads: the GPT-2 blocks and LM head, and the
-    cross-attention blocks but their keys/values of the media (computed once per image)."""
+    cross-attention blocks but their keys/values of the media (computed once per image); the weights of linear
+    layers and the head at the bytes per number of cpu_weights (call it before decode.cpu_decoding)."""
     xattn_kv = [block.to_kv for block in model.xattn.values()]
     per_image = {id(p) for module in xattn_kv for p in module.parameters()}
+    matrices = {id(m.weight) for m in [*model.gpt.modules(), *model.xattn.modules()] if isinstance(m, torch.nn.Linear)}
+    matrices.add(id(model.gpt.wte.weight))  # read whole as the LM head
+    size = {'float32': 4, 'bfloat16': 2, 'int8': 1}[cpu_weights]
     params = [p for module in (model.gpt, model.xattn) for p in module.parameters() if id(p) not in per_image]
-    return sum(p.numel() * p.element_size() for p in params) - model.gpt.wpe.weight.nbytes
+    return sum(p.numel() * (size if id(p) in matrices and p.is_floating_point() else p.element_size())
+               for p in params) - model.gpt.wpe.weight.nbytes
 
 
 def random_features(model, batch, dev):
@@ -281,7 +286,7 @@ def main():
                          f"{r['ms_per_iter']:.1f} ms/iter, {rate(r['captions_per_s'])} captions/s, "
                          f"{rate(r['tokens_per_s'])} tokens/s, {r['tflops']:.3g} TFLOP/s{mfu}, "
                          f"peak {r['peak_gib']:.2f} GiB"))
-    weight_bytes = decoding_bytes(model)
+    weight_bytes = decoding_bytes(model, cpu_weights)
     decode.cpu_decoding(model, cpu_weights)  # as sample.py and eval_bleu.py caption (after training: it cannot train)
     autocast = decoding_autocast(dev.split(':')[0])
     read_gbs = limits[dtypes[0]]['read_gbs']

@@ -41,13 +41,18 @@ class ClipScorer:
         self.clip = from_pretrained(CLIPModel, name, 'a CLIP model').to(device).eval()
         self.device = device
 
+    def float32(self):
+        """CLIP-S in float32 whatever autocast a script decodes under: one caption, one score, in every script."""
+        return torch.autocast(torch.device(self.device).type, enabled=False)
+
     @torch.no_grad()
     def image_embeddings(self, features, frame_mask=None):
         """Unit image embeddings [B, D] of stored CLIP features [B, T, N, Dv] (last_hidden_state of each frame)
         with the mask of real frames [B, T]: a video's is its real frames' mean."""
         vision = self.clip.vision_model
-        pooled = vision.post_layernorm(features[:, :, 0].to(self.device, torch.float32))  # the class tokens
-        frames = F.normalize(self.clip.visual_projection(pooled), dim=-1)  # [B, T, D]
+        with self.float32():
+            pooled = vision.post_layernorm(features[:, :, 0].to(self.device, torch.float32))  # the class tokens
+            frames = F.normalize(self.clip.visual_projection(pooled), dim=-1)  # [B, T, D]
         weights = (torch.ones(frames.shape[:2]) if frame_mask is None else frame_mask.float()).to(self.device)
         return F.normalize((frames * weights[..., None]).sum(1), dim=-1)
 
@@ -56,7 +61,8 @@ class ClipScorer:
         """Unit text embeddings [n, D] of "A photo depicts " + each text, cut to CLIP's 77 positions."""
         tokens = self.tokenizer([PREFIX + text for text in texts], padding=True, truncation=True, max_length=77,
                                 return_tensors='pt').to(self.device)
-        out = self.clip.get_text_features(input_ids=tokens['input_ids'], attention_mask=tokens['attention_mask'])
+        with self.float32():
+            out = self.clip.get_text_features(input_ids=tokens['input_ids'], attention_mask=tokens['attention_mask'])
         return F.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)  # (transformers 4 or 5)
 
     def clip_s(self, image_embeddings, captions):

@@ -70,8 +70,12 @@ def pick_device(device=''):
     if dev.type == 'cuda':
         if not torch.cuda.is_available():
             raise InputError(f'device={device!r}, but no CUDA GPU is available')
+        local_rank, ranks_here = int(os.environ.get('LOCAL_RANK', 0)), int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         if dev.index is None:
-            dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            dev = torch.device('cuda', local_rank)
+        elif ranks_here > 1 and dev.index != local_rank:  # every rank on one GPU: NCCL fails or hangs
+            raise InputError(f'device={device!r} under torchrun with {ranks_here} processes on this machine: each '
+                             f"takes its own GPU, cuda:LOCAL_RANK; give device='cuda'")
         if dev.index >= torch.cuda.device_count():
             raise InputError(f'device={device!r}: there is no {dev} (this machine has '
                              f'{torch.cuda.device_count()} GPUs)')
@@ -80,9 +84,10 @@ def pick_device(device=''):
 
 
 # ----------------------------------------------------------------------------- precision, one policy for every script
-# Training: the dtype setting (below). Decoding, wherever it runs (train.py's validation captions and SCST's
-# samples, eval_bleu.py, sample.py, bench.py): on a GPU under the default training dtype's autocast, with the LM
-# head in float32 (Captioner.float32_logits); on a CPU in float32, or the weights decode.cpu_decoding chose. On a
+# Training: the dtype setting (below); SCST samples its captions in it too, as its loss then scores them. Decoding
+# for captions, wherever it runs (train.py's validation captions, eval_bleu.py, sample.py, bench.py): on a GPU
+# under the default training dtype's autocast, with the LM head in float32 (Captioner.float32_logits); on a CPU in
+# float32, or the weights decode.cpu_decoding chose. On a
 # GPU, float32 products run as TF32 everywhere. CLIP: float16 autocast on a GPU, float32 on a CPU, as it made the
 # stored features. So one image gets one caption, whichever script captions it.
 

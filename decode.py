@@ -411,10 +411,15 @@ def cpu_decoding(model, weights='float32'):
     multiplies one to a few rows by every weight, so reading the weights is its limit: fewer bytes, faster
     steps. 'float32': in oneDNN's layout (onednn_linears); 'bfloat16': half the bytes (BFloat16Linear);
     'int8': a quarter, PyTorch's dynamic quantization (each row of activations quantized on the fly). The
-    model can then only caption, and only on the CPU. On a GPU, or without oneDNN, nothing changes.
+    model can then only caption, and only on the CPU. On a GPU (float32 only) or without oneDNN, nothing changes.
     """
     check_cpu_weights(weights)
-    if model.gpt.wte.weight.device.type != 'cpu' or not torch.backends.mkldnn.is_available():
+    if model.gpt.wte.weight.device.type != 'cpu':
+        if weights != 'float32':  # it would change nothing, yet name the results as if it had
+            raise InputError(f'cpu_weights={weights!r} is for decoding on a CPU, not on '
+                             f'{model.gpt.wte.weight.device}')
+        return model
+    if not torch.backends.mkldnn.is_available():
         return model
     if weights == 'float32':
         return onednn_linears(model)

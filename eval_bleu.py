@@ -188,8 +188,11 @@ def bad_endings(captions):
 
 def scenes(captions_path):
     """{image id: [(colour, kind) of each shape]} and the words of colours and kinds ({words: kind}) of a captions
-    file that keeps its scenes (prepare_shapes.py writes them), else None."""
-    coco = read_json(captions_path) if captions_path else None
+    file that keeps its scenes (prepare_shapes.py writes them), else None (any other captions: a COCO JSON file,
+    or your own CSV, JSON Lines or folder, which are not JSON)."""
+    if not (captions_path and captions_path.endswith('.json') and os.path.isfile(captions_path)):
+        return None
+    coco = read_json(captions_path)
     info = coco.get('info') if isinstance(coco, dict) else None
     if not isinstance(info, dict) or 'kinds' not in info:
         return None
@@ -291,10 +294,14 @@ def official_spice(refs, hyps):
 
 
 def evaluation_name():
-    """What was evaluated, which names its files: split, decoding and shots, the CPU's weights when not float32,
-    and the checkpoint when not best.pt (test_beam5, val_greedy_2shot, test_greedy_int8, test_sample_ckpt, ...).
-    Each evaluation keeps its own files."""
-    parts = [split, f'beam{beam_width}' if decoding == 'beam' else decoding] + [f'{shots}shot'] * bool(shots)
+    """What was evaluated, which names its files: split, decoding and shots, the images when not all, the CPU's
+    weights when not float32, reranking, and the checkpoint when not best.pt (test_beam5, val_greedy_2shot,
+    test_greedy_first100, test_greedy_int8, test_sample8_clipreranked, test_sample_ckpt, ...). Each evaluation
+    keeps its own files."""
+    parts = [split, f'beam{beam_width}' if decoding == 'beam' else f'sample{num_samples}' if num_samples > 1
+             else decoding] + [f'{shots}shot'] * bool(shots)
+    if max_items:
+        parts.append(f'first{max_items}')
     if cpu_weights != 'float32':
         parts.append(cpu_weights)
     if rerank:
@@ -379,6 +386,9 @@ def check_settings():
         raise InputError(f"rerank must be '' or 'clip', not {rerank!r}")
     if num_samples > 1 and decoding != 'sample':
         raise InputError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
+    if num_samples > 1 and not rerank:
+        raise InputError(f'num_samples={num_samples} needs rerank=clip to choose one caption of each image\'s '
+                         f'samples to score')
     if rerank and not (decoding == 'beam' or num_samples > 1):
         raise InputError(f'rerank=clip chooses among candidates: decoding=beam (its n-best) or sample with '
                          f'num_samples > 1, not {decoding} decoding of one')
@@ -402,13 +412,13 @@ def main():
     options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens,
                    generator=torch.Generator(dev).manual_seed(seed))
     examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None
+    known = scenes(read_meta(data_dir)['splits'][split].get('source', {}).get('captions'))  # before the work
     with decoding_autocast(dev.split(':')[0]):  # as train.py and sample.py decode
         captions, records, choices = caption_split(model, data_dir, split, max_items, batch_size, options, dev,
                                                    examples, scorer if rerank else None, num_samples)
     references = [r['captions'] for r in records]
     metrics = (official_scores if official else score)(captions, references)
     metrics['bad_endings'] = bad_endings(captions)
-    known = scenes(read_meta(data_dir)['splits'][split].get('source', {}).get('captions'))
     if known:  # the shapes: is each caption right about its picture?
         metrics.update(scene_shares(captions, [r['id'] for r in records], *known))
     if scorer is not None:

@@ -171,7 +171,7 @@ def own_row(image, texts, split_name, has_split, where):
 def one_line(caption):
     """A caption on one line, single-spaced: a line break inside a caption (a quoted CSV field may hold
     one, and so do a few of COCO's own captions) is white space like any other."""
-    return ' '.join(caption.split())
+    return ' '.join(re.split(r'[ \t\r\n\f\v]+', caption.strip(' \t\r\n\f\v')))  # a no-break space stays
 
 
 SPLIT_NAME = re.compile(r'[A-Za-z0-9_-]+')  # it becomes part of file names

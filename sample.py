@@ -6,8 +6,10 @@ Caption images (or videos) with a trained checkpoint, running CLIP on them as th
     python sample.py --out_dir=out-coco --images=photos/ --json=captions.json --html=captions.html
     python sample.py --out_dir=out-mlslt --videos=clips/     (needs PyAV: pip install av)
 
-Prints `<path>\t<caption>` per file (sorted by path) to stdout. An unreadable file gets one line on
-stderr and the others are captioned; the exit status is 0 when at least one file was captioned.
+Prints `<path>\t<caption>\t<CLIP-S>` per caption (files sorted by path; the CLIP-S column only when the
+checkpoint's CLIP has its text tower) to stdout: one caption a file, or num_samples of them, or with
+--rerank=clip the best of them. An unreadable file gets one line on stderr and the others are captioned; the
+exit status is 0 when at least one file was captioned.
 """
 import base64
 import glob
@@ -150,24 +152,31 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
                     with decoding_autocast(dev.split(':')[0]):
                         tokens = decode.candidates(model, features[rows], mask[rows], count, shots, **options)
                     texts = [[decode_caption(encoder, t) for t in row] for row in tokens]
-                    for row, captions in zip(rows, texts):
-                        results[paths[row]] = scored(scorer, features[row:row + 1], mask[row:row + 1], captions,
-                                                     rerank)
+                    for row, result in zip(rows, scored(scorer, features[rows], mask[rows], texts, rerank)):
+                        results[paths[row]] = result
             bar.update(len(paths) + len(bad))
     return {path: results[path] for path in sorted(results)}
 
 
-def scored(scorer, features, mask, captions, rerank):
-    """One file's captions with their CLIP-S (None without a scorer); with rerank, the best of them, chosen
-    among the others."""
+def scored(scorer, features, mask, texts, rerank):
+    """Each file's captions (texts: [[str]], one list per row of features) with their CLIP-S (None without a
+    scorer), all in one pass of CLIP's text tower; with rerank, the best of each file's, chosen among the others."""
     if scorer is None:
-        return dict(captions=captions, clip_s=None)
-    clip_s = scorer.clip_s(scorer.image_embeddings(features, mask).expand(len(captions), -1), captions).tolist()
-    if not rerank:
-        return dict(captions=captions, clip_s=clip_s)
-    best = max(range(len(captions)), key=lambda i: (clip_s[i], -i))  # the first of equals
-    return dict(captions=[captions[best]], clip_s=[clip_s[best]], candidates=captions, candidates_clip_s=clip_s,
-                chosen=best)
+        return [dict(captions=captions, clip_s=None) for captions in texts]
+    import torch
+    images = scorer.image_embeddings(features, mask)
+    counts = torch.tensor([len(captions) for captions in texts], device=images.device)
+    flat = scorer.clip_s(images.repeat_interleave(counts, 0), [c for captions in texts for c in captions]).tolist()
+    results, start = [], 0
+    for captions in texts:
+        clip_s, start = flat[start:start + len(captions)], start + len(captions)
+        if not rerank:
+            results.append(dict(captions=captions, clip_s=clip_s))
+            continue
+        best = max(range(len(captions)), key=lambda j: (clip_s[j], -j))  # the first of equals
+        results.append(dict(captions=[captions[best]], clip_s=[clip_s[best]], candidates=captions,
+                            candidates_clip_s=clip_s, chosen=best))
+    return results
 
 
 def files_per_batch(frames_per_file, size, workers, most, budget_gb):

@@ -49,3 +49,25 @@ def test_decoding_bytes_by_hand():
     blocks, ln_f, lm_head = 12 * 7_087_872, 2 * 768, 50304 * 768  # the LM head is the padded embedding
     xattn_block = 28_348_440 // 12 - 768 * 2 * 6 * 64  # but the keys/values of the media, once per image
     assert decoding_bytes(model) == 4 * (blocks + ln_f + lm_head + 12 * xattn_block)
+    # in bfloat16 and int8, the matrices (every linear layer's weight, the head) at 2 and 1 bytes a number; the
+    # biases, LayerNorms and gates stay float32. By hand: a GPT-2 small block has 768 x 768 x 4 (attention)
+    # and 768 x 3072 x 2 (MLP); a cross-attention block, but its keys/values: 768 x 384 (queries),
+    # 384 x 768 (out), 768 x 768 x 2 (feed-forward, ff_mult 1)
+    matrices = 12 * (768 * 768 * 4 + 768 * 3072 * 2) + lm_head + 12 * (768 * 384 * 2 + 768 * 768 * 2)
+    others = blocks + ln_f + lm_head + 12 * xattn_block - matrices
+    for name, size in (('bfloat16', 2), ('int8', 1)):
+        assert decoding_bytes(model, name) == size * matrices + 4 * others, name
+
+
+def test_cpu_weights_other_than_float32_are_refused_off_the_cpu(tiny_clip_dir, tiny_gpt2_dir):
+    """On a GPU they would change nothing, yet eval_bleu.py would name its files after them."""
+    import torch
+    import decode
+    from data import InputError
+    with torch.device('meta'):  # any device but the CPU
+        model = build_captioner(CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
+                                                resampler_depth=1, heads=2, dim_head=16), init_from='scratch')
+    assert decode.cpu_decoding(model, 'float32') is model
+    for weights in ('bfloat16', 'int8'):
+        with pytest.raises(InputError, match=f"cpu_weights='{weights}' is for decoding on a CPU, not on meta"):
+            decode.cpu_decoding(model, weights)

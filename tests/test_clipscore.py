@@ -36,6 +36,16 @@ def real_tokenizer_clip(tmp_path_factory):
     return str(path)
 
 
+def test_clip_s_is_float32_under_the_autocast_a_script_decodes_in(real_tokenizer_clip):
+    """eval_bleu.py reranks under the decoding autocast, then scores outside it: both must be one number."""
+    scorer = ClipScorer(real_tokenizer_clip)
+    features, texts = torch.randn(2, 1, 17, 32), ['a red square', 'two blue circles on a white background']
+    plain = scorer.image_embeddings(features), scorer.text_embeddings(texts)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        under = scorer.image_embeddings(features), scorer.text_embeddings(texts)
+    assert all(torch.equal(a, b) for a, b in zip(plain, under))
+
+
 def by_hand(clip_dir, pixels, captions, references):
     """CLIP-S and RefCLIP-S as the paper defines them, from transformers' own CLIPModel.get_image_features and
     get_text_features, each text "A photo depicts " + it, tokenized and cut to 77 tokens as OpenAI's
@@ -142,3 +152,11 @@ def test_rerank_keeps_the_candidate_of_the_highest_clip_s(tmp_path, run_dir, dat
         assert entry['candidates_clip_s'] == pytest.approx(scores, abs=2e-3)  # features stored in float16
         assert entry['captions'] == [entry['candidates'][entry['chosen']]]
         assert scores[entry['chosen']] >= max(scores) - 1e-3 and len(set(entry['candidates'])) > 1
+    # eval_bleu.py's samples: their files are named by their count, and more than one sample needs a choice
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', '--split=val',
+                      '--decoding=sample', '--num_samples=3', '--max_new_tokens=6', '--device=cpu') == (
+        "eval_bleu.py: num_samples=3 needs rerank=clip to choose one caption of each image's samples to score")
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', '--split=val',
+                      '--decoding=sample', '--num_samples=3', '--rerank=clip', '--max_new_tokens=6',
+                      '--device=cpu') is None
+    assert json.load(open(tmp_path / 'metrics_val_sample3_clipreranked.json'))['candidates'] == 3

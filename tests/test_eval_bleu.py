@@ -304,7 +304,7 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
             for size, _, options in calls] == [(4, 'beam', 3, 8), (2, 'beam', 3, 8)]
     with open(f'{data_dir}/train_images.json') as f:
         records = json.load(f)[:6]
-    with open(tmp_path / 'captions_train_beam3_chosen.json') as f:
+    with open(tmp_path / 'captions_train_beam3_first6_chosen.json') as f:
         captions = json.load(f)
     assert [(c['file'], c['id']) for c in captions] == [(r['file'], r['id']) for r in records]
     model = load_captioner(tmp_path / 'chosen.pt')[0]
@@ -326,12 +326,12 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
     expected['CLIP-S'] = pytest.approx(torch.cat(per_image).mean().item(), abs=1e-6)
     expected['RefCLIP-S'] = pytest.approx(torch.cat([scorer.ref_clip_s(s, [c['caption']], [r['captions']]) for s, c, r
                                                      in zip(per_image, captions, records)]).mean().item(), abs=1e-6)
-    with open(tmp_path / 'metrics_train_beam3_chosen.json') as f:
+    with open(tmp_path / 'metrics_train_beam3_first6_chosen.json') as f:
         assert json.load(f) == dict(checkpoint='chosen.pt', split='train', decoding='beam', max_new_tokens=8, shots=0,
                                     beam_width=3, items=6, **expected)
     assert capsys.readouterr().out.splitlines() == [
-        f'train: 6 captioned, beam decoding (captions and scores: {tmp_path}/captions_train_beam3_chosen.json, '
-        'metrics_train_beam3_chosen.json)'] + [
+        f'train: 6 captioned, beam decoding (captions and scores: {tmp_path}/captions_train_beam3_first6_chosen.json, '
+        'metrics_train_beam3_first6_chosen.json)'] + [
         f'{name:<11} {100 * float(value.expected if hasattr(value, "expected") else value):6.2f}'
         for name, value in expected.items()]  # x100, as papers report them
     # each evaluation keeps its files: greedy decoding of the same split writes its own beside them
@@ -339,5 +339,5 @@ def test_script_captions_each_image_and_scores_it_against_its_own_references(run
                       '--split=train', '--max_items=6', '--decoding=greedy', '--max_new_tokens=8',
                       '--device=cpu') is None
     assert sorted(p.name for p in tmp_path.glob('*_train_*.json')) == [
-        'captions_train_beam3_chosen.json', 'captions_train_greedy_chosen.json', 'metrics_train_beam3_chosen.json',
-        'metrics_train_greedy_chosen.json']
+        'captions_train_beam3_first6_chosen.json', 'captions_train_greedy_first6_chosen.json',
+        'metrics_train_beam3_first6_chosen.json', 'metrics_train_greedy_first6_chosen.json']

@@ -147,6 +147,14 @@ def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
         pick_device('cuda:4')
     with pytest.raises(InputError, match="^device='gpu' is not a device"):
         pick_device('gpu')
+    # four ranks on this machine: one GPU named for all of them would put every rank on it
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert pick_device('cuda:3') == 'cuda:3'  # its own
+    with pytest.raises(InputError, match=r"^device='cuda:1' under torchrun with 4 processes on this machine: each "
+                                         r"takes its own GPU, cuda:LOCAL_RANK; give device='cuda'$"):
+        pick_device('cuda:1')
+    monkeypatch.delenv('LOCAL_WORLD_SIZE')
+    current.pop()
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert pick_device('') == 'cpu' and pick_device('cpu') == 'cpu'
     with pytest.raises(InputError, match="^device='cuda:0', but no CUDA GPU is available$"):

@@ -136,6 +136,27 @@ def test_captions_over_several_lines_are_one_line_in_every_format(tmp_path, tiny
                                                 ['Two dogs on a couch, "asleep".', 'A dog.']]
 
 
+def test_eval_bleu_scores_your_own_captions_prepared_from_a_csv_or_json_lines(tmp_path, tiny_clip_dir, run_dir):
+    """eval_bleu.py checks whether the captions file of the prepared data keeps shapes scenes: a CSV or JSON Lines
+    file is not JSON, and is no reason to fail (it did, after captioning the whole split)."""
+    import shutil
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for i, name in enumerate(('a.png', 'b.png')):
+        Image.new('RGB', (40, 30), (90 * i, 20, 200)).save(folder / name)
+    write(tmp_path / 'captions.csv', 'image,caption\na.png,A purple square.\nb.png,"A red square,\non white."\n')
+    write(tmp_path / 'captions.jsonl', ''.join(json.dumps(dict(image=i, caption=c)) + '\n' for i, c in MULTILINE))
+    shutil.copy(f'{run_dir}/best.pt', tmp_path / 'best.pt')
+    for kind in ('csv', 'jsonl'):
+        assert run_script('prepare_coco.py', f'--captions={tmp_path}/captions.{kind}', f'--images={folder}',
+                          f'--out_dir={tmp_path}/{kind}', f'--vision_model={tiny_clip_dir}', '--num_workers=0',
+                          '--split=test') is None
+        assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={tmp_path}/{kind}', '--split=test',
+                          '--decoding=greedy', '--max_new_tokens=4', '--device=cpu') is None
+        metrics = json.loads((tmp_path / 'metrics_test_greedy.json').read_text())
+        assert metrics['items'] == 2 and 'BLEU-4' in metrics and 'pairs_right' not in metrics
+
+
 def test_real_flickr8k_split_file():
     """Karpathy's dataset_flickr8k.json as it ships: no filepath, no cocoid, images in one folder."""
     path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'schema_samples',
