@@ -146,7 +146,7 @@ def bench_train(model, dev, autocast, batch, peak):
     model.train()
     step_model = torch.compile(model) if compile else model
     # train.py's defaults: the values change nothing in the speed
-    optimizer = train.make_optimizer(model, 1e-4, 1e-3, (0.9, 0.98), fused=dev.startswith('cuda'))
+    optimizer = train.make_optimizer(model, 1e-4, 1e-3, (0.9, 0.98))
     features, mask = random_features(model, batch, dev), torch.ones(batch, 1, dtype=torch.bool, device=dev)
     tokens = torch.randint(0, EOT, (batch, caption_len), device=dev)
     targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), EOT, device=dev)], dim=1)
