@@ -412,7 +412,7 @@ def main():
     options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens,
                    generator=torch.Generator(dev).manual_seed(seed))
     examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None
-    known = scenes(read_meta(data_dir)['splits'][split].get('source', {}).get('captions'))  # before the work
+    known = scenes(read_meta(data_dir)['splits'].get(split, {}).get('source', {}).get('captions'))  # before the work
     with decoding_autocast(dev.split(':')[0]):  # as train.py and sample.py decode
         captions, records, choices = caption_split(model, data_dir, split, max_items, batch_size, options, dev,
                                                    examples, scorer if rerank else None, num_samples)
