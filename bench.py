@@ -30,7 +30,7 @@ import torch
 import train
 import decode
 from data import (EOT, decoding_autocast, input_errors_exit, native_bfloat16, pick_device, precision, tokens_per_frame,
-                  vision_dtype)
+                  vision_autocast)
 from model import CaptionerConfig, count_params, param_table, training_flops
 from weights import build_captioner
 
@@ -214,10 +214,8 @@ def bench_extract(model, dev, paths, batch):
     def clip_only():
         loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=num_workers,
                                              collate_fn=collate_files, pin_memory=torch.device(dev).type == 'cuda')
-        device_type = torch.device(dev).type
-        as_sample = torch.autocast(device_type, vision_dtype(device_type), enabled=device_type == 'cuda')
         for _, frame_counts, frames, _ in loader:
-            with torch.no_grad(), as_sample:
+            with torch.no_grad(), vision_autocast(torch.device(dev).type):
                 model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
 
     results = []

@@ -70,18 +70,19 @@ class ClipScorer:
         similarity = (image_embeddings * self.text_embeddings(captions)).sum(-1)
         return W * similarity.clamp(min=0)
 
-    def best(self, features, frame_mask, candidates):
-        """The position of the best caption by CLIP-S among each image's candidates [[str]] (features [B, T, N,
-        Dv] and frame_mask [B, T] as image_embeddings takes them)."""
+    def candidate_scores(self, features, frame_mask, candidates):
+        """CLIP-S [[float]] of each image's candidates [[str]], all in one pass of the text tower (features
+        [B, T, N, Dv] and frame_mask [B, T] as image_embeddings takes them)."""
         images = self.image_embeddings(features, frame_mask)
-        flat = [caption for captions in candidates for caption in captions]
-        scores = self.clip_s(images.repeat_interleave(torch.tensor([len(c) for c in candidates], device=self.device),
-                                                      0), flat)
-        best, start = [], 0
-        for captions in candidates:
-            best.append(int(scores[start:start + len(captions)].argmax()))
-            start += len(captions)
-        return best
+        counts = torch.tensor([len(captions) for captions in candidates], device=images.device)
+        flat = self.clip_s(images.repeat_interleave(counts, 0), [c for captions in candidates for c in captions])
+        return [scores.tolist() for scores in flat.split(counts.tolist())]
+
+    def best(self, features, frame_mask, candidates):
+        """The position of the best caption by CLIP-S among each image's candidates [[str]] (the first of
+        equals)."""
+        return [max(range(len(scores)), key=lambda j: (scores[j], -j))
+                for scores in self.candidate_scores(features, frame_mask, candidates)]
 
     def ref_clip_s(self, clip_s, captions, references):
         """RefCLIP-S [B] of one caption per image, from its CLIP-S [B] and the image's references [[str]]."""
@@ -93,6 +94,15 @@ class ClipScorer:
             start += len(refs)
         text_text = torch.stack(best).clamp(min=0)
         return torch.where(clip_s + text_text > 0, 2 * clip_s * text_text / (clip_s + text_text), 0.0)
+
+
+def check_rerank(rerank, decoding, num_samples):
+    """The rerank setting of sample.py and eval_bleu.py, in one line before anything loads."""
+    if rerank not in ('', 'clip'):
+        raise InputError(f"rerank must be '' or 'clip', not {rerank!r}")
+    if rerank and not (decoding == 'beam' or num_samples > 1):
+        raise InputError(f'rerank=clip chooses among candidates: decoding=beam (its n-best) or sample with '
+                         f'num_samples > 1, not {decoding} decoding of one')
 
 
 def clip_scorer_of(vision_model, device='cpu'):

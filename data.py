@@ -87,9 +87,9 @@ def pick_device(device=''):
 # Training: the dtype setting (below); SCST samples its captions in it too, as its loss then scores them. Decoding
 # for captions, wherever it runs (train.py's validation captions, eval_bleu.py, sample.py, bench.py): on a GPU
 # under the default training dtype's autocast, with the LM head in float32 (Captioner.float32_logits); on a CPU in
-# float32, or the weights decode.cpu_decoding chose. On a
-# GPU, float32 products run as TF32 everywhere. CLIP: float16 autocast on a GPU, float32 on a CPU, as it made the
-# stored features. So one image gets one caption, whichever script captions it.
+# float32, or the weights decode.cpu_decoding chose. On a GPU, float32 products run as TF32 everywhere. CLIP:
+# float16 autocast on a GPU, float32 on a CPU, as it made the stored features. So one image gets one caption,
+# whichever script captions it.
 
 def precision(device_type, dtype='auto'):
     """(torch dtype, autocast context) of a dtype setting: 'float32', 'bfloat16', 'float16', or 'auto':
@@ -121,10 +121,11 @@ def decoding_autocast(device_type):
     return precision('cuda')[1] if device_type == 'cuda' else nullcontext()
 
 
-def vision_dtype(device_type):
-    """The dtype CLIP runs in: float16 autocast on a GPU, as the features were stored, float32 on a CPU."""
+def vision_autocast(device_type):
+    """The autocast CLIP runs under, in every script: float16 on a GPU, as the features are stored, none on a
+    CPU (float32)."""
     import torch
-    return torch.float16 if device_type == 'cuda' else torch.float32
+    return torch.autocast(device_type, dtype=torch.float16, enabled=device_type == 'cuda')
 
 
 def read_json(path):
@@ -312,7 +313,7 @@ def decode_caption(encoder, tokens):
     return ' '.join(encoder.decode(tokens).split())
 
 
-def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0, world=1):
+def extract_features(model, files, out_path, batch_size, workers, rank=0, world=1):
     """CLIP features of every frame of `files` (data.py's ImageFiles or VideoFiles), file after
     file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so that
     memory stays flat. The frames go to the device the model is on. Under torchrun, rank r fills the
@@ -347,7 +348,7 @@ def extract_features(model, files, out_path, batch_size, workers, dtype, rank=0,
     with tqdm(total=end - start, initial=done - start, unit='file', disable=rank != 0,
               desc=os.path.basename(out_path)) as bar:
         for pixels in loader:
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad(), vision_autocast(device.type):
                 hidden = model(pixel_values=pixels.to(device)).last_hidden_state
             row = first_frame[done]
             feats[row:row + len(pixels)] = hidden.to(torch.float16).cpu().numpy()
@@ -424,14 +425,13 @@ def drop_bad_files(name, records, inspect, kind, workers, skip_bad, rank=0, worl
     return [records[i] for i in good], [found[i] for i in good]
 
 
-def start_output(out_dir, vision, vision_model, **meta_fields):
-    """For the frozen vision tower `vision` (loaded from `vision_model`): the dtype to run it in, the GPT-2
-    tokenizer, the output folder, and meta.json's fields."""
-    dtype = vision_dtype(next(vision.parameters()).device.type)
+def start_output(out_dir, vision_model, **meta_fields):
+    """For the frozen vision tower loaded from `vision_model`: the GPT-2 tokenizer, the output folder, and
+    meta.json's fields."""
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
                 feature_dtype='float16', token_dtype='uint16', **meta_fields, splits={})
-    return dtype, gpt2_tokenizer(), meta
+    return gpt2_tokenizer(), meta
 
 
 def write_image_splits(splits, out_dir, vision, vision_model, batch_size, workers, skip_bad, rank=0, world=1):
@@ -440,11 +440,11 @@ def write_image_splits(splits, out_dir, vision, vision_model, batch_size, worker
     splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
                                    world)[0]
               for name, records in splits.items()}
-    dtype, encoder, meta = start_output(out_dir, vision, vision_model)
+    encoder, meta = start_output(out_dir, vision_model)
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
         files = ImageFiles([r['file'] for r in records], vision.config.image_size)
-        shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
+        shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, rank, world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
         meta['splits'][name] = dict(images=shape[0], captions=sum(len(r['captions']) for r in records))
         if rank == 0:
@@ -458,11 +458,11 @@ def write_video_splits(splits, out_dir, vision, vision_model, most, batch_size, 
     table of each video's first frame and frame count (<split>_frames.npy)."""
     checked = {name: drop_bad_files(name, records, count_frames, 'video', workers, skip_bad, rank, world)
                for name, records in splits.items()}
-    dtype, encoder, meta = start_output(out_dir, vision, vision_model, media='video', max_frames=most)
+    encoder, meta = start_output(out_dir, vision_model, media='video', max_frames=most)
     for name, (records, decoded_counts) in checked.items():
         base = os.path.join(out_dir, name)
         files = VideoFiles([r['file'] for r in records], decoded_counts, most, vision.config.image_size)
-        shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, dtype, rank, world)
+        shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, rank, world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])  # tokens per frame
         meta['splits'][name] = dict(videos=len(records), frames=shape[0], captions=len(records))
         if rank == 0:

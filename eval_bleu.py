@@ -349,11 +349,13 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
         for start in range(0, len(group), batch):
             ids = np.array(group[start:start + batch])
             features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
-            if scorer is None:
-                rows = [[tokens] for tokens in decode.generate(model, features, mask, shots=shots, **decode_options)]
-            else:  # the beam's n-best, or samples, to choose from
-                n = decode_options['beam_width'] if decode_options['decoding'] == 'beam' else samples
-                rows = decode.candidates(model, features, mask, n, shots, **decode_options)
+            with decoding_autocast(torch.device(dev).type):  # as sample.py decodes
+                if scorer is None:
+                    rows = [[tokens] for tokens in decode.generate(model, features, mask, shots=shots,
+                                                                   **decode_options)]
+                else:  # the beam's n-best, or samples, to choose from
+                    n = decode_options['beam_width'] if decode_options['decoding'] == 'beam' else samples
+                    rows = decode.candidates(model, features, mask, n, shots, **decode_options)
             candidates = [[decode_caption(encoder, tokens) for tokens in row] for row in rows]
             best = scorer.best(features, mask, candidates) if scorer else [0] * len(ids)
             for i, texts, b in zip(ids, candidates, best):
@@ -377,21 +379,18 @@ def clip_scores(scorer, data_dir, split_name, captions, references, batch, dev):
 
 def check_settings():
     """The settings that cannot work, each as one line, before anything loads."""
+    from clipscore import check_rerank
     from decode import check_cpu_weights, check_decoding
     check_decoding(decoding, max_new_tokens, beam_width)
     check_cpu_weights(cpu_weights)
     check_at_least(max_items=(max_items, 0), batch_size=(batch_size, 1), shots=(shots, 0),
                    num_samples=(num_samples, 1))
-    if rerank not in ('', 'clip'):
-        raise InputError(f"rerank must be '' or 'clip', not {rerank!r}")
+    check_rerank(rerank, decoding, num_samples)
     if num_samples > 1 and decoding != 'sample':
         raise InputError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
     if num_samples > 1 and not rerank:
         raise InputError(f'num_samples={num_samples} needs rerank=clip to choose one caption of each image\'s '
                          f'samples to score')
-    if rerank and not (decoding == 'beam' or num_samples > 1):
-        raise InputError(f'rerank=clip chooses among candidates: decoding=beam (its n-best) or sample with '
-                         f'num_samples > 1, not {decoding} decoding of one')
     if official:
         require_official_toolkit()  # before the captioning, not after
 
@@ -405,17 +404,17 @@ def main():
     check_settings()
     dev = pick_device(device)
     model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
-    check_data_fits_model(read_meta(data_dir), model, data_dir)
+    meta = read_meta(data_dir)
+    check_data_fits_model(meta, model, data_dir)
     scorer, why_not = clip_scorer_of(model.config.vision_model, dev)
     if rerank and scorer is None:
         raise InputError(f'rerank=clip: {why_not}')
     options = dict(decoding=decoding, beam_width=beam_width, max_new_tokens=max_new_tokens,
                    generator=torch.Generator(dev).manual_seed(seed))
     examples = FewShotExamples(data_dir, shots_split, shots, shots_seed) if shots else None
-    known = scenes(read_meta(data_dir)['splits'].get(split, {}).get('source', {}).get('captions'))  # before the work
-    with decoding_autocast(dev.split(':')[0]):  # as train.py and sample.py decode
-        captions, records, choices = caption_split(model, data_dir, split, max_items, batch_size, options, dev,
-                                                   examples, scorer if rerank else None, num_samples)
+    known = scenes(meta['splits'].get(split, {}).get('source', {}).get('captions'))  # before the work
+    captions, records, choices = caption_split(model, data_dir, split, max_items, batch_size, options, dev,
+                                               examples, scorer if rerank else None, num_samples)
     references = [r['captions'] for r in records]
     metrics = (official_scores if official else score)(captions, references)
     metrics['bad_endings'] = bad_endings(captions)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
                   count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit, load_rgb,
-                  read_frames, read_meta, stack_frames, video_pixels, vision_dtype, write_json)
+                  read_frames, read_meta, stack_frames, video_pixels, vision_autocast, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -136,7 +136,6 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
                                          pin_memory=cuda)
-    clip_autocast = torch.autocast(dev.split(':')[0], dtype=vision_dtype(dev.split(':')[0]), enabled=cuda)
     count = options['beam_width'] if rerank and options['decoding'] == 'beam' else samples
     results = {}
     with tqdm(total=len(files), unit='file', disable=len(files) < 100, file=sys.stderr) as bar:
@@ -144,7 +143,7 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
             for path, why in bad:
                 print(f'{path}: skipped, {why}', file=sys.stderr)
             if paths:
-                with torch.no_grad(), clip_autocast:
+                with torch.no_grad(), vision_autocast(dev.split(':')[0]):
                     features, mask = model.encode_pixels(frames.to(dev, non_blocking=True), frame_counts)
                 features = features.to(torch.float16)  # as prepare_coco.py stores them: the same caption
                 for chosen, rows in shot_groups(paths, examples):
@@ -163,13 +162,8 @@ def scored(scorer, features, mask, texts, rerank):
     scorer), all in one pass of CLIP's text tower; with rerank, the best of each file's, chosen among the others."""
     if scorer is None:
         return [dict(captions=captions, clip_s=None) for captions in texts]
-    import torch
-    images = scorer.image_embeddings(features, mask)
-    counts = torch.tensor([len(captions) for captions in texts], device=images.device)
-    flat = scorer.clip_s(images.repeat_interleave(counts, 0), [c for captions in texts for c in captions]).tolist()
-    results, start = [], 0
-    for captions in texts:
-        clip_s, start = flat[start:start + len(captions)], start + len(captions)
+    results = []
+    for captions, clip_s in zip(texts, scorer.candidate_scores(features, mask, texts)):
         if not rerank:
             results.append(dict(captions=captions, clip_s=clip_s))
             continue
@@ -221,17 +215,13 @@ def write_html(path, results):
 
 def main():
     import torch
-    from clipscore import clip_scorer_of
+    from clipscore import check_rerank, clip_scorer_of
     from data import pick_device
     from decode import check_cpu_weights, check_decoding, cpu_decoding
     from weights import load_captioner
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
     check_cpu_weights(cpu_weights)
-    if rerank not in ('', 'clip'):
-        raise InputError(f"rerank must be '' or 'clip', not {rerank!r}")
-    if rerank and not (decoding == 'beam' or num_samples > 1):
-        raise InputError(f'rerank=clip chooses among candidates: decoding=beam (its n-best) or sample with '
-                         f'num_samples > 1, not {decoding} decoding of one')
+    check_rerank(rerank, decoding, num_samples)
     check_at_least(num_samples=(num_samples, 1), batch_size=(batch_size, 1), num_workers=(num_workers, 0),
                    max_frames=(max_frames, 1), shots=(shots, 0))
     if not pixels_gb > 0:

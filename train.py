@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decode
 import eval_bleu
-from data import (EOT, IGNORE_INDEX, Captions, InputError, check_data_fits_model, decode_caption, decoding_autocast,
-                  gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta)
+from data import (EOT, IGNORE_INDEX, Captions, InputError, check_data_fits_model, decode_caption, gpt2_tokenizer,
+                  input_errors_exit, pick_device, precision, read_meta)
 from model import CaptionerConfig, training_flops
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, save_model,
                      trainable_state)
@@ -390,9 +390,8 @@ def validation_loss(run):
 def caption_scores(run):
     """BLEU-4, CIDEr-D and the share of bad endings of greedy captions of the first eval_images validation
     images."""
-    with decoding_autocast(torch.device(run.dev).type):  # as eval_bleu.py and sample.py decode
-        captions, records, _ = eval_bleu.caption_split(run.raw_model, data_dir, val_split, eval_images, batch_size,
-                                                      dict(max_new_tokens=30), run.dev)
+    captions, records, _ = eval_bleu.caption_split(run.raw_model, data_dir, val_split, eval_images, batch_size,
+                                                  dict(max_new_tokens=30), run.dev)  # as eval_bleu.py decodes
     scores = eval_bleu.score(captions, [r['captions'] for r in records])
     return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
                 val_bad_endings=eval_bleu.bad_endings(captions))

@@ -224,12 +224,18 @@ def load_trained_weights(model, state, checkpoint_path):
     """Put a checkpoint's trained weights into the model, failing in one line unless they are exactly its
     trainable ones, in the same shapes."""
     expected = trainable_state(model)
-    shape = lambda t: list(t.shape)
-    problems = [f'{len(names)} {why} (e.g. {names[0]}{detail(names[0])})' for why, names, detail in (
-        ('missing', sorted(expected.keys() - state.keys()), lambda name: ''),
-        ('that are not part of it', sorted(state.keys() - expected.keys()), lambda name: ''),
-        ('of another shape', sorted(k for k in expected.keys() & state.keys() if shape(state[k]) != shape(expected[k])),
-         lambda name: f': {shape(state[name])}, the model\'s {shape(expected[name])}')) if names]
+    missing = sorted(expected.keys() - state.keys())
+    extra = sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing (e.g. {missing[0]})')
+    if extra:
+        problems.append(f'{len(extra)} that are not part of it (e.g. {extra[0]})')
+    if reshaped:
+        name = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. {name}: {list(state[name].shape)}, the model's "
+                        f"{list(expected[name].shape)})")
     if problems:
         raise InputError(f"{checkpoint_path}: its weights do not fit the model its config describes (with the "
                          f"CLIP and GPT-2 it names): weights {'; '.join(problems)}")

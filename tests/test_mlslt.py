@@ -146,11 +146,11 @@ def test_interrupted_video_extraction_resumes(tmp_path, mlslt_root, mlslt_data, 
     monkeypatch.setattr(type(model), 'forward', crash_on_second_batch)
     out = str(tmp_path / 'train_feats.bin')
     with pytest.raises(Interrupted):
-        extract_features(model, files, out, 3, 0, torch.float32)
+        extract_features(model, files, out, 3, 0)
     assert not os.path.exists(out)
     calls.clear()
     crash[0] = False
-    extract_features(model, files, out, 3, 0, torch.float32)
+    extract_features(model, files, out, 3, 0)
     assert len(calls) == 2  # videos 4-6 and 7-8 (batches of 3 videos): the first batch was kept
     assert np.array_equal(np.fromfile(out, dtype=np.float16),
                           np.fromfile(f'{mlslt_data}/train_feats.bin', dtype=np.float16))
