@@ -12,6 +12,7 @@ captions files, the stand-in CLIP's features and the caption tokens into data/sh
 same settings give the same files.
 """
 import glob
+import math
 import os
 import random
 
@@ -170,25 +171,65 @@ def write_split(name, count, rng, root, size):
 
 
 def save_tiny_models(root, size, seed):
-    """Random stand-ins for CLIP and GPT-2, in the layouts of the real checkpoints."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
+    """Random stand-ins for CLIP and GPT-2, in the layouts of the real checkpoints, their weights drawn here."""
     from weights import quiet_transformers
     quiet_transformers()
-    torch.manual_seed(seed)
-    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=size, patch_size=32)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64))
+    clip = stand_in_clip(size, seed)
     clip_dir = os.path.join(root, 'clip')
     clip.save_pretrained(clip_dir)
-    save_clip_tokenizer(clip_dir, text['bos_token_id'], text['eos_token_id'])
+    save_clip_tokenizer(clip_dir, clip.config.text_config.bos_token_id, clip.config.text_config.eos_token_id)
     centre_vision_features(clip, clip_dir, sorted(glob.glob(os.path.join(root, 'train', '*.png')))[:256])
-    # GPT-2's real vocabulary, so the real tokenizer works: over 50,257 words the LM head is most of the
-    # demo's training time, and a narrow model makes it cheap
-    gpt2 = GPT2Config(n_layer=4, n_head=4, n_embd=64, n_positions=128)
-    GPT2LMHeadModel(gpt2).save_pretrained(os.path.join(root, 'gpt2'))
+    stand_in_gpt2(seed).save_pretrained(os.path.join(root, 'gpt2'))
+
+
+def stand_in_clip(size, seed):
+    """A tiny full CLIPModel (vision and text towers) that sees size x size pictures in 3 x 3 patches."""
+    from transformers import CLIPConfig, CLIPModel
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=size, patch_size=size // 3)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return draw_weights(CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=64)), seed)
+
+
+def stand_in_gpt2(seed):
+    """A narrow GPT-2 with GPT-2's real vocabulary, so that the real tokenizer works: over 50,257 words the LM
+    head is most of the demo's training time, and a narrow model makes it cheap."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return draw_weights(GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=64, n_positions=128)), seed)
+
+
+def draw_weights(model, seed):
+    """
+    Every weight of a transformers model drawn here, tensor after tensor in the order of their names, from one
+    generator: each transformers version initialises a model its own way, and the same seed would give another
+    stand-in, and another demo, under another version. Biases are 0, LayerNorm scales 1, CLIP's logit scale
+    log(1 / 0.07) as CLIP starts it, and every other tensor normal with standard deviation weight_std(name).
+    """
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(model.named_parameters()):
+            if name.endswith('.bias'):
+                tensor.zero_()
+            elif tensor.dim() == 1 and any(norm in name for norm in ('norm', 'ln_', 'layrnorm')):  # CLIP's typo
+                tensor.fill_(1.0)
+            elif name == 'logit_scale':
+                tensor.fill_(math.log(1 / 0.07))
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * weight_std(name, tensor, model.config))
+    return model
+
+
+def weight_std(name, tensor, config):
+    """GPT-2's weights as GPT-2 starts them: 0.02, and its residual projections 0.02 / sqrt(2 x its layers);
+    CLIP's matrices 1 / sqrt(their inputs), so that every layer keeps the scale of what comes in, its embeddings
+    0.02."""
+    if name.startswith('transformer.'):
+        return 0.02 / math.sqrt(2 * config.n_layer) if name.endswith('c_proj.weight') else 0.02
+    if 'embedding' in name:
+        return 0.02
+    return tensor[0].numel() ** -0.5  # a row of a linear layer's [out, in], of a convolution's [out, in, h, w]
 
 
 def save_clip_tokenizer(clip_dir, bos, eos):

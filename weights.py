@@ -137,7 +137,10 @@ def build_captioner(config: CaptionerConfig, init_from='pretrained'):
         raise InputError(f"init_from must be 'pretrained' or 'scratch', not {init_from!r}")
     pretrained = init_from == 'pretrained'
     check_config(config)
-    vision, gpt = load_vision(config.vision_model, pretrained), load_gpt2(config.text_model, pretrained)
+    # the random numbers transformers draws while loading differ between its versions: the bridge's initial
+    # weights must depend on the seed alone, so the loading draws from a copy of the generator
+    with torch.random.fork_rng(devices=[]):
+        vision, gpt = load_vision(config.vision_model, pretrained), load_gpt2(config.text_model, pretrained)
     if not 0 <= config.unfreeze_layers <= gpt.config.n_layer:
         raise InputError(f'unfreeze_layers must be in 0..{gpt.config.n_layer}, not {config.unfreeze_layers}')
     return Captioner(config, vision, gpt)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from prepare_shapes import centre_vision_features, save_clip_tokenizer
+from prepare_shapes import centre_vision_features, draw_weights, save_clip_tokenizer
 
 VISION_DIM, TEXT_DIM = 32, 48  # different on purpose: the bridge must project between them
 TOKENS_PER_FRAME = 17  # CLS + (32 / 8) ** 2 patches
@@ -19,7 +19,6 @@ TOKENS_PER_FRAME = 17  # CLS + (32 / 8) ** 2 patches
 def tiny_clip_dir(tmp_path_factory):
     """A full CLIPModel checkpoint (vision and text towers), as every real CLIP on the hub is."""
     from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(0)
     config = CLIPConfig(
         vision_config=dict(hidden_size=VISION_DIM, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, image_size=32, patch_size=8),
@@ -27,7 +26,7 @@ def tiny_clip_dir(tmp_path_factory):
                          vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         projection_dim=16)
     path = tmp_path_factory.mktemp('tiny_clip')
-    clip = CLIPModel(config)
+    clip = draw_weights(CLIPModel(config), seed=0)  # drawn here: the same whatever transformers' version
     clip.save_pretrained(path)
     # as the demo's stand-in: a random ViT's features share one offset that buries the pictures' differences
     pictures = tmp_path_factory.mktemp('centring')
@@ -42,10 +41,9 @@ def tiny_clip_dir(tmp_path_factory):
 def tiny_gpt2_dir(tmp_path_factory):
     """A GPT2LMHeadModel checkpoint with GPT-2's real vocabulary, so <|endoftext|> is token 50256."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
     config = GPT2Config(n_layer=3, n_head=4, n_embd=TEXT_DIM, n_positions=64, vocab_size=50257)
     path = tmp_path_factory.mktemp('tiny_gpt2')
-    GPT2LMHeadModel(config).save_pretrained(path)
+    draw_weights(GPT2LMHeadModel(config), seed=0).save_pretrained(path)
     return str(path)
 
 

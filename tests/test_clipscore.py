@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from clipscore import ClipScorer, clip_scorer_of
 from conftest import run_script
 from data import clip_preprocess, load_rgb
+from prepare_shapes import draw_weights
 
 REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'clip_tokenizer')
 
@@ -22,7 +23,6 @@ def real_tokenizer_clip(tmp_path_factory):
     if not os.path.isdir(REAL_TOKENIZER):
         pytest.skip('no ../shared/clip_tokenizer beside the repository')
     from transformers import CLIPConfig, CLIPModel
-    torch.manual_seed(5)  # one whose text and image embeddings of the test's pictures are at positive cosines
     config = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=8),
                         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -30,7 +30,9 @@ def real_tokenizer_clip(tmp_path_factory):
                                          eos_token_id=49407, pad_token_id=49407),
                         projection_dim=16)
     path = tmp_path_factory.mktemp('clip_real_tokenizer')
-    CLIPModel(config).save_pretrained(path)
+    # weights drawn by prepare_shapes.py: a seed whose text and image embeddings of the test's pictures are at
+    # positive cosines, whatever transformers' version
+    draw_weights(CLIPModel(config), seed=5).save_pretrained(path)
     for name in ('vocab.json', 'merges.txt', 'tokenizer_config.json'):
         shutil.copy(os.path.join(REAL_TOKENIZER, name), path / name)
     return str(path)

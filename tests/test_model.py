@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from data import EOT, InputError, pick_device
 from decode import KVCache, generate, onednn_linears, sample_token, start
 from model import IGNORE_INDEX, CaptionerConfig, count_params, param_table, training_flops
-from weights import build_captioner, load_gpt2, load_vision
+from weights import build_captioner, load_captioner, load_gpt2, load_vision
 
 
 def build(config, **changes):
@@ -59,7 +59,8 @@ def sharp_gpt2_dir(tiny_gpt2_dir, tmp_path_factory):
 
 
 def test_gpt2_matches_transformers(tiny_config, sharp_gpt2_dir):
-    model = build(tiny_config, text_model=sharp_gpt2_dir, enable_mapper=False, enable_resampler_xattn=False)
+    """Before training, the cross-attention's gates are zero: the captioner (without a prefix) is exactly GPT-2."""
+    model = build(tiny_config, text_model=sharp_gpt2_dir, enable_mapper=False)
     reference = GPT2LMHeadModel.from_pretrained(sharp_gpt2_dir).eval()
     tokens = random_tokens(3, 20)
     logits, _ = model(random_features(3), None, tokens)
@@ -385,19 +386,11 @@ def test_too_many_frames_or_positions_fail_clearly(tiny_config):
 # ----------------------------------------------------------------------------- generation
 
 @pytest.fixture
-def captioner(tiny_config):
-    """Both bridges, gates open, GPT-2's blocks made 5x stronger and <|endoftext|> likelier with every
-    position. A random tiny GPT-2 mostly repeats its last token whatever came before it, so that a wrong
-    KV cache would hardly change a caption, and almost never says <|endoftext|>: these captions depend
-    on the whole context and end at various lengths."""
-    model = open_gates(build(tiny_config))
-    with torch.no_grad():
-        for block in model.gpt.h:
-            for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-                layer.weight *= 5
-        position = torch.arange(model.gpt.config.block_size)[:, None]
-        model.gpt.wpe.weight += 1.2 * position * model.gpt.wte.weight[EOT]
-    return model
+def captioner(run_dir):
+    """The session's trained captioner (both bridges, gates open): its captions depend on the image and on every
+    word before, and end, at 5 or 6 tokens, where it chose to. (A random tiny GPT-2 mostly repeats its last token
+    whatever came before it, and almost never ends: a wrong KV cache would hardly change its captions.)"""
+    return load_captioner(f'{run_dir}/best.pt')[0]
 
 
 def argmax_loop(model, features, max_new_tokens, min_new_tokens=0):
@@ -522,12 +515,12 @@ def test_beam_search_equals_reference_beam_search(captioner, beam_width):
     length penalties that favour short and long captions."""
     features = random_features(4)
     captions = {}
-    for length_penalty in (0.6, 1.0, 1.5):
+    for length_penalty in (0.0, 1.0, 3.0):
         captions[length_penalty] = generate(captioner, features, decoding='beam', beam_width=beam_width,
-                                                      max_new_tokens=10, length_penalty=length_penalty)
+                                            max_new_tokens=10, length_penalty=length_penalty)
         assert captions[length_penalty] == reference_beam_search(captioner, features, beam_width, 10,
                                                                  length_penalty)
-    assert captions[0.6] != captions[1.5]
+    assert captions[0.0] != captions[3.0]
 
 
 @pytest.mark.parametrize('decoding', ['greedy', 'beam'])
@@ -542,7 +535,7 @@ def test_caption_is_the_same_alone_and_in_a_padded_batch(captioner, decoding):
     together = generate(captioner, batch, mask, decoding=decoding, beam_width=3, max_new_tokens=10)
     alone = [generate(captioner, v, decoding=decoding, beam_width=3, max_new_tokens=10)[0] for v in videos]
     assert together == alone
-    assert len({len(c) for c in together}) > 1
+    assert len({tuple(c) for c in together}) > 1  # each video's own frames decide its caption
 
 
 def test_sampling(captioner):

@@ -1,6 +1,7 @@
 """train.py, run as users run it: python train.py / torchrun train.py, on tiny prepared data."""
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -184,11 +185,32 @@ def test_long_captions_are_cut_and_still_end(data_dir):
     assert Captions(data_dir, 'train', 48).batch(ids[:1])[2][0].tolist() == [EOT] + encoder.encode(references[0])
 
 
-def test_best_checkpoint_is_the_lowest_validation_loss(run_dir):
-    evaluations = {r['iter']: r['val_loss'] for r in logs(run_dir) if 'val_loss' in r}
+@pytest.fixture(scope='module')
+def overfit_run(tmp_path_factory, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    """A run whose validation loss falls, then rises: its validation captions name every picture's colour wrong
+    (red for green, ...), so the better it learns the training captions the worse it does on them."""
+    root = tmp_path_factory.mktemp('overfit')
+    shutil.copytree(data_dir, root / 'data')
+    captions = json.load(open(os.path.join(os.path.dirname(data_dir), 'captions_val.json')))
+    wrong = {'red': 'green', 'green': 'blue', 'blue': 'yellow', 'yellow': 'red'}
+    for annotation in captions['annotations']:
+        annotation['caption'] = ' '.join(wrong.get(w, w) for w in annotation['caption'].split())
+    (root / 'captions_val.json').write_text(json.dumps(captions))
+    assert run_script('prepare_coco.py', f"--captions={root / 'captions_val.json'}",
+                      f"--images={os.path.join(os.path.dirname(data_dir), 'val')}", f"--out_dir={root / 'data'}",
+                      f'--vision_model={tiny_clip_dir}', '--num_workers=0') is None
+    assert run_script('train.py', *train_args(root / 'run', root / 'data', tiny_clip_dir, tiny_gpt2_dir,
+                                              '--batch_size=8', '--max_iters=150', '--eval_interval=25',
+                                              '--learning_rate=5e-3', '--warmup_frac=0.05', '--unfreeze_layers=3',
+                                              '--train_embeddings=True')) is None
+    return root / 'run'
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss(overfit_run):
+    evaluations = {r['iter']: r['val_loss'] for r in logs(overfit_run) if 'val_loss' in r}
     best_iter = min(evaluations, key=evaluations.get)
     assert best_iter != max(evaluations)  # the run's validation loss rose at the end: best.pt stayed behind
-    best, last = (torch.load(f'{run_dir}/{name}', weights_only=True) for name in ('best.pt', 'ckpt.pt'))
+    best, last = (torch.load(f'{overfit_run}/{name}', weights_only=True) for name in ('best.pt', 'ckpt.pt'))
     assert best['iter_num'] == best_iter and last['iter_num'] == max(evaluations)
     assert best['best_val_loss'] == last['best_val_loss'] == pytest.approx(evaluations[best_iter], rel=1e-6)
     assert not torch.equal(best['model']['xattn.0.attn_gate'], last['model']['xattn.0.attn_gate'])
