@@ -16,6 +16,8 @@ No second pass over the pictures: CLIP's image embedding follows from the stored
 it, visual_projection(post_layernorm(the class token of last_hidden_state)). A video's is the mean of its
 real frames' embeddings.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +35,13 @@ class ClipScorer:
         from weights import check_checkpoint_kind, from_pretrained, quiet_transformers
         quiet_transformers()
         check_checkpoint_kind(name, ('clip',), 'a full CLIPModel, whose text tower CLIP-S needs')
+        missing = [f for f in ('vocab.json', 'merges.txt') if not os.path.isfile(os.path.join(name, f))]
+        if os.path.isdir(name) and missing:  # looked for here: transformers' own errors differ by version
+            raise InputError(f"{name}: no CLIP tokenizer files (vocab.json, merges.txt) to read captions with "
+                             f"(no {', '.join(missing)})")
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
-        except (OSError, ValueError, TypeError) as e:  # no vocab.json / merges.txt beside the weights
+        except (OSError, ValueError, TypeError, ImportError) as e:  # the hub has no tokenizer files for it
             raise InputError(f"{name}: no CLIP tokenizer files (vocab.json, merges.txt) to read captions with "
                              f'({first_line(e)})')
         self.clip = from_pretrained(CLIPModel, name, 'a CLIP model').to(device).eval()

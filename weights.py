@@ -66,18 +66,20 @@ def check_checkpoint_kind(name, model_types, what):
         raise InputError(f"{name}: a {config.get('model_type') or 'model_type-less'} checkpoint, not {what}")
 
 
-def from_pretrained(model_class, name, what, ignored_prefixes=()):
+def from_pretrained(model_class, name, what, ignored_prefixes=(), prefix=''):
     """model_class.from_pretrained(name), failing with one line unless every weight was found, of the right
-    shape, and every weight of the checkpoint was used (except those starting with ignored_prefixes)."""
+    shape, and every weight of the checkpoint was used (except those starting with ignored_prefixes). A weight
+    is named as the checkpoint's files name it: `prefix` + what transformers 5 calls it."""
     try:
         # mismatched shapes are reported in `info` (and refused below), not raised as a bare RuntimeError
         model, info = model_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True)
     except OSError as e:  # no weights file, a truncated one, ...
         raise InputError(f'{name}: cannot load the weights of {what} ({first_line(e)})')
     unused = [k for k in info['unexpected_keys'] if not k.startswith(ignored_prefixes)]
+    full = lambda key: key if key.startswith(prefix) else prefix + key  # transformers 4 keeps the prefix, 5 drops it
     problems = [f'{len(keys)} {why} (e.g. {keys[0]})' for why, keys in (
-        ('weights missing', sorted(info['missing_keys'])),
-        ('weights of another shape', sorted(k for k, *_ in info['mismatched_keys'])),
+        ('weights missing', sorted(map(full, info['missing_keys']))),
+        ('weights of another shape', sorted(full(k) for k, *_ in info['mismatched_keys'])),
         ('weights that are not part of it', sorted(unused))) if keys]
     if problems:
         raise InputError(f"{name}: not the weights of {what}: {'; '.join(problems)}")
@@ -94,7 +96,7 @@ def load_vision(name, pretrained=True):
     if not pretrained:
         return CLIPVisionModel(CLIPVisionConfig.from_pretrained(name))
     # a full CLIPModel checkpoint also holds the text tower and the projections: they are not needed
-    return from_pretrained(CLIPVisionModel, name, 'a CLIP vision tower',
+    return from_pretrained(CLIPVisionModel, name, 'a CLIP vision tower', prefix='vision_model.',
                            ignored_prefixes=('text_model.', 'text_projection.', 'visual_projection.',
                                              'logit_scale'))
 

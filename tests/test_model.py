@@ -110,9 +110,9 @@ def damaged_checkpoint(source, target, damage):
 
 @pytest.mark.parametrize('load, damage, words', [
     (load_vision, lambda w: w.pop('vision_model.encoder.layers.1.mlp.fc2.weight'),
-     'not the weights of a CLIP vision tower: 1 weights missing (e.g. encoder.layers.1.mlp.fc2.weight)'),
+     'not the weights of a CLIP vision tower: 1 weights missing (e.g. vision_model.encoder.layers.1.mlp.fc2.weight)'),
     (load_vision, lambda w: w.update({'vision_model.post_layernorm.weight': torch.ones(7)}),
-     '1 weights of another shape (e.g. post_layernorm.weight)'),
+     '1 weights of another shape (e.g. vision_model.post_layernorm.weight)'),
     (load_gpt2, lambda w: w.update({'transformer.h.0.attn.c_attn.lora_A': torch.ones(3)}),
      'not the weights of GPT-2: 1 weights that are not part of it (e.g. transformer.h.0.attn.c_attn.lora_A)'),
     (load_gpt2, lambda w: w.pop('transformer.h.2.ln_1.bias'), '1 weights missing (e.g. transformer.h.2.ln_1.bias)'),
