@@ -4,8 +4,9 @@ Config overrides from the command line, nanoGPT style:
     python train.py config/train_coco.py --batch_size=64 --compile=False
 
 Bare arguments are Python config files, executed in order; `--key=value` arguments override one
-setting. Every key must already exist with a default; a value must have the default's type (an int
-is accepted for a float, and a default of None accepts any value). A script hands its defaults in:
+setting; `--help` prints the settings, with their defaults and comments, as the script lists them. Every
+key must already exist with a default; a value must have the default's type (an int is accepted for a
+float, and a default of None accepts any value). A script hands its defaults in:
 
     from configurator import configure
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
@@ -27,6 +28,9 @@ def configure(defaults, argv=None):
     """Return a copy of `defaults` with the config files and --key=value overrides of argv applied."""
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
+        if arg in ('--help', '-h'):
+            print(usage(sys.argv[0]))
+            raise SystemExit(0)
         if arg.startswith('--'):
             key, sep, text = arg[2:].partition('=')
             if not sep:
@@ -38,6 +42,17 @@ def configure(defaults, argv=None):
                 check_key(config, key, arg)
                 config[key] = check_type(config[key], value, f'{arg}: {key}')
     return config
+
+
+def usage(script):
+    """How to run a script, and its settings as its source lists them: the lines between its first two
+    '# ---' lines, each setting with its default and what it is for."""
+    with open(script) as f:
+        lines = f.read().splitlines()
+    banners = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
+    settings = lines[banners[0] + 1:banners[1]] if len(banners) == 2 else []
+    return '\n'.join([f'usage: python {script} [config/FILE.py ...] [--key=value ...]', '',
+                      'settings (a config file or --key=value changes one):', *settings])
 
 
 def run_config_file(path, config):

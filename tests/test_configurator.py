@@ -51,3 +51,19 @@ def test_is_setting():
     assert is_setting('batch_size', 4) and is_setting('device', None)
     assert not is_setting('_private', 4) and not is_setting('torch', pytest)
     assert not is_setting('EOT', 50256)  # a constant
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'eval_bleu.py', 'prepare_coco.py', 'prepare_mlslt.py',
+                                    'prepare_shapes.py', 'export.py', 'bench.py'])
+def test_help_prints_the_settings_with_their_defaults_and_comments(script, capsys):
+    """--help is not a setting that needs a value: it prints the script's settings block, as the script lists them,
+    and exits 0 before any work."""
+    from conftest import run_script
+    assert run_script(script, '--help') == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f'usage: python {script} [config/FILE.py ...] [--key=value ...]')
+    with open(script) as f:
+        source = f.read()
+    block = source.split('# ---')[1].split('\n', 1)[1]  # the lines after the first banner, to the next
+    assert block.rsplit('\n', 1)[0] in out
+    assert 'device = ' in out or 'checkpoint = ' in out  # a setting every script has, with its default
