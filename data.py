@@ -103,9 +103,18 @@ def precision(device_type, dtype='auto'):
     if dtype != 'auto' and dtype not in dtypes:
         raise InputError(f"dtype must be 'auto' or one of {', '.join(dtypes)}, not {dtype!r}")
     if dtype == 'auto':
-        dtype = 'bfloat16' if native_bfloat16(device_type) else 'float16' if device_type == 'cuda' else 'float32'
+        dtype = auto_dtype(device_type)[0]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=dtypes[dtype])
     return dtypes[dtype], autocast
+
+
+def auto_dtype(device_type):
+    """What dtype='auto' trains in on this device, and why."""
+    if native_bfloat16(device_type):
+        return 'bfloat16', f"this {'GPU' if device_type == 'cuda' else 'CPU'} multiplies bfloat16 natively"
+    if device_type == 'cuda':
+        return 'float16', 'this GPU has no bfloat16: float16 with a gradient scaler'
+    return 'float32', 'this CPU has no native bfloat16 (AVX512-BF16 or AMX)'
 
 
 def native_bfloat16(device_type):

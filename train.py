@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decode
 import eval_bleu
-from data import (EOT, IGNORE_INDEX, Captions, InputError, check_data_fits_model, decode_caption, gpt2_tokenizer,
-                  input_errors_exit, pick_device, precision, read_meta)
+from data import (EOT, IGNORE_INDEX, Captions, InputError, auto_dtype, check_data_fits_model, decode_caption,
+                  gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta)
 from model import CaptionerConfig, training_flops
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, save_model,
                      trainable_state)
@@ -460,8 +460,9 @@ def log(record):
         wandb.log(record, step=record['iter'])
 
 
-def log_progress(run, window, iter_num, total_iters, lr, peak):
-    """The training record of the window (loss, speed, MFU, SCST's rewards, the gates), printed and logged."""
+def log_progress(run, window, iter_num, total_iters, lr, peak, paces):
+    """The training record of the window (loss, speed, MFU, SCST's rewards, the gates), printed and logged;
+    its ms/iter is appended to paces, those of the run's windows so far."""
     sums = torch.cat([window.loss[None], window.scst])
     if run.world > 1:
         dist.all_reduce(sums)
@@ -482,9 +483,18 @@ def log_progress(run, window, iter_num, total_iters, lr, peak):
     shown += [f'lr {lr:.2e}', f'{record["ms_per_iter"]:.1f} ms/iter', f'{record["captions_per_s"]:,.0f} captions/s']
     if peak:
         shown.append(f'MFU {100 * record["mfu"]:.1f}%')
-    eta_min = (total_iters - iter_num) * record['ms_per_iter'] / 60000
-    print(f'iter {iter_num}/{total_iters}: ' + ', '.join(shown) + f', ETA {eta_min:.1f} min')
+    paces.append(record['ms_per_iter'])
+    if steady(paces):  # the time left at this window's pace
+        shown.append(f"ETA {(total_iters - iter_num) * record['ms_per_iter'] / 60000:.1f} min")
+    print(f'iter {iter_num}/{total_iters}: ' + ', '.join(shown))
     log(record)
+
+
+def steady(paces):
+    """Whether two log windows in a row have run at one pace (within 25%). The first iterations are warm-up, 3 to
+    10 times slower than the rest (each new caption length and batch shape is a first call for the kernels and
+    the allocator): an ETA from them would be a fright, so none is shown until the pace is steady."""
+    return any(abs(now - before) <= 0.25 * before for before, now in zip(paces, paces[1:]))
 
 
 def evaluate_and_save(run, iter_num, best):
@@ -516,6 +526,9 @@ def evaluate_and_save(run, iter_num, best):
 def main():
     ddp, rank, world, dev = start_devices()
     ptdtype, autocast = precision(torch.device(dev).type, dtype)
+    if rank == 0:
+        chose = f" ({auto_dtype(torch.device(dev).type)[1]})" if dtype == 'auto' else ''
+        print(f"training on {dev} in {str(ptdtype).removeprefix('torch.')}: dtype={dtype}{chose}")
     scaler = torch.amp.GradScaler(torch.device(dev).type, enabled=ptdtype == torch.float16)
     check_settings()
     if eval_images:
@@ -549,6 +562,7 @@ def main():
     # checkpoint's iter_num is the whole position of a run, and a resumed run continues exactly.
     peak = peak_flops(torch.device(dev).type) if objective == 'xe' else None  # SCST samples: no MFU estimate
     trained.train()
+    paces = []  # each log window's ms/iter
     window = Window.new(dev)  # a resumed run's first window starts at the resume, wherever it falls
     if start is not None:  # the checkpoint this run starts from is the first candidate for best.pt
         evaluate_and_save(run, iter_num, best)
@@ -585,7 +599,7 @@ def main():
         window.captions += global_batch * (scst_samples if objective == 'scst' else 1)
 
         if iter_num % log_interval == 0 or iter_num == total_iters:
-            log_progress(run, window, iter_num, total_iters, lr, peak)
+            log_progress(run, window, iter_num, total_iters, lr, peak, paces)
             window = Window.new(dev)
         if iter_num % eval_interval == 0 or iter_num == total_iters:
             evaluate_and_save(run, iter_num, best)

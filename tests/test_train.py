@@ -342,7 +342,7 @@ def test_logged_mfu_is_each_ranks_flops_against_its_own_gpu(tmp_path, monkeypatc
     run = train.Run('cpu', 0, 8, None, None, None, None, None, None, None)
     window = train.Window(start=time.time() - 3.0, loss=torch.tensor(4.0), scst=torch.zeros(3), iters=2,
                           flops=1.2e15, captions=64)
-    train.log_progress(run, window, iter_num=2, total_iters=10, lr=1e-4, peak=1e15)
+    train.log_progress(run, window, iter_num=2, total_iters=10, lr=1e-4, peak=1e15, paces=[])
     record = logs(tmp_path)[-1]
     assert record['mfu'] == pytest.approx(1.2e15 / 3.0 / 1e15, rel=0.01)
 
@@ -356,3 +356,37 @@ def test_resuming_in_float16_a_run_saved_in_another_dtype(tmp_path, data_dir, ti
     assert run_script('train.py', *common, '--max_iters=4', '--dtype=float16', '--init_from=resume') is None
     resumed = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert resumed['iter_num'] == 4 and resumed['scaler']['scale'] > 0
+
+
+def test_start_up_says_the_device_and_what_dtype_auto_chose(tmp_path, data_dir, tiny_clip_dir, tiny_gpt2_dir):
+    """One line at start-up: the device, and the dtype with the reason auto chose it. On a CPU, bfloat16 exactly
+    when the CPU's flags (read here from /proc/cpuinfo, not from torch) show AVX512-BF16 or AMX."""
+    args = train_args(tmp_path / 'run', data_dir, tiny_clip_dir, tiny_gpt2_dir, '--max_iters=2', '--eval_interval=2')
+    auto = subprocess.run([sys.executable, 'train.py', *args, '--dtype=auto'], capture_output=True, text=True)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    flags = set(open('/proc/cpuinfo').read().split()) if os.path.exists('/proc/cpuinfo') else set()
+    if flags & {'avx512_bf16', 'amx_bf16'}:
+        expected = 'training on cpu in bfloat16: dtype=auto (this CPU multiplies bfloat16 natively)'
+    else:
+        expected = 'training on cpu in float32: dtype=auto (this CPU has no native bfloat16 (AVX512-BF16 or AMX))'
+    assert auto.stdout.splitlines()[0] == expected
+    chosen = subprocess.run([sys.executable, 'train.py', *args, '--dtype=float32', f"--out_dir={tmp_path / 'b'}"],
+                            capture_output=True, text=True)
+    assert chosen.stdout.splitlines()[0] == 'training on cpu in float32: dtype=float32'
+
+
+def test_no_eta_until_the_pace_is_steady(tmp_path, monkeypatch, capsys):
+    """The first windows are warm-up, several times slower than the rest: an ETA from them is a fright. None is
+    shown until two windows in a row run at one pace; from then on, each window's pace gives one."""
+    import train
+    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(train, 'gate_values', lambda model: {})
+    run = train.Run('cpu', 0, 1, None, None, None, None, None, None, None)
+    paces, shown = [], []
+    for seconds in (9.0, 3.0, 1.1, 1.0, 1.5):  # 10 iterations a window: warm-up, then a steady pace
+        window = train.Window(start=time.time() - seconds, loss=torch.tensor(4.0), scst=torch.zeros(3), iters=10)
+        train.log_progress(run, window, iter_num=10 * (len(paces) + 1), total_iters=1250, lr=1e-4, peak=None,
+                           paces=paces)
+        shown.append(capsys.readouterr().out.strip().rpartition(', ')[2])
+    assert shown[:3] == ['0 captions/s'] * 3  # no ETA: 900, 300, 110 ms/iter are no steady pace
+    assert shown[3:] == ['ETA 2.0 min', 'ETA 3.0 min']  # 1,210 iterations left at 100 ms, then 1,200 at 150 ms
