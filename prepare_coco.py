@@ -12,7 +12,9 @@ images, each with a same-named .txt beside it (one caption per line):
         --out_dir=data/mine
 
 Your own captions get their split from a split column or field, else from --split=NAME, else from a
-seeded hold-out of --val_images and --test_images images (the rest is train).
+seeded hold-out of --val_images and --test_images images (the rest is train). An official COCO captions
+file is one split (named by --split, or by its file name), or held out the same way; Karpathy's split files
+name every image's split, and refuse all three.
 
 Writes per split, each file atomically (temp file + rename):
   <split>_feats.bin      float16 [images, tokens, width]: CLIP's last_hidden_state of each image
@@ -39,7 +41,7 @@ captions = ''  # the captions: a COCO or Karpathy JSON file, a .csv, a .jsonl, o
 images = ''  # the folder the captions' image paths are relative to
 out_dir = 'data/coco'
 split = ''  # the split of a file that holds one (default for official COCO files: 'train' or 'val' from its name)
-val_images = 0  # your own captions without a split: hold out this many images for val ...
+val_images = 0  # captions without a split (yours, or an official COCO file): hold out this many images for val ...
 test_images = 0  # ... and this many for test, chosen at random (seeded); the rest is train
 seed = 1337
 vision_model = 'openai/clip-vit-base-patch32'  # hub name or local directory
@@ -62,8 +64,15 @@ def load_captions(path, image_root, split_name='', val_images=0, test_images=0, 
         raise InputError(f'{path}: no such captions file')
     images_list = data.get('images') if isinstance(data, dict) else None
     if isinstance(images_list, list) and isinstance(data.get('annotations'), list):
-        return {split_name or split_from_name(path): coco_images(data, image_root, path)}
+        records = coco_images(data, image_root, path)
+        if not (val_images or test_images):  # one split: the file's
+            return {split_name or split_from_name(path): records}
+        assign_splits(records, path, split_name, val_images, test_images, seed)  # held out of the file's images
+        return by_split(records)
     if isinstance(images_list, list) and all(isinstance(im, dict) and 'sentences' in im for im in images_list):
+        if split_name or val_images or test_images:
+            raise InputError(f"{path}: Karpathy's split file names the split of every image: leave out --split, "
+                             f'--val_images and --test_images')
         return karpathy_images(images_list, image_root, path)
     raise InputError(f'{path}: expected the official COCO captions format (images[] with id/file_name, '
                      f'annotations[] with image_id/caption) or Karpathy\'s split file (images[] with '
@@ -199,10 +208,16 @@ def own_splits(rows, image_root, path, split_name, val_images, test_images, seed
                          f'--test_images')
     if not with_split:
         assign_splits(records, path, split_name, val_images, test_images, seed)
+    for record in records:
+        del record['where']
+    return by_split(records)
+
+
+def by_split(records):
+    """{split: its records}, each record's 'split' taken out of it."""
     splits = {}
     for record in records:
         splits.setdefault(record.pop('split'), []).append(record)
-        del record['where']
     return splits
 
 

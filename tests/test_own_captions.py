@@ -172,6 +172,28 @@ def test_real_flickr8k_split_file():
     assert first['captions'] == [s['raw'].strip() for s in shipped[0]['sentences']]
 
 
+def test_an_official_coco_file_holds_out_images_and_a_split_file_refuses_to(tmp_path):
+    """--val_images/--test_images hold out images of an official COCO captions file as of any other (they were
+    ignored without a word); Karpathy's split file names every image's split, so they are refused."""
+    shared = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'schema_samples')
+    coco, karpathy = (os.path.join(shared, name) for name in ('coco2014_captions_val2014_excerpt.json',
+                                                              'karpathy_dataset_flickr8k_excerpt.json'))
+    if not os.path.isfile(coco):
+        pytest.skip('no ../shared beside the repository')
+    shipped = json.load(open(coco))
+    splits = load(coco, val_images=10, test_images=5, seed=3)
+    assert {name: len(records) for name, records in splits.items()} == {'train': 35, 'val': 10, 'test': 5}
+    captions_of = {i: [a['caption'] for a in shipped['annotations'] if a['image_id'] == i] for i in
+                   (im['id'] for im in shipped['images'])}
+    seen = {image: captions for records in splits.values() for image, _, captions in records}
+    assert seen.keys() == captions_of.keys() and all(len(seen[i]) == len(captions_of[i]) for i in seen)
+    assert load(coco, val_images=10, test_images=5, seed=3) == splits
+    assert list(load(coco)) == ['val']  # no hold-out: the one split the file's name says
+    for options in (dict(val_images=2), dict(split_name='train')):
+        with pytest.raises(InputError, match="Karpathy's split file names the split of every image: leave out"):
+            load(karpathy, **options)
+
+
 def test_prepare_script_on_a_csv_with_missing_images_and_a_hold_out(tmp_path, tiny_clip_dir, capsys):
     folder = tmp_path / 'photos'
     folder.mkdir()
