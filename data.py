@@ -317,6 +317,14 @@ def gpt2_tokenizer():
                          f"has them)")
 
 
+def warn_if_all_empty(captions, script):
+    """One line on stderr when every caption is empty: the scores are then all zero, and would say nothing of why."""
+    if captions and not any(caption.strip() for caption in captions):
+        print(f'{script}: all {len(captions):,} captions are empty: the model ends every caption at once. A language '
+              f'model that knows no words (a random stand-in GPT-2) cannot learn to write while frozen: train it too '
+              f'(--unfreeze_layers=ITS_LAYERS --train_embeddings=True, as config/train_shapes.py does)', file=sys.stderr)
+
+
 def decode_caption(encoder, tokens):
     """The text of generated tokens on one line: GPT-2 can emit newlines and runs of spaces."""
     return ' '.join(encoder.decode(tokens).split())

@@ -25,7 +25,8 @@ import numpy as np
 
 from coco_tokenizer import tokenize, tokenize_all, tokenize_groups  # noqa: F401 (tokenize: for the tests)
 from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, decode_caption,
-                  decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit, read_json, read_meta, write_json)
+                  decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit, read_json, read_meta,
+                  warn_if_all_empty, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -415,6 +416,7 @@ def main():
     known = scenes(meta['splits'].get(split, {}).get('source', {}).get('captions'))  # before the work
     captions, records, choices = caption_split(model, data_dir, split, max_items, batch_size, options, dev,
                                                examples, scorer if rerank else None, num_samples)
+    warn_if_all_empty(captions, 'eval_bleu.py')
     references = [r['captions'] for r in records]
     metrics = (official_scores if official else score)(captions, references)
     metrics['bad_endings'] = bad_endings(captions)

@@ -22,8 +22,9 @@ from html import escape
 from PIL import Image
 
 from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
-                  count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit, load_rgb,
-                  read_frames, read_meta, stack_frames, video_pixels, vision_autocast, write_json)
+                  count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit,
+                  load_rgb, read_frames, read_meta, stack_frames, video_pixels, vision_autocast, warn_if_all_empty,
+                  write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -194,23 +195,40 @@ def thumbnail_uri(path, size=256):
     return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode()
 
 
-def write_html(path, results):
+def write_html(path, results, heading):
+    """A self-contained page: the heading (which model, which decoding), then each file's thumbnail, with its
+    first caption as the thumbnail's alternative text, and its captions."""
     def line(caption, clip_s):
         score = f' <small>CLIP-S {clip_s:.3f}</small>' if clip_s is not None else ''
         return f'<p>{escape(caption)}{score}</p>'
     rows = '\n'.join(
-        f'<figure><img src="{thumbnail_uri(image)}" alt=""><figcaption><b>{escape(os.path.basename(image))}'
-        f'</b>{"".join(line(c, s) for c, s in zip(r["captions"], r["clip_s"] or [None] * len(r["captions"])))}'
+        f'<figure><img src="{thumbnail_uri(image)}" alt="{escape(r["captions"][0])}"><figcaption>'
+        f'<b>{escape(os.path.basename(image))}</b>'
+        f'{"".join(line(c, s) for c, s in zip(r["captions"], r["clip_s"] or [None] * len(r["captions"])))}'
         f'</figcaption></figure>' for image, r in results.items())
-    page = ('<!doctype html><meta charset="utf-8"><title>nanocap captions</title><style>'
-            'body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:16px;margin:16px}'
+    page = (f'<!doctype html><meta charset="utf-8"><title>nanocap: {escape(heading)}</title><style>'
+            'body{font-family:sans-serif;margin:16px}main{display:flex;flex-wrap:wrap;gap:16px}'
             'figure{width:256px;margin:0}img{max-width:256px;max-height:256px}p{margin:4px 0}</style>\n'
-            f'{rows}\n')
+            f'<h1>{escape(heading)}</h1>\n<main>\n{rows}\n</main>\n')
 
     def write(tmp):
         with open(tmp, 'w') as f:
             f.write(page)
     atomic_write(path, write)
+
+
+def page_heading():
+    """What made the captions, in words: the checkpoint and the decoding."""
+    how = {'beam': f'beam search, width {beam_width}', 'greedy': 'greedy decoding',
+           'sample': f'sampling, temperature {temperature:g}' + (f', top-k {top_k}' if top_k else '')
+           + (f', top-p {top_p:g}' if top_p < 1 else '')}[decoding]
+    if num_samples > 1:
+        how += f', {num_samples} samples'
+    if rerank:
+        how += ', reranked by CLIP-S'
+    if shots:
+        how += f', {shots}-shot'
+    return f'Captions by {os.path.join(out_dir, checkpoint)}: {how}'
 
 
 def main():
@@ -261,6 +279,7 @@ def main():
     batch = files_per_batch(max_frames if videos else 1, size, num_workers, batch_size, pixels_gb)
     results = caption_files(model, files, options, batch, num_workers, dev, num_samples, examples, scorer,
                             bool(rerank))
+    warn_if_all_empty([caption for r in results.values() for caption in r['captions']], 'sample.py')
     for path, r in results.items():  # <path> TAB <caption> (TAB <its CLIP-S>)
         for caption, clip_s in zip(r['captions'], r['clip_s'] or [None] * len(r['captions'])):
             print(f'{path}\t{caption}' + (f'\t{clip_s:.3f}' if clip_s is not None else ''))
@@ -269,7 +288,7 @@ def main():
     if json:
         write_json(json, [{kind: p, **r} for p, r in results.items()])
     if html:
-        write_html(html, results)
+        write_html(html, results, page_heading())
     if not results:
         raise InputError(f'none of the {len(paths)} {kind} file(s) could be read')
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import decode
 import eval_bleu
 from data import (EOT, IGNORE_INDEX, Captions, InputError, auto_dtype, check_data_fits_model, decode_caption,
-                  gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta)
+                  gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta, warn_if_all_empty)
 from model import CaptionerConfig, training_flops
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, save_model,
                      trainable_state)
@@ -392,6 +392,7 @@ def caption_scores(run):
     images."""
     captions, records, _ = eval_bleu.caption_split(run.raw_model, data_dir, val_split, eval_images, batch_size,
                                                   dict(max_new_tokens=30), run.dev)  # as eval_bleu.py decodes
+    warn_if_all_empty(captions, 'train.py')
     scores = eval_bleu.score(captions, [r['captions'] for r in records])
     return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
                 val_bad_endings=eval_bleu.bad_endings(captions))

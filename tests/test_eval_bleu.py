@@ -168,6 +168,19 @@ def test_named_pairs_are_a_colour_right_before_the_words_of_a_kind():
     assert shares == dict(pairs_right=2 / 3, shapes_named=2 / 3)
 
 
+def test_all_empty_captions_are_said_in_one_line(run_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """A model that ends every caption at once scores zero everywhere: eval_bleu.py says why, in one line."""
+    import decode
+    monkeypatch.setattr(decode, 'generate', lambda model, features, *args, **options: [[] for _ in features])
+    shutil.copy(f'{run_dir}/best.pt', tmp_path / 'best.pt')
+    assert run_script('eval_bleu.py', f'--out_dir={tmp_path}', f'--data_dir={data_dir}', '--split=val',
+                      '--decoding=greedy', '--device=cpu') is None
+    assert capsys.readouterr().err.splitlines() == [
+        'eval_bleu.py: all 4 captions are empty: the model ends every caption at once. A language model that knows '
+        'no words (a random stand-in GPT-2) cannot learn to write while frozen: train it too '
+        '(--unfreeze_layers=ITS_LAYERS --train_embeddings=True, as config/train_shapes.py does)']
+
+
 def test_lcs_length():
     assert eval_bleu.lcs_length('a b c d e'.split(), 'a c e x'.split()) == 3
     assert eval_bleu.lcs_length([], ['a']) == 0

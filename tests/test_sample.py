@@ -122,14 +122,16 @@ def test_decoding_options_reach_generate(captioned):
 def test_json_and_html_hold_each_images_captions(captioned, folder):
     assert captioned.json == [dict(image=path, captions=[caption], clip_s=[pytest.approx(clip_s, abs=5e-4)])
                               for (path, caption), clip_s in zip(captioned.lines, captioned.clip_s)]
-    figures = re.findall(r'<figure><img src="data:image/jpeg;base64,([^"]*)" alt=""><figcaption><b>(.*?)</b>'
+    figures = re.findall(r'<figure><img src="data:image/jpeg;base64,([^"]*)" alt="(.*?)"><figcaption><b>(.*?)</b>'
                          r'(.*?)</figcaption></figure>', captioned.html)
-    assert [(name, text) for _, name, text in figures] == [
-        (escape(os.path.basename(path)), f'<p>{escape(caption)} <small>CLIP-S {clip_s:.3f}</small></p>')
+    assert [(alt, name, text) for _, alt, name, text in figures] == [
+        (escape(caption), escape(os.path.basename(path)), f'<p>{escape(caption)} <small>CLIP-S {clip_s:.3f}</small></p>')
         for (path, caption), clip_s in zip(captioned.lines, captioned.clip_s)]
+    # the page says which model wrote the captions, and how
+    assert re.search(r'<h1>Captions by .*best\.pt: beam search, width 3</h1>', captioned.html)
     # each picture's thumbnail is that picture: nearer to it than to any other
     pictures = {path: np.asarray(load_rgb(path), dtype=np.float32) for path in folder.drawn}
-    for (thumbnail, _, _), (path, _) in zip(figures, captioned.lines):
+    for (thumbnail, _, _, _), (path, _) in zip(figures, captioned.lines):
         if path in pictures:
             shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbnail))).convert('RGB'), dtype=np.float32)
             assert shown.shape == pictures[path].shape, path
