@@ -291,6 +291,22 @@ class VideoFiles:
 FORMAT_VERSION = 1  # meta.json's format_version: raised whenever the files' layout changes
 
 
+def check_writable(path, folder=True):
+    """Fail in one line, before any work, unless `path` can be written: a folder that is, or can be made there
+    (folder=True), or a file in one."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f'{path}: a file, not a folder to write into')
+    if not folder and os.path.isdir(path):
+        raise InputError(f'{path}: a folder, not a file to write')
+    nearest = os.path.abspath(path if folder else os.path.dirname(path) or '.')
+    while not os.path.exists(nearest):  # the folder that would hold what is made
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise InputError(f'{path}: cannot be made, {nearest} is a file')
+    if not os.access(nearest, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+        raise InputError(f'{path}: not writable here (permissions of {nearest})')
+
+
 def atomic_write(path, write):
     """Call write(temp_path), then rename the temp file over `path`: readers never see half a file."""
     tmp = path + '.tmp'

@@ -24,9 +24,9 @@ from collections import Counter
 import numpy as np
 
 from coco_tokenizer import tokenize, tokenize_all, tokenize_groups  # noqa: F401 (tokenize: for the tests)
-from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, decode_caption,
-                  decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit, read_json, read_meta,
-                  warn_if_all_empty, write_json)
+from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, check_writable,
+                  decode_caption, decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit,
+                  read_json, read_meta, warn_if_all_empty, write_json)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -403,6 +403,7 @@ def main():
     from decode import cpu_decoding
     from weights import load_captioner
     check_settings()
+    check_writable(out_dir)  # its metrics and captions go there
     dev = pick_device(device)
     model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
     meta = read_meta(data_dir)

@@ -8,9 +8,7 @@ train.py writes out_dir/best/ beside each best.pt itself. sample.py and eval_ble
 train.py (--init_from=out-shapes/best) read such a folder as they read a .pt checkpoint. It could sit on the
 Hugging Face hub as any model folder does; nothing here reaches the hub, so only local folders are tested.
 """
-import os
-
-from data import InputError, input_errors_exit
+from data import InputError, check_writable, input_errors_exit
 from weights import read_checkpoint, save_model
 
 # -----------------------------------------------------------------------------
@@ -24,8 +22,7 @@ if __name__ == '__main__':
     with input_errors_exit('export.py'):
         if not checkpoint or not out:
             raise InputError('give --checkpoint=FILE.pt and --out=FOLDER')
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise InputError(f'{out}: a file, not a folder to write the model into')
+        check_writable(out)
         state = read_checkpoint(checkpoint)
         save_model(state['model'], state['model_config'], out)
     print(f'wrote {out}: model.safetensors ({len(state["model"])} tensors) and config.json')

@@ -32,8 +32,8 @@ import re
 import sys
 from contextlib import contextmanager
 
-from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, pick_device, read_json,
-                  write_image_splits, write_json)
+from data import (FORMAT_VERSION, InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
+                  read_json, write_image_splits, write_json)
 from weights import load_vision
 
 # -----------------------------------------------------------------------------
@@ -305,6 +305,7 @@ if __name__ == '__main__':
             raise InputError('give --captions=FILE and --images=FOLDER')
         if not os.path.isdir(images):
             raise InputError(f'{images}: no such folder (--images)')
+        check_writable(out_dir)
         gpt2_tokenizer()  # its files, before any work
         dev = pick_device(device)  # under torchrun: this rank's own GPU
         # splits prepared by earlier runs into the same folder stay listed, if they are compatible

@@ -18,8 +18,8 @@ An interrupted run resumes where it stopped. Needs PyAV (pip install av).
 """
 import os
 
-from data import (FORMAT_VERSION, InputError, gpt2_tokenizer, input_errors_exit, pick_device, read_json, write_json,
-                  write_video_splits)
+from data import (FORMAT_VERSION, InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
+                  read_json, write_json, write_video_splits)
 from model import CaptionerConfig
 from weights import load_vision
 
@@ -75,6 +75,7 @@ def load_split(root_dir, split_name, languages, target_lang):
 def main(rank, world):
     if not root:
         raise InputError('give --root=FOLDER (the one with train.json, dev.json, test.json)')
+    check_writable(out_dir)
     if not 1 <= max_frames <= MAX_TIME_EMBEDDINGS:
         raise InputError(f'max_frames must be in 1..{MAX_TIME_EMBEDDINGS} (the resampler has '
                          f'{MAX_TIME_EMBEDDINGS} time embeddings), not {max_frames}')

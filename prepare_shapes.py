@@ -18,7 +18,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from data import gpt2_tokenizer, input_errors_exit, write_image_splits, write_json
+from data import check_writable, gpt2_tokenizer, input_errors_exit, write_image_splits, write_json
 
 # -----------------------------------------------------------------------------
 out_dir = 'data/shapes'  # the pictures, their captions files and the stand-in checkpoints
@@ -277,6 +277,8 @@ if __name__ == '__main__':
     from data import pick_device
     from weights import load_vision
     with input_errors_exit('prepare_shapes.py'):
+        check_writable(out_dir)
+        check_writable(features_dir)
         gpt2_tokenizer()  # its files, before any work
     rng = random.Random(seed)
     splits = {name: write_split(name, count, rng, out_dir, image_size)

@@ -22,7 +22,7 @@ from html import escape
 from PIL import Image
 
 from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
-                  count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit,
+                  check_writable, count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit,
                   load_rgb, read_frames, read_meta, stack_frames, video_pixels, vision_autocast, warn_if_all_empty,
                   write_json)
 
@@ -248,6 +248,9 @@ def main():
         raise InputError('give either --images=FOLDER, FILE or GLOB or --videos=FOLDER, FILE or GLOB')
     if num_samples > 1 and decoding != 'sample':
         raise InputError(f'num_samples={num_samples} needs decoding=sample ({decoding} gives one caption)')
+    for path in (json, html):
+        if path:
+            check_writable(path, folder=False)
     kind, spec = ('image', images) if images else ('video', videos)
     paths = find_files(spec, IMAGE_EXTENSIONS if images else VIDEO_EXTENSIONS)
     if not paths:

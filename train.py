@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decode
 import eval_bleu
-from data import (EOT, IGNORE_INDEX, Captions, InputError, auto_dtype, check_data_fits_model, decode_caption,
-                  gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta, warn_if_all_empty)
+from data import (EOT, IGNORE_INDEX, Captions, InputError, auto_dtype, check_data_fits_model, check_writable,
+                  decode_caption, gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta,
+                  warn_if_all_empty)
 from model import CaptionerConfig, training_flops
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, save_model,
                      trainable_state)
@@ -525,6 +526,7 @@ def evaluate_and_save(run, iter_num, best):
 # -----------------------------------------------------------------------------
 
 def main():
+    check_writable(out_dir)  # before any work
     ddp, rank, world, dev = start_devices()
     ptdtype, autocast = precision(torch.device(dev).type, dtype)
     if rank == 0:

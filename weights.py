@@ -4,6 +4,7 @@ local directory (transformers reads the files; we check that they are what they 
 into model.py's own GPT-2), and train.py's checkpoints, which hold only the trained weights and what it takes
 to rebuild the rest. Every problem with a file a user handed us is an InputError that names it.
 """
+import difflib
 import os
 import re
 import zipfile
@@ -75,8 +76,8 @@ def from_pretrained(model_class, name, what, ignored_prefixes=(), prefix=''):
         model, info = model_class.from_pretrained(name, output_loading_info=True, ignore_mismatched_sizes=True)
     except OSError as e:  # no weights file, a truncated one, ...
         raise InputError(f'{name}: cannot load the weights of {what} ({first_line(e)})')
-    unused = [k for k in info['unexpected_keys'] if not k.startswith(ignored_prefixes)]
     full = lambda key: key if key.startswith(prefix) else prefix + key  # transformers 4 keeps the prefix, 5 drops it
+    unused = [k for k in info['unexpected_keys'] if not k.startswith(ignored_prefixes)]
     problems = [f'{len(keys)} {why} (e.g. {keys[0]})' for why, keys in (
         ('weights missing', sorted(map(full, info['missing_keys']))),
         ('weights of another shape', sorted(full(k) for k, *_ in info['mismatched_keys'])),
@@ -148,12 +149,25 @@ def build_captioner(config: CaptionerConfig, init_from='pretrained'):
     return Captioner(config, vision, gpt)
 
 
-def check_config(config: CaptionerConfig):
-    """The model settings that name a choice must name one that exists."""
-    if config.mapper not in ('mlp', 'transformer'):
-        raise InputError(f"mapper must be 'mlp' or 'transformer', not {config.mapper!r}")
-    if config.media_attention not in ('latest', 'earlier'):
-        raise InputError(f"media_attention must be 'latest' or 'earlier', not {config.media_attention!r}")
+# the lowest value of each whole-number model setting (the others are checked by their type and choices)
+LOWEST = dict(prefix_len=1, mapper_hidden=1, mapper_depth=1, mapper_heads=1, mapper_ffn=1, resampler_depth=1,
+              num_latents=1, max_frames=1, heads=1, dim_head=1, ff_mult=1, xattn_every=1, unfreeze_layers=0)
+CHOICES = dict(mapper=('mlp', 'transformer'), media_attention=('latest', 'earlier'))
+
+
+def check_config(config: CaptionerConfig, where=''):
+    """Each model setting of a run, a checkpoint or a model folder's config.json must be one that builds a model:
+    one line naming the first that does not, and where it is (where: 'FILE: model_config.')."""
+    for name, lowest in LOWEST.items():
+        value = getattr(config, name)
+        if not (type(value) is int and value >= lowest):
+            raise InputError(f'{where}{name} must be a whole number of at least {lowest}, not {value!r}')
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise InputError(f"{where}{name} must be {' or '.join(map(repr, choices))}, not {getattr(config, name)!r}")
+    if not (config.enable_mapper or config.enable_resampler_xattn):
+        raise InputError(f'{where}enable_mapper and enable_resampler_xattn are both False: the language model '
+                         f'would never see the media')
 
 
 # -----------------------------------------------------------------------------
@@ -191,10 +205,25 @@ def read_checkpoint(path):
 
 
 def model_config_of(fields, path):
-    try:
-        return CaptionerConfig(**fields)
-    except TypeError as e:  # fields of another version of nanocap
-        raise InputError(f'{path}: its model_config does not fit this version of model.py ({e})')
+    """The CaptionerConfig of a checkpoint's model_config (a dict), checked as configurator.py checks a setting:
+    every key a setting of model.py (or the closest ones are named), every value of its default's type (a whole
+    number for a float is fine), and then in its range (check_config)."""
+    where = f'{path}: model_config'
+    if not isinstance(fields, dict):
+        raise InputError(f'{where} is not a mapping of model settings')
+    defaults = asdict(CaptionerConfig())
+    for key, value in fields.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.6)
+            raise InputError(f"{where} has an unknown setting '{key}' (not one of this version of model.py)"
+                             + (f"; did you mean {', '.join(close)}?" if close else ''))
+        expected = type(defaults[key])
+        if not (type(value) is expected or expected is float and type(value) is int):
+            kind = {bool: 'True or False', int: 'a whole number', float: 'a number', str: 'a string'}[expected]
+            raise InputError(f'{where}.{key} must be {kind}, not {value!r}')
+    config = CaptionerConfig(**fields)
+    check_config(config, f'{where}.')
+    return config
 
 
 def unreadable_file(path, error):

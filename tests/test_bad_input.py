@@ -259,15 +259,15 @@ def run_copy(root, f, damage=None):
     return root / 'run', root / 'run' / 'best.pt'
 
 
-def sample_args(run, root):
+def sample_args(run, root, *more):
     Image.new('RGB', (32, 32), 'red').save(root / 'red.png')
     return 'sample.py', [f'--out_dir={run}', f"--images={root / 'red.png'}", '--num_workers=0', '--device=cpu',
-                         f"--json={root / 'captions.json'}"]
+                         f"--json={root / 'captions.json'}", *more]
 
 
-def eval_args(run, data):
+def eval_args(run, data, *more):
     return 'eval_bleu.py', [f'--out_dir={run}', f'--data_dir={data}', '--split=val', '--device=cpu',
-                            '--decoding=greedy', '--max_new_tokens=3']
+                            '--decoding=greedy', '--max_new_tokens=3', *more]
 
 
 @case
@@ -320,7 +320,8 @@ def checkpoint_of_another_version(root, f):
         checkpoint['model_config']['vision_pooling'] = 'mean'
         torch.save(checkpoint, path)
     run, path = run_copy(root, f, damage)
-    return (*sample_args(run, root), path, "unexpected keyword argument 'vision_pooling'")
+    return (*sample_args(run, root), path, "model_config has an unknown setting 'vision_pooling' (not one of this "
+            "version of model.py)")
 
 
 @case
@@ -356,6 +357,68 @@ def evaluated_split_missing(root, f):
     run, _ = run_copy(root, f)
     script, args = eval_args(run, f['data_dir'])
     return script, args + ['--split=test'], f"{f['data_dir']}/meta.json", "no split 'test'"
+
+
+def model_folder(root, f, change):
+    """A copy of the run with best/ (its model folder) whose config.json's model_config change(settings) edited."""
+    run, _ = run_copy(root, f)
+    path = run / 'best' / 'config.json'
+    config = json.loads(path.read_text())
+    change(config['model_config'])
+    path.write_text(json.dumps(config))
+    return run, path
+
+
+@case
+def model_folder_setting_of_another_type(root, f):
+    run, path = model_folder(root, f, lambda c: c.update(heads='2'))
+    return (*sample_args(run, root, '--checkpoint=best'), path, "model_config.heads must be a whole number, not '2'")
+
+
+@case
+def model_folder_setting_out_of_range(root, f):
+    run, path = model_folder(root, f, lambda c: c.update(num_latents=0))
+    script, args = train_args(f['data_dir'], root, f, f"--init_from={run / 'best'}")
+    return script, args, path, 'model_config.num_latents must be a whole number of at least 1, not 0'
+
+
+@case
+def model_folder_unknown_setting(root, f):
+    run, path = model_folder(root, f, lambda c: c.update(num_latent=c.pop('num_latents')))
+    return (*sample_args(run, root, '--checkpoint=best'), path,
+            "model_config has an unknown setting 'num_latent' (not one of this version of model.py); did you mean "
+            "num_latents?")
+
+
+@case
+def model_folder_of_an_unknown_choice(root, f):
+    run, path = model_folder(root, f, lambda c: c.update(media_attention='all'))
+    return (*eval_args(run, f['data_dir'], '--checkpoint=best'), path,
+            "model_config.media_attention must be 'latest' or 'earlier', not 'all'")
+
+
+# ----------------------------------------------------------------------------- where a script writes
+
+@case
+def export_into_a_path_under_a_file(root, f):
+    (root / 'a_file').write_text('')
+    out = root / 'a_file' / 'model'
+    return 'export.py', [f"--checkpoint={f['run_dir']}/best.pt", f'--out={out}'], out, f"cannot be made, {root / 'a_file'} is a file"
+
+
+@case
+def html_page_into_a_folder(root, f):
+    run, _ = run_copy(root, f)
+    (root / 'page.html').mkdir()
+    script, args = sample_args(run, root, f"--html={root / 'page.html'}")
+    return script, args, root / 'page.html', 'a folder, not a file to write'
+
+
+@case
+def train_out_dir_is_a_file(root, f):
+    script, args = train_args(f['data_dir'], root, f)
+    (root / 'run').write_text('')
+    return script, args, root / 'run', 'a file, not a folder to write into'
 
 
 def snapshot(folder):

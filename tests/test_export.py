@@ -88,7 +88,7 @@ def test_a_config_naming_other_backbones_than_the_weights_fit_fails_in_one_line(
 def test_not_a_model_folder_fails_in_one_line(folder, tmp_path):
     (tmp_path / 'a_file').write_text('')
     assert run_script('export.py', f'--checkpoint={folder}', f"--out={tmp_path / 'a_file'}") == \
-        f"export.py: {tmp_path / 'a_file'}: a file, not a folder to write the model into"
+        f"export.py: {tmp_path / 'a_file'}: a file, not a folder to write into"
     (folder / 'config.json').unlink()
     assert run_script('export.py', f'--checkpoint={folder}', f"--out={tmp_path / 'x'}") == \
         f'export.py: {folder}: not a nanocap model folder (no config.json)'
