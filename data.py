@@ -333,6 +333,20 @@ def gpt2_tokenizer():
                          f"has them)")
 
 
+def command_line():
+    """The command this process runs, as typed (near enough, under torchrun): a record of what made a file."""
+    import shlex
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)} " if 'RANK' in os.environ \
+        else 'python '
+    return launcher + shlex.join(sys.argv)
+
+
+def split_counts(meta):
+    """{split: '3,000 images, 15,000 captions'} of a meta.json."""
+    return {name: ', '.join(f'{entry[k]:,} {k}' for k in ('images', 'videos', 'frames', 'captions') if k in entry)
+            for name, entry in meta['splits'].items()}
+
+
 def warn_if_all_empty(captions, script):
     """One line on stderr when every caption is empty: the scores are then all zero, and would say nothing of why."""
     if captions and not any(caption.strip() for caption in captions):

@@ -25,7 +25,7 @@ import numpy as np
 
 from coco_tokenizer import tokenize, tokenize_all, tokenize_groups  # noqa: F401 (tokenize: for the tests)
 from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, check_writable,
-                  decode_caption, decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit,
+                  command_line, decode_caption, decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit,
                   read_json, read_meta, warn_if_all_empty, write_json)
 
 # -----------------------------------------------------------------------------
@@ -378,6 +378,19 @@ def clip_scores(scorer, data_dir, split_name, captions, references, batch, dev):
     return {'CLIP-S': torch.cat(clip_s).mean().item(), 'RefCLIP-S': torch.cat(ref_clip_s).mean().item()}
 
 
+def model_folder_of(loaded):
+    """The model folder whose weights were evaluated, if any, to add the scores to its model card: the folder itself,
+    or the best/ that train.py wrote beside best.pt with it (the same iteration)."""
+    path = os.path.join(out_dir, checkpoint)
+    if os.path.isdir(path):
+        return path
+    folder = os.path.join(os.path.dirname(path), 'best')
+    saved = read_json(os.path.join(folder, 'config.json')) if os.path.basename(path) == 'best.pt' and \
+        os.path.isfile(os.path.join(folder, 'config.json')) else None
+    same = isinstance(saved, dict) and (saved.get('training') or {}).get('iter_num') == loaded.get('iter_num')
+    return folder if same else None
+
+
 def check_settings():
     """The settings that cannot work, each as one line, before anything loads."""
     from clipscore import check_rerank
@@ -401,11 +414,12 @@ def main():
     from clipscore import clip_scorer_of
     from data import pick_device
     from decode import cpu_decoding
-    from weights import load_captioner
+    from weights import add_evaluation, load_captioner
     check_settings()
     check_writable(out_dir)  # its metrics and captions go there
     dev = pick_device(device)
-    model = cpu_decoding(load_captioner(os.path.join(out_dir, checkpoint), dev)[0], cpu_weights)
+    model, loaded = load_captioner(os.path.join(out_dir, checkpoint), dev)
+    model = cpu_decoding(model, cpu_weights)
     meta = read_meta(data_dir)
     check_data_fits_model(meta, model, data_dir)
     scorer, why_not = clip_scorer_of(model.config.vision_model, dev)
@@ -434,6 +448,9 @@ def main():
         dict(file=r['file'], id=r['id'], caption=c, **(dict(candidates=choices[i][0], chosen=choices[i][1])
                                                         if choices else {}))
         for i, (r, c) in enumerate(zip(records, captions))])
+    card = model_folder_of(loaded)
+    if card:
+        add_evaluation(card, name, dict(metrics=metrics, items=len(records), command=command_line()))
     print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else '')
           + (', reranked by CLIP-S' if rerank else '')
           + f' (captions and scores: {out_dir}/captions_{name}.json, metrics_{name}.json)')

@@ -1,6 +1,7 @@
 """
-A trained model as a folder to share, with no pickle in it: model.safetensors (the trained weights alone) and
-config.json (the model settings, which name the frozen CLIP and GPT-2 it needs), from a checkpoint of train.py:
+A trained model as a folder to share, with no pickle in it: model.safetensors (the trained weights alone),
+config.json (the model settings, which name the frozen CLIP and GPT-2 it needs, and what it was trained on) and
+README.md (its model card, which eval_bleu.py adds its scores to), from a checkpoint of train.py:
 
     python export.py --checkpoint=out-shapes/best.pt --out=out-shapes/best
 
@@ -8,7 +9,9 @@ train.py writes out_dir/best/ beside each best.pt itself. sample.py and eval_ble
 train.py (--init_from=out-shapes/best) read such a folder as they read a .pt checkpoint. It could sit on the
 Hugging Face hub as any model folder does; nothing here reaches the hub, so only local folders are tested.
 """
-from data import InputError, check_writable, input_errors_exit
+import os
+
+from data import InputError, check_writable, input_errors_exit, read_meta, split_counts
 from weights import read_checkpoint, save_model
 
 # -----------------------------------------------------------------------------
@@ -24,5 +27,11 @@ if __name__ == '__main__':
             raise InputError('give --checkpoint=FILE.pt and --out=FOLDER')
         check_writable(out)
         state = read_checkpoint(checkpoint)
-        save_model(state['model'], state['model_config'], out)
-    print(f'wrote {out}: model.safetensors ({len(state["model"])} tensors) and config.json')
+        training = state.get('training')  # a model folder's record, kept; a .pt checkpoint's, rebuilt:
+        if 'iter_num' in state:
+            data_dir = state['train_config'].get('data_dir')
+            meta = os.path.join(data_dir, 'meta.json') if data_dir else ''
+            training = dict(data_dir=data_dir, splits=split_counts(read_meta(data_dir)) if os.path.isfile(meta) else {},
+                            iter_num=state['iter_num'], scores=dict(best_val_loss=state['best_val_loss']))
+        save_model(state['model'], state['model_config'], out, training)
+    print(f'wrote {out}: model.safetensors ({len(state["model"])} tensors), config.json and README.md')

@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import decode
 import eval_bleu
 from data import (EOT, IGNORE_INDEX, Captions, InputError, auto_dtype, check_data_fits_model, check_writable,
-                  decode_caption, gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta,
-                  warn_if_all_empty)
+                  command_line, decode_caption, gpt2_tokenizer, input_errors_exit, pick_device, precision, read_meta,
+                  split_counts, warn_if_all_empty)
 from model import CaptionerConfig, training_flops
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint, save_model,
                      trainable_state)
@@ -520,7 +520,9 @@ def evaluate_and_save(run, iter_num, best):
     save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), state)
     if improved:
         save_checkpoint(os.path.join(out_dir, 'best.pt'), state)
-        save_model(state['model'], run.raw_model.config, os.path.join(out_dir, 'best'))  # to share: no pickle
+        training = dict(data_dir=data_dir, splits=split_counts(read_meta(data_dir)), iter_num=iter_num, scores=scores,
+                        command=command_line())
+        save_model(state['model'], run.raw_model.config, os.path.join(out_dir, 'best'), training)  # to share
 
 
 # -----------------------------------------------------------------------------

@@ -282,16 +282,74 @@ def load_trained_weights(model, state, checkpoint_path):
 MODEL_FILES = ('config.json', 'model.safetensors')
 
 
-def save_model(state, model_config, folder):
+def save_model(state, model_config, folder, training=None):
     """The trained weights `state` alone as model.safetensors (safetensors, the format transformers itself uses:
-    tensors and nothing else, so loading it cannot run code), and the model settings, which name the frozen CLIP
-    and GPT-2 it needs, as config.json. Each file atomically."""
+    tensors and nothing else, so loading it cannot run code); config.json: the model settings, which name the
+    frozen CLIP and GPT-2 it needs, and what it was trained on (training: data_dir, splits, iter_num, scores,
+    command); README.md: its model card. Each file atomically."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     weights = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     atomic_write(os.path.join(folder, 'model.safetensors'), lambda tmp: save_file(weights, tmp))
-    write_json(os.path.join(folder, 'config.json'), dict(format='nanocap', version=1,
-                                                         model_config=asdict(model_config)))
+    config = dict(format='nanocap', version=1, model_config=asdict(model_config), training=training or {},
+                  evaluations={})
+    write_json(os.path.join(folder, 'config.json'), config)
+    write_model_card(folder, config)
+
+
+def add_evaluation(folder, name, evaluation):
+    """Record an evaluation of the folder's weights (eval_bleu.py's metrics and command) in its config.json, and
+    so in its model card."""
+    config = read_json(os.path.join(folder, 'config.json'))
+    config.setdefault('evaluations', {})[name] = evaluation
+    write_json(os.path.join(folder, 'config.json'), config)
+    write_model_card(folder, config)
+
+
+def write_model_card(folder, config):
+    """README.md, the model card: the front matter the Hugging Face hub reads (library, task, tags, the frozen
+    models as base models where they are hub names), then what the model is, the data it was trained on, and its
+    scores, each with the command that measured it."""
+    c, training = config['model_config'], config.get('training') or {}
+    hub_models = [name for name in (c['vision_model'], c['text_model']) if is_hub_name(name)]
+    front = ['library_name: nanocap', 'pipeline_tag: image-to-text', 'tags:', '- image-captioning', '- clipcap',
+             '- flamingo'] + (['base_model:'] + [f'- {name}' for name in hub_models] if hub_models else [])
+    bridges = [what for what, on in (('a mapping network (ClipCap) giving a visual prefix', c['enable_mapper']),
+                                     ('a Perceiver Resampler read by gated cross-attention (Flamingo)',
+                                      c['enable_resampler_xattn'])) if on]
+    tuned = f", its top {c['unfreeze_layers']} blocks trained too" if c['unfreeze_layers'] else ''
+    parent, name = os.path.split(os.path.normpath(folder))
+    body = [f'# {name}: a nanocap captioner', '',
+            f"A frozen CLIP vision tower (`{c['vision_model']}`) and GPT-2 (`{c['text_model']}`{tuned}), joined by "
+            f"{' and '.join(bridges)}. `model.safetensors` holds the trained weights alone, `config.json` the "
+            f'settings that rebuild the rest. To caption your own pictures:', '',
+            f"    python sample.py --out_dir={parent or '.'} --checkpoint={name} --images=photos/"]
+    if training:
+        splits = ', '.join(f'{split} {counts}' for split, counts in training['splits'].items())
+        scores = ', '.join(f'{k} {v:.4f}' for k, v in training['scores'].items())
+        body += ['', '## Training', '', f"On `{training['data_dir']}`" + (f': {splits}' if splits else '') + '.',
+                 f"Saved at iteration {training['iter_num']}; validation then: {scores}."]
+        if training.get('command'):
+            body += ['', 'Trained by:', '', f"    {training['command']}"]
+    evaluations = config.get('evaluations') or {}
+    if evaluations:
+        metrics = list(dict.fromkeys(k for e in evaluations.values() for k in e['metrics']))
+        body += ['', '## Evaluation', '', '| evaluation | ' + ' | '.join(metrics) + ' |',
+                 '| --- |' + ' ---: |' * len(metrics)]
+        body += [f'| {what} | ' + ' | '.join(f"{100 * e['metrics'][k]:.2f}" if k in e['metrics'] else ''
+                                            for k in metrics) + ' |' for what, e in evaluations.items()]
+        body += ['', 'Scores x100 (shares as percentages), each measured by:', '']
+        body += [f"- {what}: `{e['command']}`" for what, e in evaluations.items()]
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write('\n'.join(['---', *front, '---', '', *body, '']))
+    atomic_write(os.path.join(folder, 'README.md'), write)
+
+
+def is_hub_name(name):
+    """Whether a model's name is a hub repository's (gpt2, openai/clip-vit-base-patch32), not a local folder's."""
+    return not os.path.isdir(name) and re.fullmatch(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?', name) is not None
 
 
 def read_model_folder(folder):
@@ -310,4 +368,5 @@ def read_model_folder(folder):
         state = load_file(names[1])
     except (SafetensorError, OSError) as e:  # cut short, not safetensors
         raise InputError(f'{names[1]}: not a readable safetensors file ({first_line(e)})')
-    return dict(model=state, model_config=model_config_of(config['model_config'], names[0]))
+    return dict(model=state, model_config=model_config_of(config['model_config'], names[0]),
+                training=config.get('training') or {})

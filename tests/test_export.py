@@ -22,7 +22,7 @@ def folder(tmp_path, run_dir):
 
 
 def test_the_folder_holds_the_trained_weights_alone_and_captions_as_the_checkpoint(folder, run_dir):
-    assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.safetensors']
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     checkpoint = torch.load(f'{run_dir}/best.pt', weights_only=True)
     weights = load_file(folder / 'model.safetensors')  # safetensors' own reader: tensors only
     assert weights.keys() == checkpoint['model'].keys()
@@ -99,3 +99,35 @@ def test_not_a_model_folder_fails_in_one_line(folder, tmp_path):
     (folder / 'model.safetensors').write_bytes(b'\x00' * 10)
     message = run_script('train.py', f'--init_from={folder}', f"--out_dir={tmp_path / 'out'}", '--device=cpu')
     assert message.startswith(f'train.py: {folder}/model.safetensors: not a readable safetensors file (')
+
+
+def test_the_model_card_says_what_the_model_is_what_it_learnt_from_and_how_it_scored(run_dir, data_dir, tmp_path):
+    """best/README.md: the hub's metadata (library, task, the frozen models as base models where they are hub
+    names), the data, the validation scores with train.py's command, and eval_bleu.py's scores with its own. The
+    front matter is read back by PyYAML (which transformers depends on), as the hub reads it."""
+    import yaml
+    shutil.copytree(run_dir, tmp_path / 'run')
+    card = (tmp_path / 'run' / 'best' / 'README.md').read_text()
+    front, body = card.split('---\n')[1:3]
+    meta = yaml.safe_load(front)
+    assert meta['library_name'] == 'nanocap' and meta['pipeline_tag'] == 'image-to-text'
+    assert meta['tags'] == ['image-captioning', 'clipcap', 'flamingo']
+    assert 'base_model' not in meta  # the tiny stand-ins are local folders, not hub models
+    config = json.loads((tmp_path / 'run' / 'best' / 'config.json').read_text())
+    checkpoint = torch.load(f'{run_dir}/best.pt', weights_only=True)
+    assert config['training']['iter_num'] == checkpoint['iter_num']
+    assert f"On `{data_dir}`: train 16 images, 48 captions, val 4 images, 12 captions." in body
+    assert f"Saved at iteration {checkpoint['iter_num']}; validation then: val_loss {checkpoint['best_val_loss']:.4f}" \
+        in body
+    assert '\n    python train.py --out_dir=' in body  # the command that trained it
+    assert run_script('eval_bleu.py', f"--out_dir={tmp_path / 'run'}", f'--data_dir={data_dir}', '--split=val',
+                      '--decoding=greedy', '--max_new_tokens=6', '--device=cpu') is None
+    metrics = json.loads((tmp_path / 'run' / 'metrics_val_greedy.json').read_text())
+    card = (tmp_path / 'run' / 'best' / 'README.md').read_text()
+    assert f"| val_greedy | {100 * metrics['BLEU-1']:.2f} |" in card and '- val_greedy: `python eval_bleu.py --out_dir=' in card
+    # a model of hub checkpoints names them as its base models
+    from weights import write_model_card
+    config['model_config'].update(vision_model='openai/clip-vit-base-patch32', text_model='gpt2')
+    write_model_card(tmp_path, config)
+    meta = yaml.safe_load((tmp_path / 'README.md').read_text().split('---\n')[1])
+    assert meta['base_model'] == ['openai/clip-vit-base-patch32', 'gpt2']
