@@ -13,6 +13,7 @@ float, and a default of None accepts any value). A script hands its defaults in:
 """
 import ast
 import difflib
+import os
 import sys
 
 SETTING_TYPES = (bool, int, float, str, type(None))
@@ -29,7 +30,10 @@ def configure(defaults, argv=None):
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
         if arg in ('--help', '-h'):
-            print(usage(sys.argv[0]))
+            try:
+                print(usage(sys.argv[0]), flush=True)
+            except BrokenPipeError:  # `--help | head`: the reader has read enough
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
         if arg.startswith('--'):
             key, sep, text = arg[2:].partition('=')

@@ -531,14 +531,14 @@ def main():
     check_writable(out_dir)  # before any work
     ddp, rank, world, dev = start_devices()
     ptdtype, autocast = precision(torch.device(dev).type, dtype)
-    if rank == 0:
-        chose = f" ({auto_dtype(torch.device(dev).type)[1]})" if dtype == 'auto' else ''
-        print(f"training on {dev} in {str(ptdtype).removeprefix('torch.')}: dtype={dtype}{chose}")
     scaler = torch.amp.GradScaler(torch.device(dev).type, enabled=ptdtype == torch.float16)
     check_settings()
     if eval_images:
         gpt2_tokenizer()  # its files, before any work: evaluations and SCST's rewards decode captions
     model_config, resume, start = starting_point()
+    if rank == 0:  # what it will train on, once the settings and the starting point hold
+        chose = f" ({auto_dtype(torch.device(dev).type)[1]})" if dtype == 'auto' else ''
+        print(f"training on {dev} in {str(ptdtype).removeprefix('torch.')}: dtype={dtype}{chose}")
     torch.manual_seed(seed)  # the bridge's initial weights: the same in every run and on every rank
     model = build_captioner(model_config)
     if start is not None:

@@ -67,3 +67,12 @@ def test_help_prints_the_settings_with_their_defaults_and_comments(script, capsy
     block = source.split('# ---')[1].split('\n', 1)[1]  # the lines after the first banner, to the next
     assert block.rsplit('\n', 1)[0] in out
     assert 'device = ' in out or 'checkpoint = ' in out  # a setting every script has, with its default
+
+
+def test_help_into_a_pipe_that_closes_early_is_no_error():
+    """`python train.py --help | head`: the reader may close the pipe before the script writes (here `true` reads
+    nothing and exits at once, long before train.py has imported torch); the script exits 0, nothing on stderr."""
+    import subprocess
+    result = subprocess.run('python train.py --help | true; exit ${PIPESTATUS[0]}', shell=True, executable='bash',
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, '')
