@@ -293,11 +293,13 @@ FORMAT_VERSION = 1  # meta.json's format_version: raised whenever the files' lay
 
 def check_writable(path, folder=True):
     """Fail in one line, before any work, unless `path` can be written: a folder that is, or can be made there
-    (folder=True), or a file in one."""
+    (folder=True), or a file in a folder that is."""
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f'{path}: a file, not a folder to write into')
     if not folder and os.path.isdir(path):
         raise InputError(f'{path}: a folder, not a file to write')
+    if not folder and not os.path.isdir(os.path.dirname(path) or '.'):
+        raise InputError(f'{path}: no folder {os.path.dirname(path)} to write it in')
     nearest = os.path.abspath(path if folder else os.path.dirname(path) or '.')
     while not os.path.exists(nearest):  # the folder that would hold what is made
         nearest = os.path.dirname(nearest)

@@ -417,6 +417,7 @@ def main():
     from weights import add_evaluation, load_captioner
     check_settings()
     check_writable(out_dir)  # its metrics and captions go there
+    os.makedirs(out_dir, exist_ok=True)
     dev = pick_device(device)
     model, loaded = load_captioner(os.path.join(out_dir, checkpoint), dev)
     model = cpu_decoding(model, cpu_weights)
@@ -449,8 +450,11 @@ def main():
                                                         if choices else {}))
         for i, (r, c) in enumerate(zip(records, captions))])
     card = model_folder_of(loaded)
-    if card:
-        add_evaluation(card, name, dict(metrics=metrics, items=len(records), command=command_line()))
+    try:
+        if card:
+            add_evaluation(card, name, dict(metrics=metrics, items=len(records), command=command_line()))
+    except OSError as e:  # a folder it may read but not write: the scores are in out_dir all the same
+        print(f'eval_bleu.py: {card}: its model card not updated ({first_line(e)})', file=sys.stderr)
     print(f'{split}: {len(records):,} captioned, {decoding} decoding' + (f', {shots}-shot' if shots else '')
           + (', reranked by CLIP-S' if rerank else '')
           + f' (captions and scores: {out_dir}/captions_{name}.json, metrics_{name}.json)')

@@ -28,10 +28,10 @@ if __name__ == '__main__':
         check_writable(out)
         state = read_checkpoint(checkpoint)
         training = state.get('training')  # a model folder's record, kept; a .pt checkpoint's, rebuilt:
-        if 'iter_num' in state:
+        if 'iter_num' in state:  # (its best_val_loss is the run's best so far, not always this iteration's)
             data_dir = state['train_config'].get('data_dir')
             meta = os.path.join(data_dir, 'meta.json') if data_dir else ''
             training = dict(data_dir=data_dir, splits=split_counts(read_meta(data_dir)) if os.path.isfile(meta) else {},
-                            iter_num=state['iter_num'], scores=dict(best_val_loss=state['best_val_loss']))
-        save_model(state['model'], state['model_config'], out, training)
+                            iter_num=state['iter_num'], scores=dict(best_val_loss_so_far=state['best_val_loss']))
+        save_model(state['model'], state['model_config'], out, training, state.get('evaluations'))
     print(f'wrote {out}: model.safetensors ({len(state["model"])} tensors), config.json and README.md')

@@ -282,17 +282,18 @@ def load_trained_weights(model, state, checkpoint_path):
 MODEL_FILES = ('config.json', 'model.safetensors')
 
 
-def save_model(state, model_config, folder, training=None):
+def save_model(state, model_config, folder, training=None, evaluations=None):
     """The trained weights `state` alone as model.safetensors (safetensors, the format transformers itself uses:
     tensors and nothing else, so loading it cannot run code); config.json: the model settings, which name the
     frozen CLIP and GPT-2 it needs, and what it was trained on (training: data_dir, splits, iter_num, scores,
-    command); README.md: its model card. Each file atomically."""
+    command) and how it scored (evaluations: eval_bleu.py's, by name); README.md: its model card. Each file
+    atomically."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     weights = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     atomic_write(os.path.join(folder, 'model.safetensors'), lambda tmp: save_file(weights, tmp))
     config = dict(format='nanocap', version=1, model_config=asdict(model_config), training=training or {},
-                  evaluations={})
+                  evaluations=evaluations or {})
     write_json(os.path.join(folder, 'config.json'), config)
     write_model_card(folder, config)
 
@@ -369,4 +370,4 @@ def read_model_folder(folder):
     except (SafetensorError, OSError) as e:  # cut short, not safetensors
         raise InputError(f'{names[1]}: not a readable safetensors file ({first_line(e)})')
     return dict(model=state, model_config=model_config_of(config['model_config'], names[0]),
-                training=config.get('training') or {})
+                training=config.get('training') or {}, evaluations=config.get('evaluations') or {})

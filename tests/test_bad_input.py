@@ -415,6 +415,13 @@ def html_page_into_a_folder(root, f):
 
 
 @case
+def json_into_a_folder_that_is_not_there(root, f):
+    run, _ = run_copy(root, f)
+    script, args = sample_args(run, root, f"--json={root / 'no' / 'captions.json'}")
+    return script, args, root / 'no' / 'captions.json', f"no folder {root / 'no'} to write it in"
+
+
+@case
 def train_out_dir_is_a_file(root, f):
     script, args = train_args(f['data_dir'], root, f)
     (root / 'run').write_text('')

@@ -125,6 +125,9 @@ def test_the_model_card_says_what_the_model_is_what_it_learnt_from_and_how_it_sc
     metrics = json.loads((tmp_path / 'run' / 'metrics_val_greedy.json').read_text())
     card = (tmp_path / 'run' / 'best' / 'README.md').read_text()
     assert f"| val_greedy | {100 * metrics['BLEU-1']:.2f} |" in card and '- val_greedy: `python eval_bleu.py --out_dir=' in card
+    # a copy of the folder keeps its record: what it learnt from and how it scored
+    assert run_script('export.py', f"--checkpoint={tmp_path / 'run' / 'best'}", f"--out={tmp_path / 'copy'}") is None
+    assert (tmp_path / 'copy' / 'README.md').read_text().split('## Training')[1] == card.split('## Training')[1]
     # a model of hub checkpoints names them as its base models
     from weights import write_model_card
     config['model_config'].update(vision_model='openai/clip-vit-base-patch32', text_model='gpt2')
