@@ -35,15 +35,14 @@ class ClipScorer:
         from weights import check_checkpoint_kind, from_pretrained, quiet_transformers
         quiet_transformers()
         check_checkpoint_kind(name, ('clip',), 'a full CLIPModel, whose text tower CLIP-S needs')
+        no_files = f'{name}: no CLIP tokenizer files (vocab.json, merges.txt) to read captions with'
         missing = [f for f in ('vocab.json', 'merges.txt') if not os.path.isfile(os.path.join(name, f))]
         if os.path.isdir(name) and missing:  # looked for here: transformers' own errors differ by version
-            raise InputError(f"{name}: no CLIP tokenizer files (vocab.json, merges.txt) to read captions with "
-                             f"(no {', '.join(missing)})")
+            raise InputError(f"{no_files} (no {', '.join(missing)})")
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
         except (OSError, ValueError, TypeError, ImportError) as e:  # the hub has no tokenizer files for it
-            raise InputError(f"{name}: no CLIP tokenizer files (vocab.json, merges.txt) to read captions with "
-                             f'({first_line(e)})')
+            raise InputError(f'{no_files} ({first_line(e)})')
         self.clip = from_pretrained(CLIPModel, name, 'a CLIP model').to(device).eval()
         self.device = device
 

@@ -323,6 +323,13 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def gpt2_tokenizer():
     """GPT-2's BPE, from tiktoken, which downloads its two files on first use and caches them. Without a
     network (and without them in its cache) that fails deep inside requests: say so in one line instead."""

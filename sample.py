@@ -21,10 +21,10 @@ from html import escape
 
 from PIL import Image
 
-from data import (FewShotExamples, ImageFiles, InputError, atomic_write, check_at_least, check_data_fits_model,
+from data import (FewShotExamples, ImageFiles, InputError, check_at_least, check_data_fits_model,
                   check_writable, count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit,
                   load_rgb, read_frames, read_meta, stack_frames, video_pixels, vision_autocast, warn_if_all_empty,
-                  write_json)
+                  write_json, write_text)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -211,10 +211,7 @@ def write_html(path, results, heading):
             'figure{width:256px;margin:0}img{max-width:256px;max-height:256px}p{margin:4px 0}</style>\n'
             f'<h1>{escape(heading)}</h1>\n<main>\n{rows}\n</main>\n')
 
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(page)
-    atomic_write(path, write)
+    write_text(path, page)
 
 
 def page_heading():

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from data import InputError, atomic_write, first_line, read_json, write_json
+from data import InputError, atomic_write, first_line, read_json, write_json, write_text
 from model import GPT2, Captioner, CaptionerConfig, GPTConfig
 
 # Architectures of the checkpoints we know by name, so that --init_from=scratch needs no download.
@@ -341,11 +341,7 @@ def write_model_card(folder, config):
                                             for k in metrics) + ' |' for what, e in evaluations.items()]
         body += ['', 'Scores x100 (shares as percentages), each measured by:', '']
         body += [f"- {what}: `{e['command']}`" for what, e in evaluations.items()]
-
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write('\n'.join(['---', *front, '---', '', *body, '']))
-    atomic_write(os.path.join(folder, 'README.md'), write)
+    write_text(os.path.join(folder, 'README.md'), '\n'.join(['---', *front, '---', '', *body, '']))
 
 
 def is_hub_name(name):
