@@ -55,27 +55,8 @@ images = ''  # a folder of JPEGs (default: synthetic 640x480 JPEGs, the size of 
 num_images = 0  # images to run (0: 8192 on a GPU, 16 on a CPU); the folder's files are cycled
 extract_batch = 0  # images per batch (0: 256 on a GPU, 8 on a CPU)
 num_workers = min(16, os.cpu_count() or 1)
-# the model: model.py's CaptionerConfig, field by field (each is explained there), at its defaults
-vision_model = 'openai/clip-vit-base-patch32'
-text_model = 'gpt2'
-enable_mapper = True
-mapper = 'mlp'
-prefix_len = 1
-mapper_hidden = 512
-mapper_depth = 8
-mapper_heads = 8
-mapper_ffn = 2048
-enable_resampler_xattn = True
-resampler_depth = 4
-num_latents = 64
-max_frames = 500
-heads = 6
-dim_head = 64
-ff_mult = 1
-xattn_every = 1
-media_attention = 'latest'
-unfreeze_layers = 0
-train_embeddings = False
+# the model: model.py's CaptionerConfig, whose fields are settings too, at its defaults (--help
+# lists them)
 # -----------------------------------------------------------------------------
 
 
@@ -319,6 +300,7 @@ def main():
 
 if __name__ == '__main__':
     from configurator import configure, is_setting
-    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    defaults = {k: v for k, v in globals().items() if is_setting(k, v)}
+    globals().update(configure(defaults, model=CaptionerConfig))  # CaptionerConfig's fields too
     with input_errors_exit('bench.py'):
         main()

@@ -6,13 +6,17 @@ Config overrides from the command line, nanoGPT style:
 Bare arguments are Python config files, executed in order; `--key=value` arguments override one
 setting; `--help` prints the settings, with their defaults and comments, as the script lists them. Every
 key must already exist with a default; a value must have the default's type (an int is accepted for a
-float, and a default of None accepts any value). A script hands its defaults in:
+float, and a default of None accepts any value). A script hands its defaults in, and the
+dataclass of its model, if any, whose fields are settings too, at the dataclass's defaults:
 
-    from configurator import configure
-    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    from configurator import configure, is_setting
+    defaults = {k: v for k, v in globals().items() if is_setting(k, v)}
+    globals().update(configure(defaults, model=CaptionerConfig))
 """
 import ast
+import dataclasses
 import difflib
+import inspect
 import os
 import sys
 
@@ -25,13 +29,17 @@ def is_setting(name, value):
     return not name.startswith('_') and not name.isupper() and isinstance(value, SETTING_TYPES)
 
 
-def configure(defaults, argv=None):
-    """Return a copy of `defaults` with the config files and --key=value overrides of argv applied."""
+def configure(defaults, argv=None, model=None):
+    """Return a copy of `defaults` with the config files and --key=value overrides of argv
+    applied. The fields of the dataclass `model` are settings too, at its defaults unless `defaults`
+    gives one."""
     config = dict(defaults)
+    for field in dataclasses.fields(model) if model else ():
+        config.setdefault(field.name, field.default)
     for arg in sys.argv[1:] if argv is None else argv:
         if arg in ('--help', '-h'):
             try:
-                print(usage(sys.argv[0]), flush=True)
+                print(usage(sys.argv[0], model), flush=True)
             except BrokenPipeError:  # `--help | head`: the reader has read enough
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
@@ -48,15 +56,22 @@ def configure(defaults, argv=None):
     return config
 
 
-def usage(script):
+def usage(script, model=None):
     """How to run a script, and its settings as its source lists them: the lines between its first two
-    '# ---' lines, each setting with its default and what it is for."""
+    '# ---' lines, each setting with its default and what it is for; then the fields of the
+    dataclass `model` as its source lists them."""
     with open(script) as f:
         lines = f.read().splitlines()
     banners = [i for i, line in enumerate(lines) if line.startswith('# ---')][:2]
     settings = lines[banners[0] + 1:banners[1]] if len(banners) == 2 else []
-    return '\n'.join([f'usage: python {script} [config/FILE.py ...] [--key=value ...]', '',
-                      'settings (a config file or --key=value changes one):', *settings])
+    text = [f'usage: python {script} [config/FILE.py ...] [--key=value ...]', '',
+            'settings (a config file or --key=value changes one):', *settings]
+    if model:  # the lines of the class body that are fields or comments, as its source has them
+        body = [line[4:] for line in inspect.getsource(model).splitlines() if line.startswith('    ')
+                and (':' in line.split('#')[0] or line.lstrip().startswith('#'))]
+        text += ['', f"the model's settings ({model.__module__}.py's {model.__name__}, at its "
+                 'defaults unless set above):', *body]
+    return '\n'.join(text)
 
 
 def run_config_file(path, config):

@@ -13,7 +13,7 @@ from weights import build_captioner
 from eval_bleu import CiderD, tokenize_all
 from test_eval_bleu import coco_mini_images, needs_java, needs_real_data
 from test_train import logs, train, train_args
-from train import CiderReward, leave_one_out_advantages, policy_gradient_loss, sample_log_probs, sampled_batch
+from scst import CiderReward, leave_one_out_advantages, policy_gradient_loss, sample_log_probs, sampled_batch
 
 
 @needs_java
@@ -217,7 +217,8 @@ def first_step_loss(run_dir, data_dir):
     log-probability."""
     from data import Captions
     from weights import load_captioner
-    from train import epoch_order, sample_seed
+    from scst import sample_seed
+    from train import epoch_order
     model, _ = load_captioner(f'{run_dir}/ckpt.pt')
     data = Captions(data_dir, 'train', 48)
     reward = CiderReward(data.records())

@@ -17,7 +17,7 @@ from conftest import RUN_OPTIONS, caption_text, colour_and_shape, run_script
 from data import EOT, Captions
 from decode import generate
 from weights import load_captioner, load_vision
-from train import save_checkpoint
+from weights import save_checkpoint
 
 
 def train_args(out_dir, data_dir, tiny_clip_dir, tiny_gpt2_dir, *options):
@@ -282,17 +282,23 @@ def test_data_of_another_vision_model_fails_in_one_line(tmp_path, data_dir, tiny
         f"vision model)")
 
 
-@pytest.mark.parametrize('script', ['train', 'bench'])
-def test_scripts_list_every_model_setting_at_its_default(script):
-    """train.py and bench.py list the model's settings for a reader to see: each one's default is model.py's
-    (train.py's vision model is the data's, by default)."""
+@pytest.mark.parametrize('script', ['train.py', 'bench.py'])
+def test_the_model_settings_are_listed_once_in_model_py(script, capsys):
+    """The model's settings are CaptionerConfig's fields: neither script copies them (train.py sets only the
+    vision model's default), --help lists each with model.py's own line, and an override is checked against
+    the field's type like any setting's."""
+    import ast
     import dataclasses
-    import importlib
     from model import CaptionerConfig
-    module = importlib.import_module(script)
-    for field in dataclasses.fields(CaptionerConfig):
-        default = '' if (script, field.name) == ('train', 'vision_model') else field.default
-        assert getattr(module, field.name) == default, field.name
+    names = [f.name for f in dataclasses.fields(CaptionerConfig)]
+    assigned = {target.id for node in ast.parse(open(script).read()).body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)}
+    assert assigned & set(names) == ({'vision_model'} if script == 'train.py' else set())
+    assert run_script(script, '--help') == 0
+    out = capsys.readouterr().out
+    model_lines = [line.strip() for line in open('model.py') if line.strip().split(':')[0] in names]
+    assert len(model_lines) == len(names) and all(out.count(line) == 1 for line in model_lines)
+    assert run_script(script, '--heads=many') == "config error: --heads=many: expected int, got 'many'"
 
 
 def test_the_vision_model_is_the_one_that_made_the_features(tmp_path, data_dir, tiny_gpt2_dir):
@@ -332,18 +338,13 @@ def test_logged_loss_after_a_resume_is_the_mean_since_the_resume(tmp_path, data_
     assert logs['a'][8] == pytest.approx(np.mean([logs['b'][i] for i in (6, 7, 8)]), rel=1e-6)
 
 
-def test_logged_mfu_is_each_ranks_flops_against_its_own_gpu(tmp_path, monkeypatch):
+def test_logged_mfu_is_each_ranks_flops_against_its_own_gpu():
     """Under torchrun, every rank counts the FLOPs of its own micro batches on its own GPU: 8 ranks at 40% of
     their peaks log 40%, not 8 x 40%. (A window of 2 steps, 3 s, 1.2e15 FLOPs of one rank, a peak of 1e15.)"""
     import train
-    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
-    monkeypatch.setattr(train.dist, 'all_reduce', lambda tensor: None)  # the 8 ranks' sums: here, one's
-    monkeypatch.setattr(train, 'gate_values', lambda model: {})
-    run = train.Run('cpu', 0, 8, None, None, None, None, None, None, None)
     window = train.Window(start=time.time() - 3.0, loss=torch.tensor(4.0), scst=torch.zeros(3), iters=2,
                           flops=1.2e15, captions=64)
-    train.log_progress(run, window, iter_num=2, total_iters=10, lr=1e-4, peak=1e15, paces=[])
-    record = logs(tmp_path)[-1]
+    record = window.record(iter_num=2, lr=1e-4, peak=1e15, scst=False)
     assert record['mfu'] == pytest.approx(1.2e15 / 3.0 / 1e15, rel=0.01)
 
 
@@ -375,18 +376,14 @@ def test_start_up_says_the_device_and_what_dtype_auto_chose(tmp_path, data_dir, 
     assert chosen.stdout.splitlines()[0] == 'training on cpu in float32: dtype=float32'
 
 
-def test_no_eta_until_the_pace_is_steady(tmp_path, monkeypatch, capsys):
+def test_no_eta_until_the_pace_is_steady():
     """The first windows are warm-up, several times slower than the rest: an ETA from them is a fright. None is
     shown until two windows in a row run at one pace; from then on, each window's pace gives one."""
     import train
-    monkeypatch.setattr(train, 'out_dir', str(tmp_path))
-    monkeypatch.setattr(train, 'gate_values', lambda model: {})
-    run = train.Run('cpu', 0, 1, None, None, None, None, None, None, None)
     paces, shown = [], []
     for seconds in (9.0, 3.0, 1.1, 1.0, 1.5):  # 10 iterations a window: warm-up, then a steady pace
         window = train.Window(start=time.time() - seconds, loss=torch.tensor(4.0), scst=torch.zeros(3), iters=10)
-        train.log_progress(run, window, iter_num=10 * (len(paces) + 1), total_iters=1250, lr=1e-4, peak=None,
-                           paces=paces)
-        shown.append(capsys.readouterr().out.strip().rpartition(', ')[2])
+        record = window.record(iter_num=10 * (len(paces) + 1), lr=1e-4, peak=None, scst=False)
+        shown.append(train.progress_line(record, total_iters=1250, paces=paces).rpartition(', ')[2])
     assert shown[:3] == ['0 captions/s'] * 3  # no ETA: 900, 300, 110 ms/iter are no steady pace
     assert shown[3:] == ['ETA 2.0 min', 'ETA 3.0 min']  # 1,210 iterations left at 100 ms, then 1,200 at 150 ms
