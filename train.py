@@ -45,9 +45,10 @@ objective = 'xe'
 scst_samples = 5  # captions sampled per image; each one's baseline is the mean reward of the others
 scst_max_tokens = 20  # a sample longer than this is cut
 # data
-batch_size = 32  # per device per micro step: captions ('xe'), or images ('scst': x scst_samples)
-# 'xe': (image, caption) pairs packed into one sequence, each caption right after its own image,
-# reading it through the cross-attention (Flamingo's interleaving: how a model learns few-shot)
+# per device per micro step: captions ('xe'), or images ('scst', each with scst_samples captions)
+batch_size = 32
+# 'xe': this many (image, caption) pairs packed into one sequence, each caption right after its
+# image (Flamingo's interleaving: how a model learns to read few-shot examples)
 interleave = 1
 gradient_accumulation_steps = 1
 max_caption_tokens = 48  # longer captions are cut (hardly any COCO caption is)
@@ -77,8 +78,8 @@ device = ''  # default: cuda when available, else cpu
 dtype = 'auto'  # float32, bfloat16, float16; auto: bfloat16 where the hardware has it (else
 # float16 on a GPU, float32 on a CPU)
 compile = False
-# the model: model.py's CaptionerConfig, whose fields are settings too, at its defaults (--help
-# lists them), but for the vision model: by default, the CLIP that made data_dir's features
+# the model: the fields of model.py's CaptionerConfig are settings too, at its defaults (--help
+# lists them). One default differs: the vision model is the CLIP that made data_dir's features.
 vision_model = ''
 # -----------------------------------------------------------------------------
 
@@ -187,8 +188,8 @@ class Window:
             dist.all_reduce(sums)
         loss_sum, reward_sum, token_sum, samples = sums.tolist()  # waits for the GPU: only here
         elapsed = time.time() - self.start
-        # self.flops are this rank's, on its own device: all ranks do world x the work on world x
-        # the peak
+        # self.flops are this rank's, done on its own device of that peak: the share of the peak
+        # is the same for all the ranks together
         record = dict(iter=iter_num, loss=loss_sum / self.iters, lr=lr,
                       ms_per_iter=1000 * elapsed / self.iters,
                       captions_per_s=self.captions / elapsed,
@@ -232,7 +233,8 @@ def log(record, out_dir, wandb_log):
 
 
 def main(config):
-    """The run of the settings above, whose values now are `config` (what a checkpoint records)."""
+    """The run. It reads the settings above as globals; `config` holds them all, for the checkpoints
+    to record."""
     # -------------------------------------------------------------------------
     # settings that cannot work together: one line each, before any work
     check_writable(out_dir)
@@ -280,19 +282,19 @@ def main(config):
             raise InputError(f'{ckpt_path}: no checkpoint to resume from')
         resume = read_checkpoint(ckpt_path)
         model_config = resume['model_config']
-        # what each step reads follows from these: with others, it would not continue the run
+        # what each step reads follows from these: with others, a resumed run would not continue
         for setting, default in (('objective', 'xe'), ('interleave', 1)):
             was = resume['train_config'].get(setting, default)
             if was != config[setting]:
-                raise InputError(f'{ckpt_path}: a run with {setting}={was}; resume it with the '
-                                 f'same')
+                raise InputError(f'{ckpt_path}: a run with {setting}={was}; resume it with '
+                                 f'the same')
     elif init_from != 'pretrained':
         if not os.path.exists(init_from):
             raise InputError(f"{init_from}: no such checkpoint (init_from is 'pretrained', "
                              f"'resume', a checkpoint file or a model folder)")
         start = read_checkpoint(init_from)
         model_config = start['model_config']
-    # the vision tower is the one that made the features, unless the run names it (the same one)
+    # the vision tower is the one that made the features (a run that names one must name that)
     meta = read_meta(data_dir)
     model_config.vision_model = model_config.vision_model or meta['vision_model']
     if model_config.vision_model != meta['vision_model']:  # before any weights are looked for
@@ -319,22 +321,23 @@ def main(config):
     train_data = Captions(data_dir, 'train', max_caption_tokens)
     val_data = Captions(data_dir, val_split, max_caption_tokens)
     longest = int(train_data.lengths.max())
-    packed = interleave * (model.prefix_len + 1 + longest)  # prefix, <|endoftext|>, caption, k x
+    # each of the k pairs: prefix, <|endoftext|>, caption
+    packed = interleave * (model.prefix_len + 1 + longest)
     if interleave > 1 and packed > model.gpt.config.block_size:  # fail now, not mid-run
         raise InputError(f'interleave={interleave} x (prefix {model.prefix_len} + <|endoftext|> + '
                          f'longest caption {longest}) = {packed} positions > the language model\'s '
                          f'{model.gpt.config.block_size}: lower interleave or max_caption_tokens')
     # an iteration's items: captions with their images ('xe'), or images to caption ('scst')
-    item_name, items = ('caption', len(train_data)) if objective == 'xe' else \
+    item_name, n_items = ('caption', len(train_data)) if objective == 'xe' else \
         ('image', train_data.media_count)
     global_batch = batch_size * gradient_accumulation_steps * world
-    iters_per_epoch = items // global_batch
+    iters_per_epoch = n_items // global_batch
     if iters_per_epoch == 0:
-        raise InputError(f'{items} training {item_name}s make no batch of {global_batch}')
+        raise InputError(f'{n_items} training {item_name}s make no batch of {global_batch}')
     total_iters = max_iters or epochs * iters_per_epoch
     if rank == 0:
-        print(f'{items:,} training {item_name}s, {global_batch} per iteration, {iters_per_epoch:,} '
-              f'iterations per epoch, {total_iters:,} in all')
+        print(f'{n_items:,} training {item_name}s, {global_batch} per iteration, '
+              f'{iters_per_epoch:,} iterations per epoch, {total_iters:,} in all')
     reward = CiderReward(train_data.records()) if objective == 'scst' else None
     # the fixed validation captions, in batches: this rank's share
     val_ids = np.linspace(0, len(val_data) - 1, min(eval_captions, len(val_data))).astype(np.int64)
@@ -382,10 +385,13 @@ def main(config):
     window = Window.new(dev)  # a resumed run's first window starts at the resume
     first_iter = iter_num
     while True:
-        # evaluate and save: at every eval_interval, at the end, and first the checkpoint this run
-        # starts from (the first candidate for best.pt)
-        if (iter_num == first_iter and start is not None) or (iter_num > first_iter and (
-                iter_num % eval_interval == 0 or iter_num == total_iters)):
+        # evaluate and save: every eval_interval iterations and at the end; first, the checkpoint
+        # the run starts from, if any (the first candidate for best.pt)
+        if iter_num == first_iter:
+            evaluate = start is not None
+        else:
+            evaluate = iter_num % eval_interval == 0 or iter_num >= total_iters
+        if evaluate:
             trained.eval()
             val_loss = validation_loss(model, val_data, val_batches, autocast, dev)
             trained.train()
@@ -420,12 +426,12 @@ def main(config):
                     save_model(state['model'], model.config, os.path.join(out_dir, 'best'),
                                training)  # the model folder to share
             window.start = time.time()  # evaluation time is not training time
-        if iter_num == total_iters:
+        if iter_num >= total_iters:
             break
 
         # one iteration: the global batch's items, in micro batches of batch_size per rank
         epoch, step = divmod(iter_num, iters_per_epoch)
-        ids = epoch_order(items, seed, epoch)[step * global_batch:(step + 1) * global_batch]
+        ids = epoch_order(n_items, seed, epoch)[step * global_batch:(step + 1) * global_batch]
         all_targets = train_data.target_count(ids) if objective == 'xe' else None
         lr = lr_at(iter_num, total_iters, learning_rate, min_lr, warmup_frac)
         for group in optimizer.param_groups:
@@ -436,8 +442,9 @@ def main(config):
             if ddp:  # synchronise gradients only on the last micro step
                 trained.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
             if objective == 'xe':
-                # cross-entropy: the micro batch's share of the mean loss over all the target tokens
-                # of the global batch (every rank knows it: the gradient of one process on it all)
+                # cross-entropy: the micro batch's share of the mean loss over all the target
+                # tokens of the global batch (each rank knows the whole batch: the same gradient
+                # as one process on all of it)
                 if interleave == 1:
                     batch, media_at = train_data.batch(micro_ids), None
                 else:
