@@ -1,14 +1,16 @@
 """
-Decoding: how a trained captioner writes a caption, one token at a time. It calls the model (model.py's
-Captioner: encode, prefill, step) and never the other way round.
+Decoding: how a trained captioner writes a caption, one token at a time. It calls the model
+(model.py's Captioner) and never the other way round.
 
     generate(model, features, mask, decoding='greedy' | 'beam' | 'sample', ...) -> a token list per image
 
-The prompt, [prefix; <|endoftext|>] (with few-shot examples, each example's [prefix; <|endoftext|> caption]
-before it), goes through the model once; then each step feeds the token just chosen and gets the logits
-of the next. First the loops (greedy and sampling, then beam search, then the few-shot prompt), then what
-makes them fast, each apart from the idea it speeds up: the KV cache, a step replayed as a CUDA graph on a
-GPU, and oneDNN's linear layers on a CPU.
+First the idea, plain: a caption starts as <|endoftext|>; the whole sequence so far goes through the
+model, and the logits of its last position choose the next token (the best one, a sample, or for
+beam search the best extensions of a few hypotheses); until <|endoftext|> comes again. Then the same
+loops as generate runs them, batched, from a prompt (with few-shot examples, each example's
+[prefix; <|endoftext|> caption] before it) that goes through the model once. Then, each apart, what
+makes them fast: the KV cache, a step replayed as a CUDA graph on a GPU, and the CPU's linear layers.
+The argument checks come last.
 """
 import math
 import weakref
@@ -20,14 +22,77 @@ import torch.nn.functional as F
 
 from data import EOT, InputError, Shots
 
+# -----------------------------------------------------------------------------
+# The idea, plain: the whole sequence through the model for every new token. A test proves that
+# generate gives the same tokens.
 
-@dataclass
-class Decoding:
-    """What each step reads: the media's cross-attention keys/values {GPT-2 block: (k, v)}, computed once from
-    the images, and the KV cache of the text so far, which each step adds to."""
-    media_kv: dict
-    cache: 'KVCache'
+@torch.no_grad()
+def plain_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens=0):
+    """One caption (a token list) per input: at every step, the next token of every row chosen by
+    pick(logits [B, vocab]) (the best one, or a sample), until each row has ended with
+    <|endoftext|> or has max_new_tokens tokens. <|endoftext|> is banned for min_new_tokens."""
+    B, device = features.shape[0], features.device
+    tokens = torch.full((B, 1), EOT, device=device)  # every caption starts after <|endoftext|>
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits, _ = model(features, feature_mask, tokens)  # [B, t + 1, vocab]
+        logits = logits[:, -1].float()  # the next token's
+        if t < min_new_tokens:
+            logits[:, EOT] = -math.inf
+        token = pick(logits).masked_fill(ended, EOT)  # a row that ended says <|endoftext|> again
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        ended |= token == EOT
+        if ended.all():
+            break
+    return [strip_eot(row[1:]) for row in tokens.tolist()]
 
+
+@torch.no_grad()
+def plain_beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty=1.0,
+                      min_new_tokens=0):
+    """
+    One caption per input, the best of K hypotheses by log-probability / length ** length_penalty,
+    one input at a time. At every step, of the 2K best extensions of the live hypotheses, those
+    among the K best that end with <|endoftext|> join the K best ended ones, and the K best others
+    stay alive. An input is done once its K-th best ended hypothesis scores at least as well as its
+    best live one (at the current length); at max_new_tokens, the live ones count too.
+    """
+    captions = []
+    for i in range(features.shape[0]):
+        live, ended = [([], 0.0)], []  # (tokens, log-probability), (tokens, normalised score)
+        for t in range(max_new_tokens):
+            n = len(live)
+            media = features[i:i + 1].expand(n, *features.shape[1:])
+            mask = None if feature_mask is None else feature_mask[i:i + 1].expand(n, -1)
+            logits, _ = model(media, mask, torch.tensor([[EOT] + tokens for tokens, _ in live],
+                                                        device=features.device))
+            logprobs = logits[:, -1].float().log_softmax(-1)
+            if t < min_new_tokens:
+                logprobs[:, EOT] = -math.inf
+            extensions = [(tokens + [token], score + logprob)
+                          for (tokens, score), row in zip(live, logprobs)
+                          for logprob, token in zip(*(x.tolist() for x in row.topk(2 * K)))]
+            best = sorted(extensions, key=lambda e: -e[1])[:2 * K]
+            norm = (t + 1) ** length_penalty
+            ended += [(tokens[:-1], score / norm) for tokens, score in best[:K] if tokens[-1] == EOT]
+            ended = sorted(ended, key=lambda e: -e[1])[:K]
+            live = [(tokens, score) for tokens, score in best if tokens[-1] != EOT][:K]
+            if len(ended) == K and ended[-1][1] >= live[0][1] / norm:
+                break
+        else:  # max_new_tokens reached: the live hypotheses count too
+            ended += [(tokens, score / norm) for tokens, score in live]
+        captions.append(max(ended, key=lambda e: e[1])[0])
+    return captions
+
+
+def strip_eot(tokens):
+    """Token ids up to (not including) the first <|endoftext|>."""
+    return tokens[:tokens.index(EOT)] if EOT in tokens else tokens
+
+
+# -----------------------------------------------------------------------------
+# generate: the same loops, batched, from a prompt that goes through the model once, and then one
+# position per step (the KV cache below keeps the rest)
 
 @torch.no_grad()
 def generate(model, features, feature_mask=None, max_new_tokens=20, decoding='greedy', beam_width=5,
@@ -67,6 +132,14 @@ def candidates(model, features, feature_mask, count, shots=None, **options):
     return [flat[i * count:(i + 1) * count] for i in range(len(features))]
 
 
+@dataclass
+class Decoding:
+    """What each step reads: the media's cross-attention keys/values {GPT-2 block: (k, v)}, computed once from
+    the images, and the KV cache of the text so far, which each step adds to."""
+    media_kv: dict
+    cache: 'KVCache'
+
+
 def start(model, features, feature_mask, max_new_tokens, shots=None):
     """Encode the media and run the prompt through the model, filling a KV cache with room for max_new_tokens
     more. Returns the next-token logits [B, vocab] and the Decoding state that every step reads."""
@@ -93,41 +166,6 @@ def start(model, features, feature_mask, max_new_tokens, shots=None):
         media_kv = {i: (k[:, :, -latents:].contiguous(), v[:, :, -latents:].contiguous())
                     for i, (k, v) in media_kv.items()}
     return logits, Decoding(media_kv, cache)
-
-
-def check_fits(model, features, shots, positions):
-    """Fail in one line, before any work, unless the media's frames fit the resampler's time embeddings and
-    the prompt and caption fit GPT-2's positions."""
-    frames = [features.shape[-3] if features.dim() >= 4 else 1] + ([shots.features.shape[1]] if shots else [])
-    if model.resampler is not None and max(frames) > model.config.max_frames:
-        raise InputError(f'{max(frames)} frames, but the resampler has time embeddings for {model.config.max_frames}')
-    if positions > model.gpt.config.block_size:
-        raise InputError(f'a sequence of {positions} positions (prefix + caption) is longer than the language '
-                         f"model's {model.gpt.config.block_size}")
-
-
-def check_decoding(decoding='greedy', max_new_tokens=20, beam_width=5, temperature=1.0, top_k=0, top_p=1.0,
-                   length_penalty=1.0, min_new_tokens=0, n_best=1):
-    """Raise an InputError naming the first decoding setting outside its range (the scripts call this before
-    they load a model: a typo should not cost a minute of loading)."""
-    def require(ok, name, value, expected):
-        if not ok:
-            raise InputError(f'{name} must be {expected}, not {value!r}')
-    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
-    real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    require(decoding in ('greedy', 'beam', 'sample'), 'decoding', decoding, "'greedy', 'beam' or 'sample'")
-    require(whole(max_new_tokens) and max_new_tokens >= 1, 'max_new_tokens', max_new_tokens, 'at least 1')
-    require(whole(min_new_tokens) and 0 <= min_new_tokens <= max_new_tokens, 'min_new_tokens', min_new_tokens,
-            f'in 0..max_new_tokens ({max_new_tokens})')
-    require(whole(beam_width) and beam_width >= 1, 'beam_width', beam_width, 'at least 1')
-    require(real(temperature) and temperature > 0, 'temperature', temperature,
-            'above 0 (decoding=greedy takes the best word)')
-    require(whole(top_k) and top_k >= 0, 'top_k', top_k, 'a number of words, or 0 for all')
-    require(real(top_p) and 0 < top_p <= 1, 'top_p', top_p, 'a share of the probability in (0, 1], 1 for all')
-    require(real(length_penalty) and length_penalty >= 0, 'length_penalty', length_penalty,
-            'at least 0 (0: scores not normalised by length)')
-    require(whole(n_best) and 1 <= n_best <= (beam_width if decoding == 'beam' else 1), 'n_best', n_best,
-            f'in 1..beam_width ({beam_width}) with decoding=beam, 1 with another')
 
 
 # -----------------------------------------------------------------------------
@@ -181,11 +219,6 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     # u < total, or a product rounded up to it would land past the last word that has any probability
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
-
-
-def strip_eot(tokens):
-    """Token ids up to (not including) the first <|endoftext|>."""
-    return tokens[:tokens.index(EOT)] if EOT in tokens else tokens
 
 
 # -----------------------------------------------------------------------------
@@ -281,8 +314,9 @@ def examples_first(examples, queries, B):
 
 
 # -----------------------------------------------------------------------------
-# What makes decoding fast. Without a cache, each step would run the whole caption so far through every layer
-# again: the cache keeps every layer's keys and values, and a step computes one position's.
+# Speed: the KV cache. Without it, each step would run the whole caption so far through every
+# layer again (as the plain loops do): it keeps every layer's keys and values, and a step computes
+# one position's.
 
 class KVCache:
     """
@@ -333,6 +367,10 @@ class KVCache:
                 else:
                     cached[layer] = t[index]
 
+
+# -----------------------------------------------------------------------------
+# Speed: CUDA graphs. At small batches, launching a step's ~400 kernels one by one takes longer
+# than running them: on a GPU, one step is captured once and replayed.
 
 def stepper(model, token, state):
     """model.step as a function of the next tokens [B]. On a CPU, that is all; on a GPU, the step is
@@ -404,6 +442,10 @@ def cuda_graph_step(model, token, state):
     return replay
 
 
+# -----------------------------------------------------------------------------
+# Speed: the CPU's weights. A decoding step reads every weight once for one to a few rows: fewer
+# bytes, read with all the cores, make faster steps.
+
 def cpu_decoding(model, weights='float32'):
     """
     For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention, and
@@ -432,11 +474,6 @@ def cpu_decoding(model, weights='float32'):
     head.weight = nn.Parameter(model.gpt.wte.weight[:model.gpt.config.vocab_size].detach())  # the real words'
     model.cpu_head = convert(head)
     return model
-
-
-def check_cpu_weights(weights):
-    if weights not in ('float32', 'bfloat16', 'int8'):
-        raise InputError(f"cpu_weights must be 'float32', 'bfloat16' or 'int8', not {weights!r}")
 
 
 class BFloat16Linear(nn.Module):
@@ -484,3 +521,46 @@ def onednn_linears(model):
     head.weight, head.bias = model.gpt.wte.weight, nn.Parameter(model.gpt.vocab_bias)
     model.cpu_head = MkldnnLinear(head, torch.float32)
     return model
+
+
+# -----------------------------------------------------------------------------
+# argument checks: each bad setting fails in one line, before any work
+
+def check_decoding(decoding='greedy', max_new_tokens=20, beam_width=5, temperature=1.0, top_k=0, top_p=1.0,
+                   length_penalty=1.0, min_new_tokens=0, n_best=1):
+    """Raise an InputError naming the first decoding setting outside its range (the scripts call this before
+    they load a model: a typo should not cost a minute of loading)."""
+    def require(ok, name, value, expected):
+        if not ok:
+            raise InputError(f'{name} must be {expected}, not {value!r}')
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    real = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    require(decoding in ('greedy', 'beam', 'sample'), 'decoding', decoding, "'greedy', 'beam' or 'sample'")
+    require(whole(max_new_tokens) and max_new_tokens >= 1, 'max_new_tokens', max_new_tokens, 'at least 1')
+    require(whole(min_new_tokens) and 0 <= min_new_tokens <= max_new_tokens, 'min_new_tokens', min_new_tokens,
+            f'in 0..max_new_tokens ({max_new_tokens})')
+    require(whole(beam_width) and beam_width >= 1, 'beam_width', beam_width, 'at least 1')
+    require(real(temperature) and temperature > 0, 'temperature', temperature,
+            'above 0 (decoding=greedy takes the best word)')
+    require(whole(top_k) and top_k >= 0, 'top_k', top_k, 'a number of words, or 0 for all')
+    require(real(top_p) and 0 < top_p <= 1, 'top_p', top_p, 'a share of the probability in (0, 1], 1 for all')
+    require(real(length_penalty) and length_penalty >= 0, 'length_penalty', length_penalty,
+            'at least 0 (0: scores not normalised by length)')
+    require(whole(n_best) and 1 <= n_best <= (beam_width if decoding == 'beam' else 1), 'n_best', n_best,
+            f'in 1..beam_width ({beam_width}) with decoding=beam, 1 with another')
+
+
+def check_fits(model, features, shots, positions):
+    """Fail in one line, before any work, unless the media's frames fit the resampler's time embeddings and
+    the prompt and caption fit GPT-2's positions."""
+    frames = [features.shape[-3] if features.dim() >= 4 else 1] + ([shots.features.shape[1]] if shots else [])
+    if model.resampler is not None and max(frames) > model.config.max_frames:
+        raise InputError(f'{max(frames)} frames, but the resampler has time embeddings for {model.config.max_frames}')
+    if positions > model.gpt.config.block_size:
+        raise InputError(f'a sequence of {positions} positions (prefix + caption) is longer than the language '
+                         f"model's {model.gpt.config.block_size}")
+
+
+def check_cpu_weights(weights):
+    if weights not in ('float32', 'bfloat16', 'int8'):
+        raise InputError(f"cpu_weights must be 'float32', 'bfloat16' or 'int8', not {weights!r}")

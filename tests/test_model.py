@@ -12,7 +12,7 @@ from transformers import CLIPModel, GPT2LMHeadModel
 from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
 import torch.nn.functional as F
 from data import EOT, InputError, pick_device
-from decode import KVCache, generate, onednn_linears, sample_token, start
+from decode import KVCache, generate, onednn_linears, plain_beam_search, plain_sample, sample_token, start
 from model import IGNORE_INDEX, CaptionerConfig, count_params, param_table, training_flops
 from weights import build_captioner, load_captioner, load_gpt2, load_vision
 
@@ -393,27 +393,15 @@ def captioner(run_dir):
     return load_captioner(f'{run_dir}/best.pt')[0]
 
 
-def argmax_loop(model, features, max_new_tokens, min_new_tokens=0):
-    """Greedy decoding the slow way: the whole sequence through forward() for every new token,
-    <|endoftext|> banned for the first min_new_tokens."""
-    tokens = torch.full((features.shape[0], 1), EOT)
-    for t in range(max_new_tokens):
-        logits, _ = model(features, None, tokens)
-        if t < min_new_tokens:
-            logits[:, -1, EOT] = -math.inf
-        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return [row[1:] for row in tokens.tolist()]
+def argmax(logits):
+    return logits.argmax(-1)
 
 
-def cut_at_eot(rows):
-    return [row[:row.index(EOT)] if EOT in row else row for row in rows]
-
-
-def test_kv_cached_greedy_equals_argmax_loop(captioner):
+def test_kv_cached_greedy_equals_the_plain_loop(captioner):
     features = random_features(6)
     for max_new_tokens in (12, 8):  # all end with <|endoftext|>; some are cut at the limit
         captions = generate(captioner, features, max_new_tokens=max_new_tokens)
-        assert captions == cut_at_eot(argmax_loop(captioner, features, max_new_tokens))
+        assert captions == plain_sample(captioner, features, None, max_new_tokens, argmax)
         assert len({len(c) for c in captions}) > 1
 
 
@@ -474,43 +462,8 @@ def test_beam_search_against_exhaustive_search(tiny_config, monkeypatch, seed):
         generate(model, features, max_new_tokens=6)
 
 
-@torch.no_grad()
-def reference_beam_search(model, features, K, max_new_tokens, length_penalty=1.0, min_new_tokens=0):
-    """
-    Beam search the slow, plain way: one image at a time, every hypothesis through forward() at every
-    step, by the rules of model.beam_search. Of the 2K best extensions of the live hypotheses, those
-    among the K best that end with <|endoftext|> join the K best ended ones (scored by log-probability /
-    length ** length_penalty) and the K best others stay alive. An image is done once its K-th best ended
-    hypothesis scores at least its best live one (at the current length); at max_new_tokens, the live
-    ones count too.
-    """
-    captions = []
-    for image in features:
-        live, ended = [([], 0.0)], []  # (tokens, log-probability), (tokens, normalised score)
-        for t in range(max_new_tokens):
-            logits, _ = model(image.expand(len(live), *image.shape), None,
-                              torch.tensor([[EOT] + tokens for tokens, _ in live]))
-            logprobs = logits[:, -1].log_softmax(-1)
-            if t < min_new_tokens:
-                logprobs[:, EOT] = -math.inf
-            extensions = [(tokens + [token], score + logprob)
-                          for (tokens, score), row in zip(live, logprobs)
-                          for logprob, token in zip(*(x.tolist() for x in row.topk(2 * K)))]
-            best = sorted(extensions, key=lambda e: -e[1])[:2 * K]
-            norm = (t + 1) ** length_penalty
-            ended += [(tokens[:-1], score / norm) for tokens, score in best[:K] if tokens[-1] == EOT]
-            ended = sorted(ended, key=lambda e: -e[1])[:K]
-            live = [(tokens, score) for tokens, score in best if tokens[-1] != EOT][:K]
-            if len(ended) == K and ended[-1][1] >= live[0][1] / norm:
-                break
-        else:  # max_new_tokens reached: the live hypotheses count too
-            ended += [(tokens, score / norm) for tokens, score in live]
-        captions.append(max(ended, key=lambda e: e[1])[0])
-    return captions
-
-
 @pytest.mark.parametrize('beam_width', [2, 3])
-def test_beam_search_equals_reference_beam_search(captioner, beam_width):
+def test_beam_search_equals_the_plain_beam_search(captioner, beam_width):
     """Small beams, where pruning decides, with the real KV cache (they must follow the beams), and
     length penalties that favour short and long captions."""
     features = random_features(4)
@@ -518,8 +471,8 @@ def test_beam_search_equals_reference_beam_search(captioner, beam_width):
     for length_penalty in (0.0, 1.0, 3.0):
         captions[length_penalty] = generate(captioner, features, decoding='beam', beam_width=beam_width,
                                             max_new_tokens=10, length_penalty=length_penalty)
-        assert captions[length_penalty] == reference_beam_search(captioner, features, beam_width, 10,
-                                                                 length_penalty)
+        assert captions[length_penalty] == plain_beam_search(captioner, features, None, 10, beam_width,
+                                                             length_penalty)
     assert captions[0.0] != captions[3.0]
 
 
@@ -536,6 +489,35 @@ def test_caption_is_the_same_alone_and_in_a_padded_batch(captioner, decoding):
     alone = [generate(captioner, v, decoding=decoding, beam_width=3, max_new_tokens=10)[0] for v in videos]
     assert together == alone
     assert len({tuple(c) for c in together}) > 1  # each video's own frames decide its caption
+
+
+@pytest.mark.parametrize('decoding', ['greedy', 'sample', 'beam'])
+def test_generate_writes_what_the_plain_loops_write(captioner, decoding):
+    """generate (batched, one prefill, then one position per step from the KV cache) gives the tokens of
+    decode.py's plain loops (the whole sequence through forward() for every token; beam search one input
+    at a time): for videos of 1, 3 and 2 frames padded to 3 in one batch, and for each alone. Sampling
+    draws the same numbers from the same seed."""
+    videos = [random_features(1, frames=n, seed=n) for n in (1, 3, 2)]
+    batch = torch.zeros(3, 3, TOKENS_PER_FRAME, VISION_DIM)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    for i, video in enumerate(videos):
+        batch[i, :video.shape[1]] = video[0]
+        mask[i, :video.shape[1]] = True
+
+    def plain(features, mask):
+        if decoding == 'beam':
+            return plain_beam_search(captioner, features, mask, 10, 3)
+        g = torch.Generator().manual_seed(5)
+        pick = argmax if decoding == 'greedy' else lambda logits: sample_token(logits, generator=g)
+        return plain_sample(captioner, features, mask, 10, pick)
+
+    def fast(features, mask):
+        return generate(captioner, features, mask, max_new_tokens=10, decoding=decoding, beam_width=3,
+                        generator=torch.Generator().manual_seed(5))
+    together = fast(batch, mask)
+    assert together == plain(batch, mask)
+    assert [fast(video, None) for video in videos] == [plain(video, None) for video in videos]
+    assert len({tuple(c) for c in together}) > 1
 
 
 def test_sampling(captioner):
@@ -723,9 +705,9 @@ def test_min_new_tokens(captioner, decoding):
     captions = generate(captioner, features, decoding=decoding, beam_width=3, max_new_tokens=12,
                                   min_new_tokens=9)
     if decoding == 'greedy':
-        assert captions == cut_at_eot(argmax_loop(captioner, features, 12, min_new_tokens=9))
+        assert captions == plain_sample(captioner, features, None, 12, argmax, min_new_tokens=9)
     else:
-        assert captions == reference_beam_search(captioner, features, 3, 12, min_new_tokens=9)
+        assert captions == plain_beam_search(captioner, features, None, 12, 3, min_new_tokens=9)
     assert captions != generate(captioner, features, decoding=decoding, beam_width=3, max_new_tokens=12)
 
 
