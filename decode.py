@@ -472,7 +472,7 @@ def cpu_decoding(model, weights='float32'):
                 setattr(parent, name, convert(child))
     head = nn.Linear(model.gpt.config.n_embd, model.gpt.config.vocab_size, bias=False)
     head.weight = nn.Parameter(model.gpt.wte.weight[:model.gpt.config.vocab_size].detach())  # the real words'
-    model.cpu_head = convert(head)
+    model.gpt.head = OwnHead(convert(head))
     return model
 
 
@@ -519,8 +519,20 @@ def onednn_linears(model):
     with torch.device('meta'):  # only a holder of the tied weights: nothing to draw
         head = nn.Linear(model.gpt.config.n_embd, model.gpt.wte.num_embeddings)
     head.weight, head.bias = model.gpt.wte.weight, nn.Parameter(model.gpt.vocab_bias)
-    model.cpu_head = MkldnnLinear(head, torch.float32)
+    model.gpt.head = OwnHead(MkldnnLinear(head, torch.float32))
     return model
+
+
+class OwnHead(nn.Module):
+    """An LM head with weights of its own, a converted copy of the tied embedding's, in the place of
+    model.py's TiedHead: the tied weights it is given are not read."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x, weight, bias):
+        return self.linear(x)
 
 
 # -----------------------------------------------------------------------------

@@ -186,6 +186,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(C, config.n_head, 4 * C, eps=config.layer_norm_eps)
                                for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.head = TiedHead()  # the LM head, a layer of its own like any other (it holds no weights)
 
     def forward(self, tokens):
         """Plain GPT-2, text alone: tokens [B, T] -> final hidden states [B, T, C]."""
@@ -196,7 +197,14 @@ class GPT2(nn.Module):
 
     def lm_head(self, x):
         """Next-token logits [..., padded vocabulary] (see __init__)."""
-        return F.linear(x, self.wte.weight, self.vocab_bias)
+        return self.head(x, self.wte.weight, self.vocab_bias)
+
+
+class TiedHead(nn.Module):
+    """GPT-2's LM head: the product with the token embedding's weights (tied), which it is given."""
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
 
 # -----------------------------------------------------------------------------
@@ -381,7 +389,6 @@ class Captioner(nn.Module):
         if c.train_embeddings:
             self.gpt.wte.requires_grad_(True)
             self.gpt.wpe.requires_grad_(True)
-        self.cpu_head = None  # a oneDNN copy of the LM head, for decoding on a CPU (decode.onednn_linears sets it)
 
     @property
     def prefix_len(self):
@@ -512,8 +519,7 @@ class Captioner(nn.Module):
         sizes, coarse enough to tie or swap the best tokens and beams, so a GPU would caption differently
         from a CPU. Cross-entropy training keeps the autocast head: one row per step here, thousands there."""
         with torch.autocast(h.device.type, enabled=False):
-            head = self.gpt.lm_head if self.cpu_head is None else self.cpu_head
-            return head(h.float().contiguous())[:, :self.gpt.config.vocab_size]
+            return self.gpt.lm_head(h.float().contiguous())[:, :self.gpt.config.vocab_size]
 
 
 # -----------------------------------------------------------------------------
