@@ -83,12 +83,6 @@ class ClipScorer:
         flat = self.clip_s(images.repeat_interleave(counts, 0), [c for captions in candidates for c in captions])
         return [scores.tolist() for scores in flat.split(counts.tolist())]
 
-    def best(self, features, frame_mask, candidates):
-        """The position of the best caption by CLIP-S among each image's candidates [[str]] (the first of
-        equals)."""
-        return [max(range(len(scores)), key=lambda j: (scores[j], -j))
-                for scores in self.candidate_scores(features, frame_mask, candidates)]
-
     def ref_clip_s(self, clip_s, captions, references):
         """RefCLIP-S [B] of one caption per image, from its CLIP-S [B] and the image's references [[str]]."""
         candidates = self.text_embeddings(captions)

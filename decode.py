@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import EOT, InputError, Shots
+from data import EOT, InputError, Shots, decode_caption, decoding_autocast, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
 # The idea, plain: the whole sequence through the model for every new token. A test proves that
@@ -130,6 +130,33 @@ def candidates(model, features, feature_mask, count, shots=None, **options):
     flat = generate(model, features.repeat_interleave(count, 0), feature_mask.repeat_interleave(count, 0),
                     shots=shots, **options)
     return [flat[i * count:(i + 1) * count] for i in range(len(features))]
+
+
+def caption_batch(model, features, feature_mask, options, count=1, shots=None, scorer=None,
+                  rerank=False):
+    """
+    Captions (text) of a batch of images or videos, as sample.py, eval_bleu.py and train.py's
+    validation write them: for each input, dict(captions=[str], clip_s=[float] or None), its `count`
+    captions (the beam's n-best, or samples; see candidates) and, with a scorer (a
+    clipscore.ClipScorer), their CLIP-S. With rerank, the best of them by CLIP-S alone (the first of
+    equals), and its candidates, their CLIP-S and the one chosen. options: generate's decoding
+    settings; shots: few-shot examples before every input.
+    """
+    with decoding_autocast(features.device.type):
+        tokens = candidates(model, features, feature_mask, count, shots, **options)
+    encoder = gpt2_tokenizer()
+    texts = [[decode_caption(encoder, t) for t in row] for row in tokens]
+    if scorer is None:
+        return [dict(captions=row, clip_s=None) for row in texts]
+    results = []
+    for row, clip_s in zip(texts, scorer.candidate_scores(features, feature_mask, texts)):
+        if not rerank:
+            results.append(dict(captions=row, clip_s=clip_s))
+            continue
+        best = max(range(len(row)), key=lambda j: (clip_s[j], -j))  # the first of equals
+        results.append(dict(captions=[row[best]], clip_s=[clip_s[best]], candidates=row,
+                            candidates_clip_s=clip_s, chosen=best))
+    return results
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 
 from coco_tokenizer import tokenize, tokenize_all, tokenize_groups  # noqa: F401 (tokenize: for the tests)
 from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, check_writable,
-                  command_line, decode_caption, decoding_autocast, first_line, gpt2_tokenizer, input_errors_exit,
+                  command_line, first_line, gpt2_tokenizer, input_errors_exit,
                   read_json, read_meta, warn_if_all_empty, write_json)
 
 # -----------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
     data = Captions(data_dir, split_name, max_tokens=1)
     records = data.records()
     count = min(count or len(records), len(records))
-    encoder = gpt2_tokenizer()
+    gpt2_tokenizer()  # its files, before any decoding
     # the images that get the same examples are captioned together
     if examples is None:
         groups = {(): range(count)}
@@ -350,17 +350,14 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
         for start in range(0, len(group), batch):
             ids = np.array(group[start:start + batch])
             features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
-            with decoding_autocast(torch.device(dev).type):  # as sample.py decodes
-                if scorer is None:
-                    rows = [[tokens] for tokens in decode.generate(model, features, mask, shots=shots,
-                                                                   **decode_options)]
-                else:  # the beam's n-best, or samples, to choose from
-                    n = decode_options['beam_width'] if decode_options['decoding'] == 'beam' else samples
-                    rows = decode.candidates(model, features, mask, n, shots, **decode_options)
-            candidates = [[decode_caption(encoder, tokens) for tokens in row] for row in rows]
-            best = scorer.best(features, mask, candidates) if scorer else [0] * len(ids)
-            for i, texts, b in zip(ids, candidates, best):
-                captions[i], choices[i] = texts[b], (texts, b)
+            # with a scorer: the best by CLIP-S of the beam's n-best, or of samples
+            n = (decode_options['beam_width'] if decode_options['decoding'] == 'beam' else samples) \
+                if scorer else 1
+            results = decode.caption_batch(model, features, mask, decode_options, n, shots, scorer,
+                                           rerank=True)
+            for i, result in zip(ids, results):
+                captions[i] = result['captions'][0]
+                choices[i] = (result['candidates'], result['chosen']) if scorer else None
     return captions, records[:count], choices if scorer else None
 
 

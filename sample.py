@@ -22,7 +22,7 @@ from html import escape
 from PIL import Image
 
 from data import (FewShotExamples, ImageFiles, InputError, check_at_least, check_data_fits_model,
-                  check_writable, count_frames, decode_caption, decoding_autocast, gpt2_tokenizer, input_errors_exit,
+                  check_writable, count_frames, gpt2_tokenizer, input_errors_exit,
                   load_rgb, read_frames, read_meta, stack_frames, video_pixels, vision_autocast, warn_if_all_empty,
                   write_json, write_text)
 
@@ -133,7 +133,7 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     import torch
     from tqdm import tqdm
     import decode
-    encoder = gpt2_tokenizer()
+    gpt2_tokenizer()  # its files, before any decoding
     cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
                                          pin_memory=cuda)
@@ -149,29 +149,12 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
                 features = features.to(torch.float16)  # as prepare_coco.py stores them: the same caption
                 for chosen, rows in shot_groups(paths, examples):
                     shots = examples.shots_of(chosen, dev) if examples is not None else None
-                    with decoding_autocast(dev.split(':')[0]):
-                        tokens = decode.candidates(model, features[rows], mask[rows], count, shots, **options)
-                    texts = [[decode_caption(encoder, t) for t in row] for row in tokens]
-                    for row, result in zip(rows, scored(scorer, features[rows], mask[rows], texts, rerank)):
+                    captioned = decode.caption_batch(model, features[rows], mask[rows], options,
+                                                     count, shots, scorer, rerank)
+                    for row, result in zip(rows, captioned):
                         results[paths[row]] = result
             bar.update(len(paths) + len(bad))
     return {path: results[path] for path in sorted(results)}
-
-
-def scored(scorer, features, mask, texts, rerank):
-    """Each file's captions (texts: [[str]], one list per row of features) with their CLIP-S (None without a
-    scorer), all in one pass of CLIP's text tower; with rerank, the best of each file's, chosen among the others."""
-    if scorer is None:
-        return [dict(captions=captions, clip_s=None) for captions in texts]
-    results = []
-    for captions, clip_s in zip(texts, scorer.candidate_scores(features, mask, texts)):
-        if not rerank:
-            results.append(dict(captions=captions, clip_s=clip_s))
-            continue
-        best = max(range(len(captions)), key=lambda j: (clip_s[j], -j))  # the first of equals
-        results.append(dict(captions=[captions[best]], clip_s=[clip_s[best]], candidates=captions,
-                            candidates_clip_s=clip_s, chosen=best))
-    return results
 
 
 def files_per_batch(frames_per_file, size, workers, most, budget_gb):
