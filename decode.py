@@ -160,16 +160,16 @@ def caption_batch(model, features, feature_mask, options, count=1, shots=None, s
 
 
 @dataclass
-class Decoding:
+class DecodeState:
     """What each step reads: the media's cross-attention keys/values {GPT-2 block: (k, v)}, computed once from
     the images, and the KV cache of the text so far, which each step adds to."""
     media_kv: dict
     cache: 'KVCache'
 
 
-def start(model, features, feature_mask, max_new_tokens, shots=None):
+def prefill(model, features, feature_mask, max_new_tokens, shots=None):
     """Encode the media and run the prompt through the model, filling a KV cache with room for max_new_tokens
-    more. Returns the next-token logits [B, vocab] and the Decoding state that every step reads."""
+    more. Returns the next-token logits [B, vocab] and the DecodeState that every step reads."""
     B, device = features.shape[0], features.device
     if shots is None:
         prompt, media = torch.full((B, 1), EOT, dtype=torch.long, device=device), 1
@@ -192,7 +192,7 @@ def start(model, features, feature_mask, max_new_tokens, shots=None):
         latents = model.config.num_latents
         media_kv = {i: (k[:, :, -latents:].contiguous(), v[:, :, -latents:].contiguous())
                     for i, (k, v) in media_kv.items()}
-    return logits, Decoding(media_kv, cache)
+    return logits, DecodeState(media_kv, cache)
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def start(model, features, feature_mask, max_new_tokens, shots=None):
 def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens, shots=None):
     """Token ids [B, max_new_tokens]: one token per step for every row, chosen by pick(logits) (the
     best, or a sample); rows that have ended keep emitting <|endoftext|>."""
-    logits, state = start(model, features, feature_mask, max_new_tokens, shots)
+    logits, state = prefill(model, features, feature_mask, max_new_tokens, shots)
     B = logits.shape[0]
     out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=logits.device)
     ended = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -221,7 +221,8 @@ def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_ne
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Sample one token per row from logits [B, vocab], restricted to the top_k and/or nucleus top_p."""
+    """Sample one token per row from logits [B, vocab], tempered, restricted to the top_k and/or
+    nucleus top_p, as torch.multinomial would (draw_token, below, draws it faster)."""
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None:
         kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -232,20 +233,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         # drop a token once the tokens before it already hold top_p of the mass (the best one stays)
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-    # inverse transform sampling: one uniform number per row, looked up in the cumulative probabilities
-    # (torch.multinomial draws an exponential per word instead: on a CPU, most of a sampling step's time)
-    probs = logits.softmax(-1)
-    cdf = probs.cumsum(-1)
-    if cdf.device.type != 'cpu':
-        # A GPU's cumsum adds in another order at every position, so its sums can step back, or move at a
-        # word of probability 0: the running maximum, with those words held at 0, makes every step up a
-        # word's own. (A CPU adds in order: its sums never step back. cummax there would double the time.)
-        cdf = torch.where(probs > 0, cdf, 0).cummax(-1).values
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=logits.device) * total
-    # u < total, or a product rounded up to it would land past the last word that has any probability
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return draw_token(logits.softmax(-1), generator)
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +244,7 @@ def beam_search(model, features, feature_mask, max_new_tokens, K, length_penalty
                 n_best=1):
     """Token ids [B, n_best, max_new_tokens]: each input's n_best best hypotheses of K beams, by log-probability
     over length ** length_penalty; a hypothesis ends at <|endoftext|> (the rest is <|endoftext|>)."""
-    logits, state = start(model, features, feature_mask, max_new_tokens, shots)
+    logits, state = prefill(model, features, feature_mask, max_new_tokens, shots)
     B, V = logits.shape
     device = logits.device
     # every image's state is copied to its K beams; at first only beam 0 is alive, so that the
@@ -467,6 +455,26 @@ def cuda_graph_step(model, token, state):
         graph.replay()
         return logits
     return replay
+
+
+# -----------------------------------------------------------------------------
+# Speed: drawing a token. torch.multinomial draws an exponential number per word: on a CPU, most
+# of a sampling step's time. One uniform number per row, looked up in the cumulative
+# probabilities (inverse transform sampling), draws from the same distribution.
+
+def draw_token(probs, generator=None):
+    """One token per row of probs [B, vocab], drawn with one uniform number per row."""
+    cdf = probs.cumsum(-1)
+    if cdf.device.type != 'cpu':
+        # A GPU's cumsum adds in another order at every position, so its sums can step back, or move at a
+        # word of probability 0: the running maximum, with those words held at 0, makes every step up a
+        # word's own. (A CPU adds in order: its sums never step back. cummax there would double the time.)
+        cdf = torch.where(probs > 0, cdf, 0).cummax(-1).values
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    # u < total, or a product rounded up to it would land past the last word that has any probability
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------

@@ -552,7 +552,8 @@ def training_flops(model: Captioner, caption_len, frames=1, targets=None, media=
     n = lambda module: count_params(module)[0]
     gpt = model.gpt
     vision = model.vision.config
-    M = frames * ((vision.image_size // vision.patch_size) ** 2 + 1)  # tokens of one media: patches + class
+    # the CLIP tokens of one media: each frame's patches and class token
+    media_tokens = frames * ((vision.image_size // vision.patch_size) ** 2 + 1)
     P, D = media * model.prefix_len, gpt.config.n_embd
     T = P + caption_len
     parts = []  # (forward FLOPs, trained?)
@@ -563,8 +564,9 @@ def training_flops(model: Captioner, caption_len, frames=1, targets=None, media=
     if model.resampler is not None:
         L = model.resampler.latents.shape[0]
         for attn, ff in model.resampler.layers:
-            parts.append((media * (2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * (M + L)
-                                   + 4 * L * (M + L) * attn.to_q.out_features), True))
+            read = media_tokens + L  # the latents read the media's tokens and themselves
+            parts.append((media * (2 * (n(attn.to_q) + n(attn.to_out) + n(ff)) * L + 2 * n(attn.to_kv) * read
+                                   + 4 * L * read * attn.to_q.out_features), True))
         for block in model.xattn.values():  # every position against every media's latents (masked or not)
             parts.append((2 * (n(block.to_q) + n(block.to_out) + n(block.ff)) * T + 2 * n(block.to_kv) * L * media
                           + 4 * T * L * media * block.to_q.out_features, True))
@@ -572,5 +574,6 @@ def training_flops(model: Captioner, caption_len, frames=1, targets=None, media=
         parts.append((2 * n(model.mapper) * media, True))
     elif model.mapper is not None:
         depth, Q = len(model.mapper.blocks), model.prefix_len
-        parts.append((media * (2 * n(model.mapper) * (M + Q) + 4 * depth * (M + Q) ** 2 * D), True))
+        seq = media_tokens + Q  # the transformer mapper's sequence: the media's tokens and its queries
+        parts.append((media * (2 * n(model.mapper) * seq + 4 * depth * seq ** 2 * D), True))
     return sum(flops * (3 if trained else 2) for flops, trained in parts)

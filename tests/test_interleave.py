@@ -12,7 +12,7 @@ import torch
 import model as model_module
 from conftest import VISION_DIM, record_generate_calls, run_script
 from data import EOT, IGNORE_INDEX, Captions, FewShotExamples, Shots
-from decode import few_shot_prompt, generate, start
+from decode import few_shot_prompt, generate, prefill
 from model import MediaLayout
 from weights import build_captioner
 from test_train import logs, train_args, train_losses
@@ -205,7 +205,7 @@ def test_few_shot_decoding_with_the_cache_equals_recomputing(tiny_config, media_
     features = images(3)
     expected = recomputed_greedy(captioner, features, shots, 6)
     with torch.no_grad():
-        logits, state = start(captioner, features, None, 6, shots)
+        logits, state = prefill(captioner, features, None, 6, shots)
         got = [logits.argmax(-1)]
         for _ in range(5):
             got.append(captioner.step(got[-1], state.media_kv, state.cache).argmax(-1))
@@ -246,7 +246,7 @@ def test_few_shot_prompt_is_laid_out_as_training_packs_captions(tiny_config, dat
     query = tokens[0, media_at[0, 2] + 1:media_at[0, 2] + n]
     shots = Shots(features[0, :2], mask[0, :2], spans)
     with torch.no_grad():
-        logits, state = start(captioner, features[:, 2], mask[:, 2], int(n), shots)
+        logits, state = prefill(captioner, features[:, 2], mask[:, 2], int(n), shots)
         decoded = [logits]
         for token in query:
             decoded.append(captioner.step(token[None], state.media_kv, state.cache))

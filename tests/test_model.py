@@ -12,7 +12,7 @@ from transformers import CLIPModel, GPT2LMHeadModel
 from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
 import torch.nn.functional as F
 from data import EOT, InputError, pick_device
-from decode import KVCache, generate, onednn_linears, plain_beam_search, plain_sample, sample_token, start
+from decode import KVCache, generate, onednn_linears, plain_beam_search, plain_sample, sample_token, prefill
 from model import IGNORE_INDEX, CaptionerConfig, TiedHead, count_params, param_table, training_flops
 from weights import build_captioner, load_captioner, load_gpt2, load_vision
 
@@ -425,8 +425,8 @@ class MarkovLM:
 
     def install(self, model, monkeypatch):
         import decode
-        state = decode.Decoding(media_kv={}, cache=KVCache(0, 0))
-        monkeypatch.setattr(decode, 'start', lambda model, features, mask, n, shots=None: (self.logits(
+        state = decode.DecodeState(media_kv={}, cache=KVCache(0, 0))
+        monkeypatch.setattr(decode, 'prefill', lambda model, features, mask, n, shots=None: (self.logits(
             torch.full((features.shape[0],), EOT)), state))
         monkeypatch.setattr(model, 'step', lambda token, media_kv, cache: self.logits(token))
 
@@ -563,7 +563,7 @@ def test_sampled_first_tokens_follow_the_tempered_top_k_softmax(captioner):
     about a third each)."""
     image = random_features(1)
     with torch.no_grad():
-        logits, _ = start(captioner, image, None, 1)
+        logits, _ = prefill(captioner, image, None, 1)
     best = logits[0].topk(3)
     expected = (best.values / 0.05).softmax(-1)
     firsts = generate(captioner, image.expand(500, -1, -1, -1), decoding='sample', top_k=3, temperature=0.05,
@@ -624,7 +624,7 @@ def test_decoding_logits_are_float32_under_bfloat16_autocast(captioner):
     assert expected.abs().mean() > 10
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = captioner.float32_logits(h)
-        first_logits, _ = start(captioner, random_features(2), None, max_new_tokens=3)
+        first_logits, _ = prefill(captioner, random_features(2), None, max_new_tokens=3)
     assert logits.dtype == first_logits.dtype == torch.float32
     assert (logits[:, :50257] - expected).abs().max() < 1e-3  # bf16's error here: ~0.1
 

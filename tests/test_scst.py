@@ -8,7 +8,7 @@ import torch
 
 from conftest import TEXT_DIM, run_script
 from data import EOT, IGNORE_INDEX
-from decode import generate, start
+from decode import generate, prefill
 from weights import build_captioner
 from eval_bleu import CiderD, tokenize_all
 from test_eval_bleu import coco_mini_images, needs_java, needs_real_data
@@ -100,7 +100,7 @@ def captioner(tiny_config):
 def decoding_log_prob(model, features, sample, max_new_tokens):
     """A sample's log-probability as decoding sees it: token by token through the KV cache."""
     with torch.no_grad():
-        logits, state = start(model, features[None], None, max_new_tokens)
+        logits, state = prefill(model, features[None], None, max_new_tokens)
         total = 0.0
         for token in sample + [EOT] * (len(sample) < max_new_tokens):
             total += logits[0].log_softmax(-1)[token].item()
