@@ -8,9 +8,10 @@ First the idea, plain: a caption starts as <|endoftext|>; the whole sequence so 
 model, and the logits of its last position choose the next token (the best one, a sample, or for
 beam search the best extensions of a few hypotheses); until <|endoftext|> comes again. Then the same
 loops as generate runs them, batched, from a prompt (with few-shot examples, each example's
-[prefix; <|endoftext|> caption] before it) that goes through the model once. Then, each apart, what
-makes them fast: the KV cache, a step replayed as a CUDA graph on a GPU, and the CPU's linear layers.
-The argument checks come last.
+[prefix; <|endoftext|> caption] before it) that goes through the model once, and what the scripts
+call to caption a batch. Then, each apart, what makes them fast: the KV cache, a step replayed as a
+CUDA graph on a GPU, drawing a sample with one number per row, and the CPU's linear layers. The
+argument checks come last.
 """
 import math
 import weakref
@@ -24,7 +25,7 @@ from data import EOT, InputError, Shots, decode_caption, decoding_autocast, gpt2
 
 # -----------------------------------------------------------------------------
 # The idea, plain: the whole sequence through the model for every new token. A test proves that
-# generate gives the same tokens.
+# generate gives the same tokens (in float32: under autocast, forward's LM head is not float32).
 
 @torch.no_grad()
 def plain_sample(model, features, feature_mask, max_new_tokens, pick, min_new_tokens=0):
@@ -39,7 +40,9 @@ def plain_sample(model, features, feature_mask, max_new_tokens, pick, min_new_to
         logits = logits[:, -1].float()  # the next token's
         if t < min_new_tokens:
             logits[:, EOT] = -math.inf
-        token = pick(logits).masked_fill(ended, EOT)  # a row that ended says <|endoftext|> again
+        # every row picks, an ended one too (a sample draws one number per row, as generate's
+        # does), and a row that ended says <|endoftext|> again
+        token = pick(logits).masked_fill(ended, EOT)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         ended |= token == EOT
         if ended.all():
@@ -76,6 +79,7 @@ def plain_beam_search(model, features, feature_mask, max_new_tokens, K, length_p
             norm = (t + 1) ** length_penalty
             ended += [(tokens[:-1], score / norm) for tokens, score in best[:K] if tokens[-1] == EOT]
             ended = sorted(ended, key=lambda e: -e[1])[:K]
+            # at most one of a hypothesis' extensions ends, so at least K of the 2K live on
             live = [(tokens, score) for tokens, score in best if tokens[-1] != EOT][:K]
             if len(ended) == K and ended[-1][1] >= live[0][1] / norm:
                 break
@@ -121,14 +125,17 @@ def generate(model, features, feature_mask=None, max_new_tokens=20, decoding='gr
     return [strip_eot(row) for row in tokens.tolist()]
 
 
+# -----------------------------------------------------------------------------
+# what the scripts call: a batch's candidates, and its captions as text (reranked by CLIP-S)
+
 def candidates(model, features, feature_mask, count, shots=None, **options):
-    """`count` captions (token lists) of each input to choose from (clipscore.ClipScorer.best): the beam's
+    """`count` captions (token lists) of each input to choose from (caption_batch): the beam's
     n-best (count: at most the beam width), or `count` samples (decoding='sample')."""
     if options.get('decoding') == 'beam':
         best = generate(model, features, feature_mask, shots=shots, n_best=count, **options)
         return best if count > 1 else [[hypothesis] for hypothesis in best]
-    flat = generate(model, features.repeat_interleave(count, 0), feature_mask.repeat_interleave(count, 0),
-                    shots=shots, **options)
+    repeat = lambda t: None if t is None else t.repeat_interleave(count, 0)  # each input, count times
+    flat = generate(model, repeat(features), repeat(feature_mask), shots=shots, **options)
     return [flat[i * count:(i + 1) * count] for i in range(len(features))]
 
 
@@ -158,6 +165,9 @@ def caption_batch(model, features, feature_mask, options, count=1, shots=None, s
                             candidates_clip_s=clip_s, chosen=best))
     return results
 
+
+# -----------------------------------------------------------------------------
+# the prompt through the model once: the state each step reads
 
 @dataclass
 class DecodeState:
@@ -222,7 +232,8 @@ def greedy_or_sample(model, features, feature_mask, max_new_tokens, pick, min_ne
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Sample one token per row from logits [B, vocab], tempered, restricted to the top_k and/or
-    nucleus top_p, as torch.multinomial would (draw_token, below, draws it faster)."""
+    nucleus top_p: from the distribution torch.multinomial would draw from (draw_token, below,
+    draws faster)."""
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None:
         kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -484,7 +495,7 @@ def draw_token(probs, generator=None):
 def cpu_decoding(model, weights='float32'):
     """
     For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention, and
-    decoding's LM head (a copy of the tied embedding), keep their weights as `weights`. A decoding step
+    the LM head (a copy of the tied embedding's real words), keep their weights as `weights`. A decoding step
     multiplies one to a few rows by every weight, so reading the weights is its limit: fewer bytes, faster
     steps. 'float32': in oneDNN's layout (onednn_linears); 'bfloat16': half the bytes (BFloat16Linear);
     'int8': a quarter, PyTorch's dynamic quantization (each row of activations quantized on the fly). The
@@ -538,8 +549,8 @@ def int8_linear(linear):
 def onednn_linears(model):
     """
     For captioning on a CPU, in place: the linear layers of GPT-2 and of the gated cross-attention become
-    oneDNN's (torch.utils.mkldnn.MkldnnLinear, weights kept in oneDNN's blocked layout), and decoding's
-    LM head a oneDNN copy of the tied embedding. A decoding step multiplies one to a few rows by every
+    oneDNN's (torch.utils.mkldnn.MkldnnLinear, weights kept in oneDNN's blocked layout), and the LM
+    head a oneDNN copy of the tied embedding. A decoding step multiplies one to a few rows by every
     weight, so reading the weights is its limit: MKL's matrix-vector product reads them with one core,
     oneDNN's with all of them (on 2 cores: 19 against 32 GB/s). The model can then only caption, and
     only on the CPU. On a GPU, or where PyTorch was built without oneDNN, nothing changes.

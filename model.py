@@ -196,7 +196,8 @@ class GPT2(nn.Module):
         return self.ln_f(x)
 
     def lm_head(self, x):
-        """Next-token logits [..., padded vocabulary] (see __init__)."""
+        """Next-token logits [..., padded vocabulary] (see __init__), from self.head: a layer that may be
+        swapped like any other, for one with weights of its own (over the real words only)."""
         return self.head(x, self.wte.weight, self.vocab_bias)
 
 
