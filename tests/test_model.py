@@ -659,23 +659,30 @@ def test_bfloat16_and_int8_weights_are_those_weights_rounded(captioner):
     least 127 steps of their range), and by more than float32's."""
     import copy
     from decode import BFloat16Linear, cpu_decoding, int8_linear
+    def int8_bound(weight, x):  # the rounding bound of the weights' and the inputs' steps, per output
+        w_step, x_step = 2 * weight.abs().max() / 255, (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
+        return (w_step / 2 * x.abs().sum(1, keepdim=True) + x_step / 2 * weight.abs().sum(1)
+                + w_step * x_step / 4 * weight.shape[1])
     linear = torch.nn.Linear(48, 32)
     x = torch.randn(5, 48)
     by_hand = F.linear(x.bfloat16().float(), linear.weight.bfloat16().float()) + linear.bias
     assert (BFloat16Linear(linear)(x) - by_hand).abs().max() < 1e-2 * by_hand.abs().max()  # a bf16 rounding
     assert (BFloat16Linear(linear)(x) - linear(x)).abs().max() > 1e-4  # and not float32
     with torch.no_grad():
-        w_step, x_step = 2 * linear.weight.abs().max() / 255, (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
-        bound = (w_step / 2 * x.abs().sum(1, keepdim=True) + x_step / 2 * linear.weight.abs().sum(1)
-                 + w_step * x_step / 4 * 48)
         error = (int8_linear(linear)(x) - linear(x)).abs()
-    assert (error <= bound).all() and error.max() > 1e-4
+    assert (error <= int8_bound(linear.weight, x)).all() and error.max() > 1e-4
+    # the model's LM head too: its logits are off by no more than the rounding of the head's weights (the
+    # real words' rows of the embedding) and inputs: bfloat16 rounds each of both by at most 2^-8
     features = random_features(6)
+    head = captioner.gpt.wte.weight[:captioner.gpt.config.vocab_size].detach()
+    h = torch.randn(4, TEXT_DIM, generator=torch.Generator().manual_seed(0))
+    bounds = dict(bfloat16=2 * 2 ** -8 * (h.abs() @ head.abs().T), int8=int8_bound(head, h))
     for weights, swapped in (('bfloat16', BFloat16Linear), ('int8', torch.ao.nn.quantized.dynamic.Linear)):
         converted = cpu_decoding(copy.deepcopy(captioner), weights)
         assert sum(isinstance(m, swapped) for m in converted.modules()) == 3 * 4 + 3 * 5 + 1  # + the LM head
-        h = torch.randn(4, TEXT_DIM)
-        assert (converted.float32_logits(h) - captioner.float32_logits(h)).abs().max() < 0.05
+        with torch.no_grad():
+            error = (converted.float32_logits(h) - captioner.float32_logits(h)).abs()
+        assert (error <= bounds[weights]).all() and error.max() > 1e-4
         assert len(generate(converted, features, max_new_tokens=12)) == 6
     with pytest.raises(InputError, match="^cpu_weights must be 'float32', 'bfloat16' or 'int8', not 'int4'$"):
         cpu_decoding(captioner, 'int4')
