@@ -9,7 +9,7 @@ downloaded), on CPU or GPU:
     python bench.py --what=extract --images=coco/val2014
 
 Measures the real code paths: train.py's step (its optimiser, autocast, precomputed float16 features,
-captions of caption_len tokens), Captioner.generate from features (greedy and beam search, every caption
+captions of caption_len tokens), decode.generate from features (greedy and beam search, every caption
 new_tokens long), and sample.py's CLIP pipeline on a folder of JPEGs (decode + preprocess in DataLoader
 workers + CLIP forward), alone and end to end with captioning. First it measures what the machine does
 at best, dense matrix products and memory reads, and reads the figures against it: the training step's
@@ -220,7 +220,7 @@ def rate(x):
 def print_params(config):
     """The parameter table of the model, with random weights on the meta device: no download, no memory."""
     with torch.device('meta'):
-        model = build_captioner(config, init_from='scratch')
+        model = build_captioner(config, pretrained=False)
     for name, total, trainable in param_table(model):
         print(f'{name:<20} {total:>14,} total {trainable:>14,} trainable')
     total, trainable = count_params(model)
@@ -244,7 +244,7 @@ def main():
     gpu = torch.device(dev).type == 'cuda'
     dtypes = train_dtypes(torch.device(dev).type)
     torch.manual_seed(seed)
-    model = build_captioner(config, init_from='scratch').to(dev)
+    model = build_captioner(config, pretrained=False).to(dev)
     device_name = torch.cuda.get_device_name() if gpu else f'CPU ({os.cpu_count()} cores)'
     limits = {name: machine_limits(dev, precision(dev.split(':')[0], name)[0]) for name in dtypes}
     report = dict(device=device_name, dtypes=dtypes, cpu_weights=cpu_weights, compile=compile,

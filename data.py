@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 EOT = 50256  # GPT-2's <|endoftext|>: the BOS and the EOS of every caption
-IGNORE_INDEX = -100  # target value of positions that are not in the loss (never a real token id)
+IGNORE_INDEX = -100  # the target of a position that is not in the loss (PyTorch's ignore_index)
+# the image files sample.py and prepare_coco.py read from a folder
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 
 
 class InputError(Exception):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the target of a position that is not in the loss (PyTorch's ignore_index; data.py pads with it)
+from data import IGNORE_INDEX  # the target of a position that is not in the loss
 
 
 @dataclass

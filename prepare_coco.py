@@ -32,7 +32,7 @@ import re
 import sys
 from contextlib import contextmanager
 
-from data import (FORMAT_VERSION, InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
+from data import (FORMAT_VERSION, IMAGE_EXTENSIONS, InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
                   read_json, write_image_splits, write_json)
 from weights import load_vision
 
@@ -121,7 +121,6 @@ def jsonl_rows(path):
             yield from own_row(item.get('image'), texts, item.get('split'), 'split' in item, where)
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
 def folder_rows(folder):

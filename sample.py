@@ -21,7 +21,7 @@ from html import escape
 
 from PIL import Image
 
-from data import (FewShotExamples, ImageFiles, InputError, check_at_least, check_data_fits_model,
+from data import (FewShotExamples, ImageFiles, IMAGE_EXTENSIONS, InputError, check_at_least, check_data_fits_model,
                   check_writable, count_frames, gpt2_tokenizer, input_errors_exit,
                   load_rgb, read_frames, read_meta, stack_frames, video_pixels, vision_autocast, warn_if_all_empty,
                   write_json, write_text)
@@ -53,7 +53,6 @@ device = ''  # default: cuda when available, else cpu
 cpu_weights = 'float32'  # decoding on a CPU: GPT-2's and the cross-attention's weights as 'float32', 'bfloat16', 'int8'
 # -----------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mov', '.mkv', '.webm', '.avi')
 # PIL warns above ~89M pixels and refuses above twice that; refuse at the warning: such a file is far more
 # likely a decompression bomb than a photo to caption

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from data import InputError, atomic_write, first_line, read_json, write_json, write_text
 from model import GPT2, Captioner, CaptionerConfig, GPTConfig
 
-# Architectures of the checkpoints we know by name, so that --init_from=scratch needs no download.
+# Architectures of the checkpoints we know by name, so that random weights (bench.py) need no download.
 # Any other name (or a local directory) is read from its config.json.
 GPT2_SIZES = {
     'gpt2': dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -134,11 +134,8 @@ def gpt_config(hf_config):
                      layer_norm_eps=hf_config.layer_norm_epsilon)
 
 
-def build_captioner(config: CaptionerConfig, init_from='pretrained'):
-    """init_from='pretrained' loads CLIP and GPT-2 weights; 'scratch' builds them with random weights."""
-    if init_from not in ('pretrained', 'scratch'):
-        raise InputError(f"init_from must be 'pretrained' or 'scratch', not {init_from!r}")
-    pretrained = init_from == 'pretrained'
+def build_captioner(config: CaptionerConfig, pretrained=True):
+    """pretrained: load CLIP's and GPT-2's weights; else build them with random weights."""
     check_config(config)
     # the random numbers transformers draws while loading differ between its versions: the bridge's initial
     # weights must depend on the seed alone, so the loading draws from a copy of the generator

@@ -32,7 +32,7 @@ def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
     assert train['tokens_per_s'] == pytest.approx(16 * train['captions_per_s'])
     config = CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
                              resampler_depth=1, heads=2, dim_head=16, mapper_hidden=32)
-    flops = training_flops(build_captioner(config, init_from='scratch'), 16) * 8
+    flops = training_flops(build_captioner(config, pretrained=False), 16) * 8
     assert train['tflops'] * 1e12 * train['ms_per_iter'] / 1000 == pytest.approx(flops)
     assert [(g['decoding'], g['batch']) for g in report['generate']] == [
         ('greedy', 1), ('beam', 1), ('greedy', 3), ('beam', 3)]
@@ -45,7 +45,7 @@ def test_decoding_bytes_by_hand():
     """What a decoding step reads of GPT-2 small with 12 gated cross-attention blocks, in float32."""
     import torch
     with torch.device('meta'):
-        model = build_captioner(CaptionerConfig(), init_from='scratch')
+        model = build_captioner(CaptionerConfig(), pretrained=False)
     blocks, ln_f, lm_head = 12 * 7_087_872, 2 * 768, 50304 * 768  # the LM head is the padded embedding
     xattn_block = 28_348_440 // 12 - 768 * 2 * 6 * 64  # but the keys/values of the media, once per image
     assert decoding_bytes(model) == 4 * (blocks + ln_f + lm_head + 12 * xattn_block)
@@ -66,7 +66,7 @@ def test_cpu_weights_other_than_float32_are_refused_off_the_cpu(tiny_clip_dir, t
     from data import InputError
     with torch.device('meta'):  # any device but the CPU
         model = build_captioner(CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
-                                                resampler_depth=1, heads=2, dim_head=16), init_from='scratch')
+                                                resampler_depth=1, heads=2, dim_head=16), pretrained=False)
     assert decode.cpu_decoding(model, 'float32') is model
     for weights in ('bfloat16', 'int8'):
         with pytest.raises(InputError, match=f"cpu_weights='{weights}' is for decoding on a CPU, not on meta"):

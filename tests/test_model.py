@@ -168,7 +168,7 @@ def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
 def meta_captioner(**changes):
     """The full-size model with random weights on the meta device: exact shapes, no memory or time."""
     with torch.device('meta'):
-        return build_captioner(CaptionerConfig(**changes), init_from='scratch')
+        return build_captioner(CaptionerConfig(**changes), pretrained=False)
 
 
 def test_reference_parameter_counts():
