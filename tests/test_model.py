@@ -476,15 +476,21 @@ def test_beam_search_equals_the_plain_beam_search(captioner, beam_width):
     assert captions[0.0] != captions[3.0]
 
 
-@pytest.mark.parametrize('decoding', ['greedy', 'beam'])
-def test_caption_is_the_same_alone_and_in_a_padded_batch(captioner, decoding):
-    """Videos of 1, 3 and 2 frames, padded to 3 in one batch, against each decoded alone."""
+def padded_videos():
+    """Videos of 1, 3 and 2 frames, and the batch [3, 3, N, Dv] of them padded to 3 frames with its mask."""
     videos = [random_features(1, frames=n, seed=n) for n in (1, 3, 2)]
     batch = torch.zeros(3, 3, TOKENS_PER_FRAME, VISION_DIM)
     mask = torch.zeros(3, 3, dtype=torch.bool)
     for i, video in enumerate(videos):
         batch[i, :video.shape[1]] = video[0]
         mask[i, :video.shape[1]] = True
+    return videos, batch, mask
+
+
+@pytest.mark.parametrize('decoding', ['greedy', 'beam'])
+def test_caption_is_the_same_alone_and_in_a_padded_batch(captioner, decoding):
+    """Videos of 1, 3 and 2 frames, padded to 3 in one batch, against each decoded alone."""
+    videos, batch, mask = padded_videos()
     together = generate(captioner, batch, mask, decoding=decoding, beam_width=3, max_new_tokens=10)
     alone = [generate(captioner, v, decoding=decoding, beam_width=3, max_new_tokens=10)[0] for v in videos]
     assert together == alone
@@ -497,12 +503,7 @@ def test_generate_writes_what_the_plain_loops_write(captioner, decoding):
     decode.py's plain loops (the whole sequence through forward() for every token; beam search one input
     at a time): for videos of 1, 3 and 2 frames padded to 3 in one batch, and for each alone. Sampling
     draws the same numbers from the same seed."""
-    videos = [random_features(1, frames=n, seed=n) for n in (1, 3, 2)]
-    batch = torch.zeros(3, 3, TOKENS_PER_FRAME, VISION_DIM)
-    mask = torch.zeros(3, 3, dtype=torch.bool)
-    for i, video in enumerate(videos):
-        batch[i, :video.shape[1]] = video[0]
-        mask[i, :video.shape[1]] = True
+    videos, batch, mask = padded_videos()
 
     def plain(features, mask):
         if decoding == 'beam':
