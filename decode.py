@@ -139,16 +139,17 @@ def candidates(model, features, feature_mask, count, shots=None, **options):
     return [flat[i * count:(i + 1) * count] for i in range(len(features))]
 
 
-def caption_batch(model, features, feature_mask, options, count=1, shots=None, scorer=None,
+def caption_batch(model, features, feature_mask, options, samples=1, shots=None, scorer=None,
                   rerank=False):
     """
     Captions (text) of a batch of images or videos, as sample.py, eval_bleu.py and train.py's
-    validation write them: for each input, dict(captions=[str], clip_s=[float] or None), its `count`
-    captions (the beam's n-best, or samples; see candidates) and, with a scorer (a
+    validation write them: for each input, dict(captions=[str], clip_s=[float] or None), its captions
+    (`samples` of them; reranked beam search: the beam's n-best) and, with a scorer (a
     clipscore.ClipScorer), their CLIP-S. With rerank, the best of them by CLIP-S alone (the first of
     equals), and its candidates, their CLIP-S and the one chosen. options: generate's decoding
     settings; shots: few-shot examples before every input.
     """
+    count = options['beam_width'] if rerank and options['decoding'] == 'beam' else samples
     with decoding_autocast(features.device.type):
         tokens = candidates(model, features, feature_mask, count, shots, **options)
     encoder = gpt2_tokenizer()

@@ -351,10 +351,8 @@ def caption_split(model, data_dir, split_name, count, batch, decode_options, dev
             ids = np.array(group[start:start + batch])
             features, mask = (torch.from_numpy(a).to(dev) for a in data.features(ids))
             # with a scorer: the best by CLIP-S of the beam's n-best, or of samples
-            n = (decode_options['beam_width'] if decode_options['decoding'] == 'beam' else samples) \
-                if scorer else 1
-            results = decode.caption_batch(model, features, mask, decode_options, n, shots, scorer,
-                                           rerank=True)
+            results = decode.caption_batch(model, features, mask, decode_options, samples, shots,
+                                           scorer, rerank=scorer is not None)
             for i, result in zip(ids, results):
                 captions[i] = result['captions'][0]
                 choices[i] = (result['candidates'], result['chosen']) if scorer else None

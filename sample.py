@@ -136,7 +136,6 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
     cuda = torch.device(dev).type == 'cuda'
     loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=collate_files,
                                          pin_memory=cuda)
-    count = options['beam_width'] if rerank and options['decoding'] == 'beam' else samples
     results = {}
     with tqdm(total=len(files), unit='file', disable=len(files) < 100, file=sys.stderr) as bar:
         for paths, frame_counts, frames, bad in loader:
@@ -149,7 +148,7 @@ def caption_files(model, files, options, batch, workers, dev, samples=1, example
                 for chosen, rows in shot_groups(paths, examples):
                     shots = examples.shots_of(chosen, dev) if examples is not None else None
                     captioned = decode.caption_batch(model, features[rows], mask[rows], options,
-                                                     count, shots, scorer, rerank)
+                                                     samples, shots, scorer, rerank)
                     for row, result in zip(rows, captioned):
                         results[paths[row]] = result
             bar.update(len(paths) + len(bad))
