@@ -521,6 +521,18 @@ def test_generate_writes_what_the_plain_loops_write(captioner, decoding):
     assert len({tuple(c) for c in together}) > 1
 
 
+def test_candidates_of_samples_without_a_frame_mask(captioner):
+    """Samples to choose from, of inputs without a frame mask (every frame real, as generate takes None): each
+    input's `count` samples are those of the input repeated count times."""
+    from decode import candidates
+    features = random_features(2)
+    drawn = candidates(captioner, features, None, 3, decoding='sample', max_new_tokens=8,
+                       generator=torch.Generator().manual_seed(4))
+    flat = generate(captioner, features.repeat_interleave(3, 0), decoding='sample', max_new_tokens=8,
+                    generator=torch.Generator().manual_seed(4))
+    assert drawn == [flat[:3], flat[3:]]
+
+
 def test_sampling(captioner):
     features = random_features(4)
     greedy = generate(captioner, features, max_new_tokens=8)
