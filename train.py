@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decode
 import eval_bleu
-from data import (Captions, InputError, auto_dtype, check_data_fits_model, check_writable,
-                  command_line, gpt2_tokenizer, input_errors_exit, pick_device, precision,
-                  read_meta, split_counts, warn_if_all_empty)
+from data import (Captions, InputError, auto_dtype, check_at_least, check_data_fits_model,
+                  check_writable, command_line, gpt2_tokenizer, input_errors_exit, pick_device,
+                  precision, read_meta, split_counts, warn_if_all_empty)
 from model import CaptionerConfig, training_flops
 from scst import CiderReward, policy_gradient_loss, sample_seed
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint,
@@ -238,6 +238,9 @@ def main(config):
     # -------------------------------------------------------------------------
     # settings that cannot work together: one line each, before any work
     check_writable(out_dir)
+    check_at_least(batch_size=(batch_size, 1), epochs=(epochs, 0), max_iters=(max_iters, 0),
+                   gradient_accumulation_steps=(gradient_accumulation_steps, 1),
+                   eval_interval=(eval_interval, 1), log_interval=(log_interval, 1))
     if objective not in ('xe', 'scst'):
         raise InputError(f"objective must be 'xe' or 'scst', not {objective!r}")
     if interleave < 1 or batch_size % interleave:

@@ -260,6 +260,13 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     ('--lerning_rate=1e-3', "config error: unknown config key 'lerning_rate' (in --lerning_rate=1e-3); "
                             "did you mean learning_rate?"),
     ('--batch_size=big', "config error: --batch_size=big: expected int, got 'big'"),
+    # counts that would divide by zero, or never end the loop
+    ('--batch_size=0', 'train.py: batch_size must be at least 1, not 0'),
+    ('--gradient_accumulation_steps=0', 'train.py: gradient_accumulation_steps must be at least 1, not 0'),
+    ('--max_iters=-1', 'train.py: max_iters must be at least 0, not -1'),
+    ('--epochs=-2', 'train.py: epochs must be at least 0, not -2'),
+    ('--eval_interval=0', 'train.py: eval_interval must be at least 1, not 0'),
+    ('--log_interval=0', 'train.py: log_interval must be at least 1, not 0'),
 ])
 def test_bad_settings_fail_in_one_line(option, message):
     assert run_script('train.py', option) == message
