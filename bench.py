@@ -29,8 +29,9 @@ import torch
 
 import train
 import decode
-from data import (EOT, decoding_autocast, input_errors_exit, native_bfloat16, pick_device, precision, tokens_per_frame,
-                  vision_autocast)
+from common import (EOT, decoding_autocast, input_errors_exit, native_bfloat16, pick_device,
+                    precision, vision_autocast)
+from media import tokens_per_frame
 from model import CaptionerConfig, count_params, param_table, training_flops
 from weights import build_captioner
 

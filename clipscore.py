@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from data import InputError, first_line
+from common import InputError, first_line
 
 PREFIX = 'A photo depicts '
 W = 2.5

@@ -14,6 +14,7 @@ CUDA graph on a GPU, drawing a sample with one number per row, and the CPU's lin
 argument checks come last.
 """
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import EOT, InputError, Shots, decode_caption, decoding_autocast, gpt2_tokenizer
+from common import EOT, InputError, decode_caption, decoding_autocast, gpt2_tokenizer
+from data import Shots
 
 # -----------------------------------------------------------------------------
 # The idea, plain: the whole sequence through the model for every new token. A test proves that
@@ -165,6 +167,14 @@ def caption_batch(model, features, feature_mask, options, samples=1, shots=None,
         results.append(dict(captions=[row[best]], clip_s=[clip_s[best]], candidates=row,
                             candidates_clip_s=clip_s, chosen=best))
     return results
+
+
+def warn_if_all_empty(captions, script):
+    """One line on stderr when every caption is empty: the scores are then all zero, and would say nothing of why."""
+    if captions and not any(caption.strip() for caption in captions):
+        print(f'{script}: all {len(captions):,} captions are empty: the model ends every caption at once. A language '
+              f'model that knows no words (a random stand-in GPT-2) cannot learn to write while frozen: train it too '
+              f'(--unfreeze_layers=ITS_LAYERS --train_embeddings=True, as config/train_shapes.py does)', file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from collections import Counter
 import numpy as np
 
 from coco_tokenizer import tokenize, tokenize_all, tokenize_groups  # noqa: F401 (tokenize: for the tests)
-from data import (Captions, FewShotExamples, InputError, check_at_least, check_data_fits_model, check_writable,
-                  command_line, first_line, gpt2_tokenizer, input_errors_exit,
-                  read_json, read_meta, warn_if_all_empty, write_json)
+from common import (InputError, check_at_least, check_writable, command_line, first_line,
+                    gpt2_tokenizer, input_errors_exit, read_json, write_json)
+from data import Captions, FewShotExamples, check_data_fits_model, read_meta
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote its checkpoints; the results are written here too
@@ -407,8 +407,8 @@ def check_settings():
 def main():
     import torch
     from clipscore import clip_scorer_of
-    from data import pick_device
-    from decode import cpu_decoding
+    from common import pick_device
+    from decode import cpu_decoding, warn_if_all_empty
     from weights import add_evaluation, load_captioner
     check_settings()
     check_writable(out_dir)  # its metrics and captions go there

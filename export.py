@@ -11,7 +11,8 @@ Hugging Face hub as any model folder does; nothing here reaches the hub, so only
 """
 import os
 
-from data import InputError, check_writable, input_errors_exit, read_meta, split_counts
+from common import InputError, check_writable, input_errors_exit
+from data import read_meta, split_counts
 from weights import read_checkpoint, save_model
 
 # -----------------------------------------------------------------------------

@@ -32,8 +32,11 @@ import re
 import sys
 from contextlib import contextmanager
 
-from data import (FORMAT_VERSION, IMAGE_EXTENSIONS, InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
-                  read_json, write_image_splits, write_json)
+from common import (InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
+                    read_json, write_json)
+from data import FORMAT_VERSION
+from features import write_image_splits
+from media import IMAGE_EXTENSIONS
 from weights import load_vision
 
 # -----------------------------------------------------------------------------

@@ -18,8 +18,10 @@ An interrupted run resumes where it stopped. Needs PyAV (pip install av).
 """
 import os
 
-from data import (FORMAT_VERSION, InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
-                  read_json, write_json, write_video_splits)
+from common import (InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
+                    read_json, write_json)
+from data import FORMAT_VERSION
+from features import write_video_splits
 from model import CaptionerConfig
 from weights import load_vision
 

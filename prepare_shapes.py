@@ -18,7 +18,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-from data import check_writable, gpt2_tokenizer, input_errors_exit, write_image_splits, write_json
+from common import check_writable, gpt2_tokenizer, input_errors_exit, write_json
+from features import write_image_splits
 
 # -----------------------------------------------------------------------------
 out_dir = 'data/shapes'  # the pictures, their captions files and the stand-in checkpoints
@@ -149,7 +150,7 @@ def captions_for(scene, rng):
 
 
 def write_split(name, count, rng, root, size):
-    """Images and an official-format captions file for one split; returns its records for data.py."""
+    """Images and an official-format captions file for one split; returns its records for features.py."""
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
     images, annotations, records = [], [], []
@@ -260,7 +261,7 @@ def centre_vision_features(clip, clip_dir, image_paths):
     import numpy as np
     import torch
     from weights import load_vision
-    from data import clip_preprocess, load_rgb
+    from media import clip_preprocess, load_rgb
     vision = load_vision(clip_dir)
     pixels = torch.tensor(np.stack([clip_preprocess(load_rgb(p), vision.config.image_size)
                                     for p in image_paths]))
@@ -274,7 +275,7 @@ def centre_vision_features(clip, clip_dir, image_paths):
 if __name__ == '__main__':
     from configurator import configure, is_setting
     globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
-    from data import pick_device
+    from common import pick_device
     from weights import load_vision
     with input_errors_exit('prepare_shapes.py'):
         check_writable(out_dir)

@@ -21,10 +21,11 @@ from html import escape
 
 from PIL import Image
 
-from data import (FewShotExamples, ImageFiles, IMAGE_EXTENSIONS, InputError, check_at_least, check_data_fits_model,
-                  check_writable, count_frames, gpt2_tokenizer, input_errors_exit,
-                  load_rgb, read_frames, read_meta, stack_frames, video_pixels, vision_autocast, warn_if_all_empty,
-                  write_json, write_text)
+from common import (InputError, check_at_least, check_writable, gpt2_tokenizer, input_errors_exit,
+                    vision_autocast, write_json, write_text)
+from data import FewShotExamples, check_data_fits_model, read_meta
+from media import (IMAGE_EXTENSIONS, ImageFiles, count_frames, load_rgb, read_frames, stack_frames,
+                   video_pixels)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the training run's folder
@@ -212,8 +213,8 @@ def page_heading():
 def main():
     import torch
     from clipscore import check_rerank, clip_scorer_of
-    from data import pick_device
-    from decode import check_cpu_weights, check_decoding, cpu_decoding
+    from common import pick_device
+    from decode import check_cpu_weights, check_decoding, cpu_decoding, warn_if_all_empty
     from weights import load_captioner
     check_decoding(decoding, max_new_tokens, beam_width, temperature, top_k, top_p)
     check_cpu_weights(cpu_weights)

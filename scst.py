@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 import eval_bleu
-from data import EOT, IGNORE_INDEX, decode_caption, gpt2_tokenizer
+from common import EOT, decode_caption, gpt2_tokenizer
+from data import IGNORE_INDEX
 
 # The end of a caption is a word of its reward, as Rennie et al. (2017) and self-critical.pytorch
 # count it: every reference ends with it, and so does every sample that ended (not one cut at the

@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import decode
 import eval_bleu
-from data import (Captions, InputError, auto_dtype, check_at_least, check_data_fits_model,
-                  check_writable, command_line, gpt2_tokenizer, input_errors_exit, pick_device,
-                  precision, read_meta, split_counts, warn_if_all_empty)
+from common import (InputError, auto_dtype, check_at_least, check_writable, command_line,
+                    gpt2_tokenizer, input_errors_exit, pick_device, precision)
+from data import Captions, check_data_fits_model, read_meta, split_counts
 from model import CaptionerConfig, training_flops
 from scst import CiderReward, policy_gradient_loss, sample_seed
 from weights import (build_captioner, load_trained_weights, read_checkpoint, save_checkpoint,
@@ -149,7 +149,7 @@ def caption_scores(model, data_dir, split, images, batch_size, dev):
     of a split, as eval_bleu.py decodes them."""
     captions, records, _ = eval_bleu.caption_split(model, data_dir, split, images, batch_size,
                                                   dict(max_new_tokens=30), dev)
-    warn_if_all_empty(captions, 'train.py')
+    decode.warn_if_all_empty(captions, 'train.py')
     scores = eval_bleu.score(captions, [r['captions'] for r in records])
     return dict(val_bleu4=scores['BLEU-4'], val_cider=scores['CIDEr-D'],
                 val_bad_endings=eval_bleu.bad_endings(captions))

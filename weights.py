@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from data import InputError, atomic_write, first_line, read_json, write_json, write_text
+from common import InputError, atomic_write, first_line, read_json, write_json, write_text
 from model import GPT2, Captioner, CaptionerConfig, GPTConfig
 
 # Architectures of the checkpoints we know by name, so that random weights (bench.py) need no download.

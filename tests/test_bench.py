@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import data
+import common
 
 from conftest import run_script
 from bench import decoding_bytes
@@ -21,7 +21,7 @@ def test_bench_reports_every_figure(tiny_clip_dir, tiny_gpt2_dir, capsys):
     report = json.loads(lines[-1])
     assert lines[1].startswith('measured limits: matrix products ')
     dtypes = report['dtypes']  # on a CPU that multiplies bfloat16 natively, both
-    assert dtypes == (['float32', 'bfloat16'] if data.native_bfloat16('cpu') else ['float32'])
+    assert dtypes == (['float32', 'bfloat16'] if common.native_bfloat16('cpu') else ['float32'])
     assert [line.split('  ')[0] for line in lines[2:-1]] == (
         [f'train step, {name}' for name in dtypes] + ['greedy from features', 'beam from features'] * 2
         + ['CLIP features', 'sample.py, greedy', 'sample.py, beam'])
@@ -63,7 +63,7 @@ def test_cpu_weights_other_than_float32_are_refused_off_the_cpu(tiny_clip_dir, t
     """On a GPU they would change nothing, yet eval_bleu.py would name its files after them."""
     import torch
     import decode
-    from data import InputError
+    from common import InputError
     with torch.device('meta'):  # any device but the CPU
         model = build_captioner(CaptionerConfig(vision_model=tiny_clip_dir, text_model=tiny_gpt2_dir, num_latents=8,
                                                 resampler_depth=1, heads=2, dim_head=16), pretrained=False)

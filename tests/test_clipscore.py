@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from clipscore import ClipScorer, clip_scorer_of
 from conftest import run_script
-from data import clip_preprocess, load_rgb
+from media import clip_preprocess, load_rgb
 from prepare_shapes import draw_weights
 
 REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'clip_tokenizer')

@@ -292,7 +292,7 @@ def test_official_scores(monkeypatch, capsys):
 
 
 def test_official_scores_needs_java(monkeypatch):
-    from data import InputError
+    from common import InputError
     monkeypatch.setattr(eval_bleu.shutil, 'which', lambda name: None)
     with pytest.raises(InputError) as error:
         eval_bleu.official_scores(['a dog'], [['a dog']])

@@ -11,7 +11,8 @@ import torch
 
 import model as model_module
 from conftest import VISION_DIM, record_generate_calls, run_script
-from data import EOT, IGNORE_INDEX, Captions, FewShotExamples, Shots
+from common import EOT
+from data import IGNORE_INDEX, Captions, FewShotExamples, Shots
 from decode import few_shot_prompt, generate, prefill
 from model import MediaLayout
 from weights import build_captioner

@@ -10,11 +10,12 @@ import torch
 
 av = pytest.importorskip('av')
 
-import data  # noqa: E402
+import media  # noqa: E402
 import prepare_mlslt  # noqa: E402
 from conftest import caption_text, record_generate_calls, run_script, stored_features  # noqa: E402
-from data import clip_preprocess, extract_features  # noqa: E402
 from decode import generate  # noqa: E402
+from features import extract_features  # noqa: E402
+from media import clip_preprocess  # noqa: E402
 from weights import load_captioner, load_vision  # noqa: E402
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 30, 220)}
@@ -75,9 +76,9 @@ def mlslt_data(tmp_path_factory, mlslt_root, tiny_clip_dir):
 
 
 def test_frame_indices_are_spread_evenly():
-    assert data.frame_indices(10, 6).tolist() == [0, 2, 4, 5, 7, 9]
-    assert data.frame_indices(4, 4).tolist() == [0, 1, 2, 3]
-    assert data.frame_indices(1000, 3).tolist() == [166, 500, 833]
+    assert media.frame_indices(10, 6).tolist() == [0, 2, 4, 5, 7, 9]
+    assert media.frame_indices(4, 4).tolist() == [0, 1, 2, 3]
+    assert media.frame_indices(1000, 3).tolist() == [166, 500, 833]
 
 
 def test_split_file_gives_a_sample_per_id_and_sign_language(mlslt_root):
@@ -133,9 +134,9 @@ class Interrupted(Exception):
 
 def test_interrupted_video_extraction_resumes(tmp_path, mlslt_root, mlslt_data, tiny_clip_dir, monkeypatch):
     records = prepare_mlslt.load_split(str(mlslt_root), 'train', ['de', 'en'], 'en')
-    counts = [data.count_frames(r['file']) for r in records]
+    counts = [media.count_frames(r['file']) for r in records]
     model = load_vision(tiny_clip_dir).eval()
-    files = data.VideoFiles([r['file'] for r in records], counts, MAX_FRAMES, 32)
+    files = media.VideoFiles([r['file'] for r in records], counts, MAX_FRAMES, 32)
     real_forward, calls, crash = type(model).forward, [], [True]
 
     def crash_on_second_batch(self, *args, **kwargs):
@@ -262,7 +263,7 @@ def test_sample_captions_video_files(video_run, mlslt_root, tmp_path, capsys, mo
     # names red exactly for the red one
     model, _ = load_captioner(f'{video_run}/best.pt')
     for path, caption in lines:
-        frames = data.read_frames(path, MAX_FRAMES, data.count_frames(path))
+        frames = media.read_frames(path, MAX_FRAMES, media.count_frames(path))
         pixels = torch.tensor(np.stack([clip_preprocess(f, 32) for f in frames]))
         with torch.no_grad():
             features, mask = model.encode_pixels(pixels, [len(pixels)])

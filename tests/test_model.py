@@ -11,7 +11,7 @@ from transformers import CLIPModel, GPT2LMHeadModel
 
 from conftest import TEXT_DIM, TOKENS_PER_FRAME, VISION_DIM
 import torch.nn.functional as F
-from data import EOT, InputError, pick_device
+from common import EOT, InputError, pick_device
 from decode import KVCache, generate, onednn_linears, plain_beam_search, plain_sample, sample_token, prefill
 from model import IGNORE_INDEX, CaptionerConfig, TiedHead, count_params, param_table, training_flops
 from weights import build_captioner, load_captioner, load_gpt2, load_vision

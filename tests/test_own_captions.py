@@ -8,7 +8,7 @@ from PIL import Image
 
 import prepare_coco
 from conftest import run_script, stored_features
-from data import InputError
+from common import InputError
 
 
 def load(path, **options):

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import features
+import media
 import prepare_coco
+from common import InputError
 from conftest import run_script, stored_features
-from data import InputError
 from weights import load_vision
 
 
@@ -80,7 +81,7 @@ def test_preprocessing_matches_clip_image_processor(tmp_path, size):
     from transformers import CLIPImageProcessor
     image = Image.open(save_image(tmp_path / 'x.png', size))
     expected = CLIPImageProcessor()(images=image, return_tensors='np')['pixel_values'][0]
-    ours = data.clip_preprocess(image.convert('RGB'))
+    ours = media.clip_preprocess(image.convert('RGB'))
     assert ours.shape == (3, 224, 224)
     assert np.abs(ours - expected).max() <= 1e-5
 
@@ -91,11 +92,11 @@ def test_every_mode_becomes_rgb(tmp_path):
     for mode, ext in modes.items():
         path = tmp_path / f'{mode.replace(";", "")}.{ext}'
         base.convert(mode).save(path)
-        image = data.load_rgb(path)
+        image = media.load_rgb(path)
         assert image.mode == 'RGB' and image.size == (30, 20), mode
     sixteen = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
     sixteen.save(tmp_path / 'bright16.png')
-    assert np.asarray(data.load_rgb(tmp_path / 'bright16.png')).max() == 255  # scaled, not clipped
+    assert np.asarray(media.load_rgb(tmp_path / 'bright16.png')).max() == 255  # scaled, not clipped
 
 
 # What a viewer shows of stored pixels [rows, columns, 3] for each EXIF orientation, as the EXIF spec defines
@@ -122,7 +123,7 @@ def test_exif_orientation_is_applied(tmp_path, ext, tolerance):
         exif[0x0112] = orientation
         path = tmp_path / f'{orientation}.{ext}'
         Image.fromarray(stored).save(path, exif=exif)
-        shown = np.asarray(data.load_rgb(path), dtype=np.int16)
+        shown = np.asarray(media.load_rgb(path), dtype=np.int16)
         expected = upright(stored).astype(np.int16)
         assert shown.shape == expected.shape and np.abs(shown - expected).mean() <= tolerance, orientation
 
@@ -137,7 +138,7 @@ def dataset(tmp_path):
 
 def run_prepare(dataset, out_dir, clip_dir, **options):
     splits = prepare_coco.load_captions(*dataset)
-    return data.write_image_splits(splits, str(out_dir), load_vision(clip_dir), clip_dir, batch_size=2,
+    return features.write_image_splits(splits, str(out_dir), load_vision(clip_dir), clip_dir, batch_size=2,
                                    workers=0, skip_bad=options.get('skip_bad', False))
 
 
@@ -148,7 +149,7 @@ def test_features_and_captions_round_trip(tmp_path, dataset, tiny_clip_dir):
     feats = stored_features(tmp_path / 'out' / 'train_feats.bin')
     assert len(feats) == 5
     records = prepare_coco.load_captions(*dataset)['train']
-    pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(r['file']), 32)
+    pixels = torch.tensor(np.stack([media.clip_preprocess(media.load_rgb(r['file']), 32)
                                     for r in records]))
     with torch.no_grad():
         expected = load_vision(tiny_clip_dir)(pixel_values=pixels).last_hidden_state

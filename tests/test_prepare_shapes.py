@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-import data
+import media
 import prepare_shapes
 from conftest import run_script
 from weights import load_gpt2, load_vision
@@ -94,7 +94,7 @@ def test_stand_in_vision_features_are_centred(tmp_path):
                     '--num_train=40', '--num_val=1', '--num_test=1'], check=True, capture_output=True)
     vision = load_vision(str(tmp_path / 'clip'))
     images = sorted((tmp_path / 'train').glob('*.png'))
-    pixels = torch.tensor(np.stack([data.clip_preprocess(data.load_rgb(p), vision.config.image_size) for p in images]))
+    pixels = torch.tensor(np.stack([media.clip_preprocess(media.load_rgb(p), vision.config.image_size) for p in images]))
     with torch.no_grad():
         features = vision(pixel_values=pixels).last_hidden_state
     assert features.mean(dim=(0, 1)).abs().max() < 1e-4  # measured on these 40 images

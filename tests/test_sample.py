@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import caption_text, colour_and_shape, draw_shape, record_generate_calls, run_script, shape_scenes
 from decode import generate
 from weights import load_captioner
-from data import clip_preprocess, load_rgb
+from media import clip_preprocess, load_rgb
 
 BAD_FILES = [('empty.jpg', 'empty file'), ('truncated.jpg', 'not a readable image'),
              ('text.png', 'not a readable image'), ('bomb.png', 'too large to be a photo')]

@@ -7,7 +7,8 @@ import tiktoken
 import torch
 
 from conftest import TEXT_DIM, run_script
-from data import EOT, IGNORE_INDEX
+from common import EOT
+from data import IGNORE_INDEX
 from decode import generate, prefill
 from weights import build_captioner
 from eval_bleu import CiderD, tokenize_all

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from conftest import RUN_OPTIONS, caption_text, colour_and_shape, run_script
-from data import EOT, Captions
+from common import EOT
+from data import Captions
 from decode import generate
 from weights import load_captioner, load_vision
 from weights import save_checkpoint
