@@ -1,6 +1,6 @@
 # The reference model and hyperparameters on COCO (Karpathy split): CLIP ViT-B/32 + GPT-2 (124M), a
 # mapping network and a Perceiver Resampler with gated cross-attention before every GPT-2 block.
-# Prepare the features first (README, "The COCO recipe"), then:
+# Prepare the features first (README.md, Recipes: COCO), then:
 # python train.py config/train_coco.py                                    (one GPU)
 # torchrun --standalone --nproc_per_node=8 train.py config/train_coco.py  (eight)
 out_dir = 'out-coco'

@@ -1,6 +1,6 @@
 # Sign-language translation on MLSLT (SP-10): a video of a signer -> the sentence in English. The same
 # model as on COCO: the resampler reads every frame (up to 64, with its time embedding), the mapper
-# reads their mean. Prepare the features first (README, "The MLSLT recipe"), then:
+# reads their mean. Prepare the features first (README.md, Recipes: MLSLT), then:
 # python train.py config/train_mlslt.py
 # These hyperparameters are COCO's, with longer targets; they have not been tuned on SP-10.
 out_dir = 'out-mlslt'
