@@ -1,5 +1,5 @@
 """
-What every nanocap script shares, none of it about captioning:
+What every nanocap script shares, none of it about the model or the data's format:
 - the error a user's bad input raises (InputError), which every script prints as one line;
 - the device, and the one precision policy of every script;
 - files written atomically, JSON read with an error that names the file;

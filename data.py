@@ -1,6 +1,6 @@
 """
-The prepared data: what prepare_coco.py and prepare_mlslt.py write into a folder, and how train.py,
-eval_bleu.py and sample.py read it. For each split:
+The prepared data: what the prepare scripts write into a folder (through features.py), and how
+train.py, eval_bleu.py and sample.py read it. For each split:
 - <split>_feats.bin: CLIP's features of every frame (an image is a video of one frame), float16
   [frames, tokens_per_image, feature_dim];
 - <split>_tokens.bin: every caption's GPT-2 tokens, uint16, one after another;
@@ -64,7 +64,7 @@ def write_frame_table(out_dir, split_name, frame_counts):
 # Reading
 
 class Captions:
-    """One split written by prepare_coco.py or prepare_mlslt.py: every caption with the CLIP
+    """One split written by a prepare script: every caption with the CLIP
     features of its image or video, memmapped. An image is a video of one frame. Every file is
     checked against meta.json first: a file cut short or left from another run would otherwise be
     read as garbage, or fail deep inside numpy."""

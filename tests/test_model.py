@@ -762,7 +762,7 @@ def test_training_flops():
     reference = training_flops(meta_captioner(), 15)
     assert reference == (2 * (12 * gpt2_block(16) + lm_head)
                          + 3 * (mapper + 4 * resampler_layer(768, 50) + 12 * xattn_block(768, 16)))
-    assert 16.5e9 < reference < 17.5e9  # the README's "about 17 GFLOP per caption"
+    assert 16.5e9 < reference < 17.5e9  # docs/results.md's "about 17 GFLOP per caption"
 
     # ViT-L/14 (1024 wide, 16 x 16 patches + CLS) on a 3-frame video, the transformer mapper with 2 prefix
     # tokens, cross-attention before blocks 0, 4 and 8, the top block trained, 10 of 15 tokens with a target
