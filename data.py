@@ -13,6 +13,7 @@ FewShotExamples gives few-shot captioning its examples.
 """
 import math
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +33,13 @@ def new_meta(vision_model, **meta_fields):
     from `vision_model`."""
     return dict(format_version=FORMAT_VERSION, vision_model=vision_model, tokenizer='gpt2',
                 feature_dtype='float16', token_dtype='uint16', **meta_fields, splits={})
+
+
+def one_line(caption):
+    """A caption on one line, single-spaced: a line break inside a caption (a quoted CSV field may
+    hold one, and so do a few of COCO's own captions) is white space like any other."""
+    space = ' \t\r\n\f\v'  # not a no-break space, which stays
+    return ' '.join(re.split(f'[{space}]+', caption.strip(space)))
 
 
 def write_captions(records, out_dir, split_name, encoder, media='image'):

@@ -2,8 +2,8 @@
 The prepare scripts' shared work: check every image or video of a split, run the frozen CLIP on
 them, and write the prepared folder that data.py reads. The features stream into a float16 memmap
 batch by batch, so memory stays flat; under torchrun each rank fills its own share; an interrupted
-run resumes. prepare_coco.py, prepare_mlslt.py and prepare_shapes.py only read their datasets'
-layouts and call write_image_splits or write_video_splits.
+run resumes. The prepare scripts find their images or videos and captions (a dataset's layout, or
+prepare_shapes.py's drawings) and call write_image_splits, write_video_splits or write_splits.
 """
 import glob
 import hashlib
@@ -27,11 +27,19 @@ def write_image_splits(splits, out_dir, vision, vision_model, batch_size, worker
     splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
                                    world)[0]
               for name, records in splits.items()}
+    size = vision.config.image_size
+    return write_splits(splits, out_dir, vision, vision_model, batch_size, workers, rank, world,
+                        lambda name, records: ImageFiles([r['file'] for r in records], size))
+
+
+def write_splits(splits, out_dir, vision, vision_model, batch_size, workers, rank, world, files_of):
+    """As write_image_splits, of images already checked, which files_of(split name, its records)
+    gives as a Dataset (media.py's ImageFiles, or any other with .paths and .frame_counts)."""
     os.makedirs(out_dir, exist_ok=True)
     encoder, meta = gpt2_tokenizer(), new_meta(vision_model)
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
-        files = ImageFiles([r['file'] for r in records], vision.config.image_size)
+        files = files_of(name, records)
         shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, rank,
                                  world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])

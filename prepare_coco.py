@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 from common import (InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
                     read_json, write_json)
-from data import FORMAT_VERSION
+from data import FORMAT_VERSION, one_line
 from features import write_image_splits
 from media import IMAGE_EXTENSIONS
 from weights import load_vision
@@ -177,12 +177,6 @@ def own_row(image, texts, split_name, has_split, where):
         raise InputError(f'{where}: the split {split_name!r} is not a name of letters, digits, _ and -')
     return [(os.path.normpath(image.strip()), one_line(t), split_name.strip() if has_split else None, where)
             for t in texts]
-
-
-def one_line(caption):
-    """A caption on one line, single-spaced: a line break inside a caption (a quoted CSV field may hold
-    one, and so do a few of COCO's own captions) is white space like any other."""
-    return ' '.join(re.split(r'[ \t\r\n\f\v]+', caption.strip(' \t\r\n\f\v')))  # a no-break space stays
 
 
 SPLIT_NAME = re.compile(r'[A-Za-z0-9_-]+')  # it becomes part of file names

@@ -1,0 +1,320 @@
+"""
+CLIP features of image-text shards as img2dataset writes them (CC3M, CC12M, LAION subsets, ...),
+read in place: no sample is unpacked to disk.
+
+    python prepare_shards.py --shards='cc3m/{00000..00331}.tar' --val_shards=2 --test_shards=2 \
+        --out_dir=data/cc3m
+    torchrun --standalone --nproc_per_node=8 prepare_shards.py --shards=cc3m --val_shards=cc3m_val \
+        --out_dir=data/cc3m
+
+A shard is a tar (img2dataset's --output_format=webdataset) or a folder (--output_format=files) of
+<key>.jpg (or .jpeg, .png, .webp), <key>.txt (the caption) and <key>.json (img2dataset's record of
+the sample: url, status, sizes, ...); a failed download is absent. A sample's caption is its .txt,
+or a field of its .json (--caption_field). Splits are whole shards: named (--val_shards=SPEC) or
+held out at random (--val_shards=N, seeded). A bad sample (an image that does not decode, no
+caption) is skipped and counted, one line per shard that had any; a tar cut short (an interrupted
+download) keeps its readable samples. The output is prepare_coco.py's: train.py, eval_bleu.py and
+sample.py read it as any other.
+"""
+import glob
+import io
+import json
+import os
+import random
+import re
+import sys
+import tarfile
+from collections import Counter
+
+from common import (InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
+                    write_json)
+from data import one_line
+from features import write_splits
+from media import clip_preprocess, load_rgb
+
+# -----------------------------------------------------------------------------
+# Settings (python prepare_shards.py --help)
+shards = ''  # img2dataset's output: a folder of shards, a glob ('cc3m/*.tar') or a brace range
+val_shards = ''  # validation's shards: a folder, glob or range, or N: N of --shards at random
+test_shards = ''  # the test shards, as val_shards
+caption_field = ''  # the caption: '' for each sample's .txt, else this field of its .json
+out_dir = 'data/shards'
+seed = 1337  # which shards --val_shards=N and --test_shards=N hold out
+vision_model = 'openai/clip-vit-base-patch32'  # hub name or local directory
+batch_size = 64
+num_workers = min(4, os.cpu_count() or 1)  # image decoding processes
+device = ''  # default: cuda when available, else cpu
+
+IMAGE_TYPES = ('jpg', 'jpeg', 'png', 'webp')  # img2dataset's --encode_format choices
+
+
+# -----------------------------------------------------------------------------
+# Finding the shards
+
+def expand_braces(spec):
+    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar'] (a range keeps its
+    zero padding); '{a,b}' -> ['a', 'b']; several braces multiply."""
+    match = re.search(r'\{([^{}]*)\}', spec)
+    if not match:
+        return [spec]
+    head, tail, inside = spec[:match.start()], spec[match.end():], match.group(1)
+    numbers = re.fullmatch(r'(\d+)\.\.(\d+)', inside)
+    if numbers:
+        first, last = numbers.groups()
+        choices = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    else:
+        choices = inside.split(',')
+    return [path for choice in choices for path in expand_braces(head + choice + tail)]
+
+
+def find_shards(spec, setting='shards'):
+    """The shards of a --shards value: a tar or a shard folder, a folder of them, a glob, a brace
+    range."""
+    found = []
+    for pattern in expand_braces(spec):
+        paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not paths:
+            raise InputError(f'--{setting}={spec}: {pattern} matches no file')
+        for path in paths:
+            if not os.path.exists(path):
+                raise InputError(f'--{setting}={spec}: no such file or folder {path}')
+            if os.path.isdir(path) and not is_shard_folder(path):
+                inner = sorted(glob.glob(os.path.join(path, '*.tar')))
+                inner = inner or sorted(p for p in glob.glob(os.path.join(path, '*'))
+                                        if is_shard_folder(p))
+                if not inner:
+                    raise InputError(f'{path}: no shards in it (.tar files, or folders of '
+                                     f'<key>.jpg and <key>.txt)')
+                found += inner
+            else:
+                found.append(path)
+    return list(dict.fromkeys(found))  # in order, each once
+
+
+def is_shard_folder(path):
+    """img2dataset's --output_format=files: a folder of a shard's samples, not of shards."""
+    names = os.listdir(path) if os.path.isdir(path) else []
+    return any(n.endswith(('.txt', '.json')) and not n.endswith('_stats.json') for n in names)
+
+
+def split_shards(train, val_spec, test_spec, seed):
+    """{split: its shards}: val and test named, or N of the train shards each, chosen at random."""
+    splits = {}
+    rng = random.Random(seed)
+    for name, spec in (('test', test_spec), ('val', val_spec)):
+        if not spec:
+            continue
+        if re.fullmatch(r'\d+', spec):
+            count = int(spec)
+            if count >= len(train):
+                raise InputError(f'--{name}_shards={count}: only {len(train)} shards, and train '
+                                 f'needs one')
+            splits[name] = sorted(rng.sample(train, count))
+        else:
+            splits[name] = find_shards(spec, f'{name}_shards')
+        train = [s for s in train if s not in splits[name]]
+    if not train:
+        raise InputError('no shard left for train: every shard of --shards is a val or test shard')
+    return {'train': train, **{k: splits[k] for k in ('val', 'test') if k in splits}}
+
+
+# -----------------------------------------------------------------------------
+# Reading a shard in place: each sample's image stays where it is, found again by its offset
+
+def scan_shard(path):
+    """Every file of a shard as (name, where, content), in order, and why the shard ended early
+    (None if it did not). where: (offset, size) of the file's bytes in a tar, or its path in a
+    folder. content: a .txt's or .json's bytes; for an image, None if it decodes, else why not (so
+    only small files are held, whatever the shard's size)."""
+    def content(name, data):
+        kind = name.rpartition('.')[2].lower()
+        if kind in IMAGE_TYPES:
+            try:
+                load_rgb(io.BytesIO(data))
+            except Exception as e:  # PIL raises many kinds for a broken image
+                return f'an image that does not decode ({type(e).__name__})'
+            return None
+        return data if kind in ('txt', 'json') else b''
+
+    if os.path.isdir(path):
+        files = []
+        for name in sorted(os.listdir(path)):
+            with open(os.path.join(path, name), 'rb') as f:
+                files.append((name, os.path.join(path, name), content(name, f.read())))
+        return files, None
+    files, cut = [], None
+    try:
+        with tarfile.open(path, 'r:') as tar:
+            for info in iter(tar.next, None):
+                if info.isfile():
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError('unexpected end of data')
+                    where = (info.offset_data, info.size)
+                    files.append((info.name, where, content(info.name, data)))
+    except (tarfile.ReadError, EOFError) as e:
+        if not files and not os.path.getsize(path):
+            raise InputError(f'{path}: an empty file, not a tar')
+        if not files and 'end of data' not in str(e):
+            raise InputError(f'{path}: not a tar ({e})')
+        cut = f'cut short after {files[-1][0]}' if files else 'cut short before its first file'
+    return files, cut
+
+
+def index_shard(path, caption_field):
+    """The samples of a shard that can be used, [dict(key, image, where, caption)], and what was
+    lost: Counter({why: samples}) and one line naming the first of each kind."""
+    files, cut = scan_shard(path)
+    by_key, lost, first = {}, Counter(), {}
+
+    def skip(why, name, count=1):
+        lost[why] += count
+        first.setdefault(why, name)
+
+    dotted = {}
+    for name, where, content in files:
+        key, _, kind = os.path.basename(name).partition('.')
+        key = os.path.join(os.path.dirname(name), key)
+        if '.' in kind:  # webdataset reads what follows the first dot as the file's type
+            dotted.setdefault(name.rpartition('.')[0], name)
+            continue
+        by_key.setdefault(key, {})[kind.lower()] = (name, where, content)
+    for name in dotted.values():
+        skip('with a dot in its key (webdataset reads what follows the first dot as the type)',
+             name)
+    samples = []
+    cut_key = list(by_key)[-1] if cut and by_key else None  # lost with the rest, if incomplete
+    for key, parts in by_key.items():
+        image = next((parts[t] for t in IMAGE_TYPES if t in parts), None)
+        caption = read_caption(parts, caption_field)
+        if key == cut_key and (image is None or not caption):
+            continue
+        if image is None:
+            if 'txt' in parts or 'json' in parts:
+                skip('no image', key)
+            continue
+        if not caption:
+            where = f' in its .json field {caption_field!r}' if caption_field else ''
+            skip(f'no caption{where}', key)
+        elif image[2] is not None:
+            skip(image[2], image[0])
+        else:
+            samples.append(dict(key=key, image=image[0], where=image[1], caption=caption))
+    if not samples and not lost and not cut:
+        raise InputError(f'{path}: no samples (<key>.jpg with <key>.txt) in it')
+    problems = [f'{n} {why}, first {first[why]}' for why, n in lost.items()]
+    if cut:
+        problems.append(f'{cut} (an interrupted download?): the rest of it is lost')
+    return samples, lost, problems
+
+
+def read_caption(files, caption_field):
+    """The caption of a sample, on one line, or '' if it has none."""
+    if caption_field:
+        if 'json' not in files:
+            return ''
+        try:
+            caption = json.loads(files['json'][2]).get(caption_field)
+        except (ValueError, AttributeError):
+            return ''
+        caption = caption if isinstance(caption, str) else ''
+    elif 'txt' in files:
+        caption = files['txt'][2].decode('utf-8', errors='replace')
+    else:
+        return ''
+    return one_line(caption)
+
+
+class ShardImages:
+    """A torch Dataset of the images of indexed samples, each read from its shard where it lies (a
+    tar is opened and read at the image's offset), preprocessed for CLIP: one frame each."""
+
+    def __init__(self, shard_of, samples, size):
+        self.items = [(shard_of[i], s['where']) for i, s in enumerate(samples)]
+        self.paths = [f"{shard}/{s['image']}" for shard, s in zip(shard_of, samples)]
+        self.frame_counts = [1] * len(samples)
+        self.size = size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        shard, where = self.items[i]
+        if isinstance(where, str):
+            return clip_preprocess(load_rgb(where), self.size)
+        offset, size = where
+        with open(shard, 'rb') as f:
+            f.seek(offset)
+            return clip_preprocess(load_rgb(io.BytesIO(f.read(size))), self.size)
+
+
+# -----------------------------------------------------------------------------
+
+def index_splits(splits, caption_field, workers, rank=0, world=1):
+    """{split: (its samples, the shard of each)}, every shard indexed once, by one rank (its share
+    of the shards, in `workers` processes); one stderr line per shard that lost samples, and the
+    total."""
+    from multiprocessing import Pool
+    every = [s for shard_list in splits.values() for s in shard_list]
+    mine = every[rank::world]
+    if workers > 1 and len(mine) > 1:
+        with Pool(min(workers, len(mine))) as pool:
+            indexed = pool.starmap(index_shard, [(s, caption_field) for s in mine])
+    else:
+        indexed = [index_shard(s, caption_field) for s in mine]
+    index = dict(zip(mine, indexed))
+    if world > 1:
+        import torch.distributed as dist
+        every_rank = [None] * world
+        dist.all_gather_object(every_rank, index)
+        index = {shard: found for share in every_rank for shard, found in share.items()}
+    total = Counter()
+    for shard in every:
+        samples, lost, problems = index[shard]
+        total.update(lost)
+        if problems and rank == 0:
+            print(f'{shard}: kept {len(samples):,} samples; {"; ".join(problems)}', file=sys.stderr)
+    if total and rank == 0:
+        print(f"skipped {sum(total.values()):,} samples in all: " +
+              ', '.join(f'{n:,} {why.split(" (")[0]}' for why, n in total.items()), file=sys.stderr)
+    result = {}
+    for name, shard_list in splits.items():
+        samples = [s for shard in shard_list for s in index[shard][0]]
+        if not samples:
+            raise InputError(f'split {name}: no usable sample in its {len(shard_list)} shard(s)')
+        result[name] = (samples, [shard for shard in shard_list for _ in index[shard][0]])
+    return result
+
+
+if __name__ == '__main__':
+    from configurator import configure, is_setting
+    globals().update(configure({k: v for k, v in globals().items() if is_setting(k, v)}))
+    import torch
+    from weights import load_vision
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1:
+        torch.distributed.init_process_group('gloo')  # only to coordinate the ranks
+    with input_errors_exit('prepare_shards.py'):
+        if not shards:
+            raise InputError("give --shards: img2dataset's output folder, a glob or a brace range")
+        splits = split_shards(find_shards(shards), val_shards, test_shards, seed)
+        check_writable(out_dir)
+        gpt2_tokenizer()  # its files, before any work
+        dev = pick_device(device)
+        indexed = index_splits(splits, caption_field, num_workers, rank, world)
+        records = {name: [dict(file=f"{shard}/{s['image']}", id=s['key'], captions=[s['caption']])
+                          for s, shard in zip(samples, shard_of)]
+                   for name, (samples, shard_of) in indexed.items()}
+        vision = load_vision(vision_model).to(dev).eval()
+        size = vision.config.image_size
+        def images_of(name, records):
+            return ShardImages(indexed[name][1], indexed[name][0], size)
+        prepared = write_splits(records, out_dir, vision, vision_model, batch_size, num_workers,
+                                rank, world, images_of)
+    if rank != 0:
+        sys.exit(0)
+    for name, entry in prepared['splits'].items():
+        entry['source'] = dict(shards=[os.path.abspath(s) for s in splits[name]])
+    write_json(os.path.join(out_dir, 'meta.json'), prepared)
+    print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['images']:,} images, {len(splits[k])} shard(s)"
+                                           for k, v in prepared['splits'].items()))

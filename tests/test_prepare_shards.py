@@ -1,0 +1,164 @@
+"""prepare_shards.py on img2dataset's output: tiny shards written here with tarfile in its layout
+(bad samples among them), and the real shards img2dataset 1.47 wrote of 80 COCO photos, beside the
+repository if there."""
+import csv
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prepare_shards
+from conftest import run_script
+
+HERE = os.path.dirname(__file__)
+REAL_SHARDS = os.path.join(HERE, '..', '..', 'shared', 'data', 'coco_mini_webdataset')
+
+
+def jpeg(colour, size=(40, 30)):
+    buffer = io.BytesIO()
+    Image.new('RGB', size, colour).save(buffer, format='JPEG')
+    return buffer.getvalue()
+
+
+def write_shard(path, files):
+    """A tar of (member name, bytes), in order, as img2dataset writes its webdataset shards."""
+    with tarfile.open(path, 'w') as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def sample(key, colour, caption):
+    return [(f'{key}.jpg', jpeg(colour)), (f'{key}.txt', caption.encode()),
+            (f'{key}.json', json.dumps(dict(key=key, status='success', caption=caption.upper())).encode())]
+
+
+def prepare(out, clip_dir, *options):
+    return run_script('prepare_shards.py', f'--out_dir={out}', f'--vision_model={clip_dir}', '--num_workers=0',
+                      '--batch_size=4', *options)
+
+
+def split_files(out, split):
+    """The bytes of a prepared split's features, tokens and caption table, and its records."""
+    blobs = [open(os.path.join(out, f'{split}{suffix}'), 'rb').read()
+             for suffix in ('_feats.bin', '_tokens.bin', '_captions.npy')]
+    return blobs, json.load(open(os.path.join(out, f'{split}_images.json')))
+
+
+def test_brace_ranges_keep_their_padding_and_lists_multiply():
+    assert prepare_shards.expand_braces('cc/{00008..00011}.tar') == \
+        ['cc/00008.tar', 'cc/00009.tar', 'cc/00010.tar', 'cc/00011.tar']
+    assert prepare_shards.expand_braces('{a,b}/{0..1}.tar') == ['a/0.tar', 'a/1.tar', 'b/0.tar', 'b/1.tar']
+    assert prepare_shards.expand_braces('plain.tar') == ['plain.tar']
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_SHARDS), reason='no ../shared/data/coco_mini_webdataset beside the repository')
+def test_real_shards_give_the_features_of_the_same_jpegs_in_a_folder(tmp_path, tiny_clip_dir):
+    """img2dataset's own shards, read in place, against the folder + CSV route of prepare_coco.py on
+    the same JPEGs unpacked: the same features, tokens and caption table, byte for byte. The one
+    failed download (in the parquet and stats, not in the tar) is simply absent."""
+    shard = lambda n: os.path.join(REAL_SHARDS, f'{n:05d}.tar')  # noqa: E731
+    assert prepare(tmp_path / 'shards', tiny_clip_dir, f'--shards={REAL_SHARDS}', f'--val_shards={shard(1)}',
+                   f'--test_shards={shard(2)}') is None
+    images = tmp_path / 'images'
+    images.mkdir()
+    with open(tmp_path / 'captions.csv', 'w', newline='', encoding='utf-8') as f:
+        rows = csv.writer(f)
+        rows.writerow(['image', 'caption', 'split'])
+        for n, split in ((0, 'train'), (1, 'val'), (2, 'test')):
+            with tarfile.open(shard(n)) as tar:  # in the tar's order, which img2dataset does not sort
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for name in members:
+                if name.endswith('.jpg'):
+                    (images / name).write_bytes(members[name])
+                    rows.writerow([name, members[name[:-4] + '.txt'].decode(), split])
+    assert run_script('prepare_coco.py', f'--captions={tmp_path}/captions.csv', f'--images={images}',
+                      f'--out_dir={tmp_path}/folder', f'--vision_model={tiny_clip_dir}', '--num_workers=0',
+                      '--batch_size=4') is None
+    meta = json.load(open(tmp_path / 'shards' / 'meta.json'))
+    assert sum(entry['images'] for entry in meta['splits'].values()) == 80  # 81 URLs, one failed
+    assert meta['splits']['val']['images'] == 31 and '0000109' not in str(split_files(tmp_path / 'shards', 'val')[1])
+    for split in ('train', 'val', 'test'):
+        ours, records = split_files(tmp_path / 'shards', split)
+        theirs, folder_records = split_files(tmp_path / 'folder', split)
+        assert ours == theirs, split
+        assert [r['captions'] for r in records] == [r['captions'] for r in folder_records]
+
+
+def test_bad_samples_are_skipped_counted_and_named(tmp_path, tiny_clip_dir, capsys):
+    """Each kind of bad sample is skipped, counted on its shard's one stderr line (naming the
+    first), and the run goes on; a tar cut short keeps the samples before the cut; a caption's line
+    break and non-ASCII survive as one line."""
+    shards = tmp_path / 'shards'
+    shards.mkdir()
+    write_shard(shards / '00000.tar', sample('0000000', 'red', 'Ein Café\nam  Meer — ☕ ')
+                + sample('0000001', 'green', 'a green field')
+                + [('0000002.jpg', jpeg('blue'))]  # no caption
+                + [('0000003.jpg', jpeg('blue')), ('0000003.txt', b'  \n')]  # an empty one
+                + [('0000004.jpg', b'not a jpeg'), ('0000004.txt', b'broken')]
+                + [('a.b.jpg', jpeg('white')), ('a.b.txt', b'a dotted key')])
+    write_shard(shards / '00001.tar', sample('0000100', 'yellow', 'a yellow wall')
+                + sample('0000101', 'black', 'the night sky') + sample('0000102', 'grey', 'fog'))
+    whole = (shards / '00001.tar').read_bytes()
+    cut = whole.index(b'the night sky') + 4  # inside 0000101.txt: an interrupted download
+    (shards / '00001.tar').write_bytes(whole[:cut])
+    write_shard(shards / '00002.tar', sample('0000200', 'purple', 'a purple flower'))
+    assert prepare(tmp_path / 'out', tiny_clip_dir, f'--shards={shards}/{{00000..00002}}.tar',
+                   f'--val_shards={shards}/00002.tar') is None
+    err = capsys.readouterr().err
+    lines = {line.split(':')[0]: line for line in err.splitlines() if line.startswith(str(shards))}
+    first = lines[f'{shards}/00000.tar']
+    assert 'kept 2 samples' in first and '2 no caption, first 0000002' in first
+    assert '1 an image that does not decode (UnidentifiedImageError), first 0000004.jpg' in first
+    assert '1 with a dot in its key' in first and 'a.b.jpg' in first
+    assert 'kept 1 samples' in lines[f'{shards}/00001.tar'] and 'cut short after 0000101.json' not in err
+    assert 'cut short after 0000101.jpg' in lines[f'{shards}/00001.tar']
+    assert 'skipped 4 samples in all' in err
+    records = json.load(open(tmp_path / 'out' / 'train_images.json'))
+    assert [(r['id'], r['captions']) for r in records] == [
+        ('0000000', ['Ein Café am Meer — ☕']), ('0000001', ['a green field']), ('0000100', ['a yellow wall'])]
+    meta = json.load(open(tmp_path / 'out' / 'meta.json'))
+    assert meta['splits']['train']['images'] == 3 and meta['splits']['val']['images'] == 1
+
+
+def test_a_caption_field_and_the_files_layout_read_as_the_tar(tmp_path, tiny_clip_dir):
+    """--caption_field takes each caption from the sample's .json; img2dataset's
+    --output_format=files (a folder per shard) gives the same features as the tar."""
+    for n in range(2):
+        files = sample(f'{n}000000', 'red', f'caption {n}') + sample(f'{n}000001', 'blue', f'other {n}')
+        write_shard(tmp_path / f'{n:05d}.tar', files)
+        folder = tmp_path / 'files' / f'{n:05d}'
+        folder.mkdir(parents=True)
+        for name, data in files:
+            (folder / name).write_bytes(data)
+    assert prepare(tmp_path / 'from_tar', tiny_clip_dir, f'--shards={tmp_path}/*.tar', '--val_shards=1',
+                   '--caption_field=caption') is None
+    assert prepare(tmp_path / 'from_files', tiny_clip_dir, f'--shards={tmp_path}/files', '--val_shards=1',
+                   '--caption_field=caption') is None
+    for split in ('train', 'val'):
+        (tar_blobs, tar_records), (file_blobs, file_records) = (split_files(tmp_path / out, split)
+                                                                for out in ('from_tar', 'from_files'))
+        assert tar_blobs == file_blobs
+        assert [r['captions'] for r in tar_records] == [r['captions'] for r in file_records]
+        assert all(c[0].isupper() for r in tar_records for c in r['captions'])  # the .json's field
+
+
+@pytest.mark.parametrize('shards, expected', [
+    ('{root}/empty', '{root}/empty: no shards in it'),
+    ('{root}/*.tgz', 'matches no file'),
+    ('{root}/missing.tar', 'no such file or folder {root}/missing.tar'),
+    ('{root}/texts.tar', 'split train: no usable sample in its 1 shard(s)'),
+    ('{root}/notatar.tar', '{root}/notatar.tar: not a tar'),
+])
+def test_shards_that_cannot_be_read_fail_in_one_line(tmp_path, tiny_clip_dir, shards, expected):
+    (tmp_path / 'empty').mkdir()
+    write_shard(tmp_path / 'texts.tar', [('0.txt', b'a caption without its image'), ('1.txt', b'another')])
+    (tmp_path / 'notatar.tar').write_bytes(b'<html>404 not found</html>' * 40)
+    exit_message = prepare(tmp_path / 'out', tiny_clip_dir, '--shards=' + shards.format(root=tmp_path))
+    assert exit_message.startswith('prepare_shards.py: ') and '\n' not in exit_message
+    assert expected.format(root=tmp_path) in exit_message
