@@ -2,7 +2,8 @@
 The prepared data: what the prepare scripts write into a folder (through features.py), and how
 train.py, eval_bleu.py and sample.py read it. For each split:
 - <split>_feats.bin: CLIP's features of every frame (an image is a video of one frame), float16
-  [frames, tokens_per_image, feature_dim];
+  [frames, tokens_per_image, feature_dim]; or, from prepare_shards.py, a file per input shard,
+  <split>_feats/<shard>.bin, listed in meta.json with its count (its rows one shard after another);
 - <split>_tokens.bin: every caption's GPT-2 tokens, uint16, one after another;
 - <split>_captions.npy: int64 [captions, 3]: each caption's token offset, length and image;
 - <split>_frames.npy (videos only): int64 [videos, 2]: each video's first frame and frame count;
@@ -89,7 +90,10 @@ class Captions:
         if self.media == 'video':
             media_count = meta_value(entry, 'videos', data_dir, split)
         shape = (frames, meta['tokens_per_image'], meta['feature_dim'])
-        self.feats = open_memmap(f'{path}_feats.bin', np.float16, shape)
+        if 'feature_shards' in entry:  # prepare_shards.py's: a file per input shard
+            self.feats = ShardedFeatures(data_dir, split, entry['feature_shards'], shape)
+        else:
+            self.feats = open_memmap(f'{path}_feats.bin', np.float16, shape)
         if self.media == 'video':  # each video's frames are consecutive rows of the features
             self.first_frame, self.frame_count = load_table(f'{path}_frames.npy', media_count, 2).T
             if (self.frame_count < 1).any() or (self.first_frame + self.frame_count > frames).any():
@@ -178,6 +182,40 @@ class Captions:
         return (features.reshape(rows, k, *features.shape[1:]), mask.reshape(rows, k, -1),
                 packed_tokens, packed_targets, np.flatnonzero(packed_targets != IGNORE_INDEX),
                 media_at)
+
+
+class ShardedFeatures:
+    """A split's features stored a file per input shard (<split>_feats/<shard>.bin, as meta.json
+    lists them, each [its images, tokens, width]), read as one array of the shards' rows one after
+    another: the reader indexes them as it indexes one memmapped file."""
+
+    def __init__(self, data_dir, split, shards, shape):
+        where = f"{data_dir}/meta.json: split '{split}'"
+        listed = isinstance(shards, list) and all(
+            isinstance(s, dict) and isinstance(s.get('file'), str)
+            and isinstance(s.get('images'), int) for s in shards)
+        if not listed:
+            raise InputError(f'{where}: feature_shards is not a list of {{"file", "images"}}')
+        held = sum(s['images'] for s in shards)
+        if held != shape[0]:
+            raise InputError(f'{where}: its feature shards hold {held:,} images, the split '
+                             f'{shape[0]:,}')
+        self.parts = [open_memmap(os.path.join(data_dir, s['file']), np.float16,
+                                  (s['images'], *shape[1:])) for s in shards if s['images']]
+        self.first = np.cumsum([0] + [len(part) for part in self.parts])
+        self.shape = shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        """The features of `rows` (row numbers, or a slice): [len(rows), tokens, width]."""
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        part = np.searchsorted(self.first, rows, side='right') - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
+        for p in np.unique(part):
+            out[part == p] = self.parts[p][rows[part == p] - self.first[p]]
+        return out
 
 
 def read_meta(data_dir):

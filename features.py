@@ -3,7 +3,8 @@ The prepare scripts' shared work: check every image or video of a split, run the
 them, and write the prepared folder that data.py reads. The features stream into a float16 memmap
 batch by batch, so memory stays flat; under torchrun each rank fills its own share; an interrupted
 run resumes. The prepare scripts find their images or videos and captions (a dataset's layout, or
-prepare_shapes.py's drawings) and call write_image_splits, write_video_splits or write_splits.
+prepare_shapes.py's drawings) and call write_image_splits or write_video_splits; prepare_shards.py
+calls extract_features for each of its shards.
 """
 import glob
 import hashlib
@@ -27,19 +28,11 @@ def write_image_splits(splits, out_dir, vision, vision_model, batch_size, worker
     splits = {name: drop_bad_files(name, records, find_bad_image, 'image', workers, skip_bad, rank,
                                    world)[0]
               for name, records in splits.items()}
-    size = vision.config.image_size
-    return write_splits(splits, out_dir, vision, vision_model, batch_size, workers, rank, world,
-                        lambda name, records: ImageFiles([r['file'] for r in records], size))
-
-
-def write_splits(splits, out_dir, vision, vision_model, batch_size, workers, rank, world, files_of):
-    """As write_image_splits, of images already checked, which files_of(split name, its records)
-    gives as a Dataset (media.py's ImageFiles, or any other with .paths and .frame_counts)."""
     os.makedirs(out_dir, exist_ok=True)
     encoder, meta = gpt2_tokenizer(), new_meta(vision_model)
     for name, records in splits.items():
         base = os.path.join(out_dir, name)
-        files = files_of(name, records)
+        files = ImageFiles([r['file'] for r in records], vision.config.image_size)
         shape = extract_features(vision, files, base + '_feats.bin', batch_size, workers, rank,
                                  world)
         meta.update(tokens_per_image=shape[1], feature_dim=shape[2])
@@ -121,7 +114,8 @@ def extract_features(model, files, out_path, batch_size, workers, rank=0, world=
     file, into the float16 memmap `out_path` [frames, tokens, width], streamed batch by batch so
     that memory stays flat. The frames go to the device the model is on. Under torchrun, rank r
     fills the frames of its own contiguous share of the files. Each rank saves its progress after
-    every batch; a rerun continues from there."""
+    every batch; a rerun continues from there. With world=1 it waits for no other rank: the ranks
+    of prepare_shards.py each write their own shards' files."""
     import torch
     from tqdm import tqdm
     config = model.config
@@ -138,7 +132,8 @@ def extract_features(model, files, out_path, batch_size, workers, rank=0, world=
             os.remove(stale)
         np.memmap(partial, dtype=np.float16, mode='w+', shape=shape).flush()
         write_json(partial + '.json', identity)
-    barrier()
+    if world > 1:
+        barrier()
     start, end = len(files) * rank // world, len(files) * (rank + 1) // world
     progress_path = f'{out_path}.progress{rank}'
     done = (read_json(progress_path) or {}).get('done', start)  # files
@@ -161,7 +156,8 @@ def extract_features(model, files, out_path, batch_size, workers, rank=0, world=
             write_json(progress_path, dict(done=done))
             bar.update(batch_files)
     del feats
-    barrier()
+    if world > 1:
+        barrier()
     if rank == 0:
         os.replace(partial, out_path)
         for leftover in [partial + '.json'] + glob.glob(out_path + '.progress*'):

@@ -13,8 +13,10 @@ the sample: url, status, sizes, ...); a failed download is absent. A sample's ca
 or a field of its .json (--caption_field). Splits are whole shards: named (--val_shards=SPEC) or
 held out at random (--val_shards=N, seeded). A bad sample (an image that does not decode, no
 caption) is skipped and counted, one line per shard that had any; a tar cut short (an interrupted
-download) keeps its readable samples. The output is prepare_coco.py's: train.py, eval_bleu.py and
-sample.py read it as any other.
+download) keeps its readable samples. The shard is the unit of work and of resume: its features go
+to <split>_feats/<shard>.bin, what it held to <shard>.json; ranks take every world-th shard, and a
+rerun, with any number of processes, redoes only the shards not finished or whose input changed.
+train.py, eval_bleu.py and sample.py read the result as any prepared folder (data.py).
 """
 import glob
 import io
@@ -24,13 +26,14 @@ import random
 import re
 import sys
 import tarfile
+import time
 from collections import Counter
 
 from common import (InputError, check_writable, gpt2_tokenizer, input_errors_exit, pick_device,
-                    write_json)
-from data import one_line
-from features import write_splits
-from media import clip_preprocess, load_rgb
+                    read_json, write_json)
+from data import new_meta, one_line, write_captions
+from features import extract_features
+from media import clip_preprocess, load_rgb, tokens_per_frame
 
 # -----------------------------------------------------------------------------
 # Settings (python prepare_shards.py --help)
@@ -139,8 +142,9 @@ def scan_shard(path):
     if os.path.isdir(path):
         files = []
         for name in sorted(os.listdir(path)):
-            with open(os.path.join(path, name), 'rb') as f:
-                files.append((name, os.path.join(path, name), content(name, f.read())))
+            file = os.path.abspath(os.path.join(path, name))  # read again later, from anywhere
+            with open(file, 'rb') as f:
+                files.append((name, file, content(name, f.read())))
         return files, None
     files, cut = [], None
     try:
@@ -250,40 +254,71 @@ class ShardImages:
 
 # -----------------------------------------------------------------------------
 
-def index_splits(splits, caption_field, workers, rank=0, world=1):
-    """{split: (its samples, the shard of each)}, every shard indexed once, by one rank (its share
-    of the shards, in `workers` processes); one stderr line per shard that lost samples, and the
-    total."""
-    from multiprocessing import Pool
-    every = [s for shard_list in splits.values() for s in shard_list]
-    mine = every[rank::world]
-    if workers > 1 and len(mine) > 1:
-        with Pool(min(workers, len(mine))) as pool:
-            indexed = pool.starmap(index_shard, [(s, caption_field) for s in mine])
-    else:
-        indexed = [index_shard(s, caption_field) for s in mine]
-    index = dict(zip(mine, indexed))
-    if world > 1:
-        import torch.distributed as dist
-        every_rank = [None] * world
-        dist.all_gather_object(every_rank, index)
-        index = {shard: found for share in every_rank for shard, found in share.items()}
-    total = Counter()
-    for shard in every:
-        samples, lost, problems = index[shard]
+def write_split(name, split_shards, vision, rank, world):
+    """The features of a split, a file per shard, <split>_feats/<shard>.bin, and beside it what the
+    shard held (<shard>.json: its samples, what was lost, and the identity of what made it). Rank r
+    takes every world-th shard. A shard done by an earlier run, with any number of processes, from
+    the same input with the same settings, is not done again; one whose input changed is."""
+    folder = os.path.join(out_dir, f'{name}_feats')
+    os.makedirs(folder, exist_ok=True)
+    size = vision.config.image_size
+    for shard, base in list(zip(split_shards, shard_bases(name, split_shards)))[rank::world]:
+        identity = dict(shard=os.path.abspath(shard), **size_and_time(shard),
+                        vision_model=vision_model, caption_field=caption_field)
+        if (read_json(base + '.json') or {}).get('identity') == identity:
+            continue  # done before
+        start = time.time()
+        samples, lost, problems = index_shard(shard, caption_field)
+        if samples:
+            images = ShardImages([shard] * len(samples), samples, size)
+            extract_features(vision, images, base + '.bin', batch_size, num_workers)
+        held = dict(identity=identity, samples=samples, lost=lost, problems=problems)
+        write_json(base + '.json', held)  # last: the claim that the shard is done
+        print(f'rank {rank}: {shard}: {len(samples):,} images, '
+              f'{len(samples) / (time.time() - start):.1f} images/s', file=sys.stderr)
+
+
+def size_and_time(shard):
+    """A shard's bytes and last change (of its files, for a folder): a shard that changed is
+    redone."""
+    paths = [os.path.join(shard, n) for n in os.listdir(shard)] if os.path.isdir(shard) else [shard]
+    stats = [os.stat(p) for p in paths]
+    return dict(bytes=sum(s.st_size for s in stats),
+                modified=max((s.st_mtime for s in stats), default=0))
+
+
+def shard_bases(name, split_shards):
+    """<out_dir>/<split>_feats/<shard's name> of each shard of a split."""
+    names = [os.path.basename(s.rstrip('/')).removesuffix('.tar') for s in split_shards]
+    twice = [n for n in names if names.count(n) > 1]
+    if twice:
+        raise InputError(f'split {name}: two shards named {twice[0]} (in other folders): '
+                         f'rename one')
+    return [os.path.join(out_dir, f'{name}_feats', n) for n in names]
+
+
+def gather_split(name, split_shards, encoder):
+    """meta.json's entry of a split whose shards are all written, and its captions files (rank 0):
+    the manifest of its feature shards, and one stderr line per shard that lost samples."""
+    records, manifest, total = [], [], Counter()
+    for shard, base in zip(split_shards, shard_bases(name, split_shards)):
+        done = read_json(base + '.json')
+        samples, lost, problems = done['samples'], Counter(done['lost']), done['problems']
+        records += [dict(file=f"{shard}/{s['image']}", id=s['key'], captions=[s['caption']])
+                    for s in samples]
+        manifest.append(dict(file=os.path.relpath(base + '.bin', out_dir), images=len(samples),
+                             shard=os.path.abspath(shard), lost=dict(lost)))
         total.update(lost)
-        if problems and rank == 0:
+        if problems:
             print(f'{shard}: kept {len(samples):,} samples; {"; ".join(problems)}', file=sys.stderr)
-    if total and rank == 0:
-        print(f"skipped {sum(total.values()):,} samples in all: " +
-              ', '.join(f'{n:,} {why.split(" (")[0]}' for why, n in total.items()), file=sys.stderr)
-    result = {}
-    for name, shard_list in splits.items():
-        samples = [s for shard in shard_list for s in index[shard][0]]
-        if not samples:
-            raise InputError(f'split {name}: no usable sample in its {len(shard_list)} shard(s)')
-        result[name] = (samples, [shard for shard in shard_list for _ in index[shard][0]])
-    return result
+    if total:
+        print(f'split {name}: skipped {sum(total.values()):,} samples in all: '
+              + ', '.join(f'{n:,} {why.split(" (")[0]}' for why, n in total.items()),
+              file=sys.stderr)
+    if not records:
+        raise InputError(f'split {name}: no usable sample in its {len(split_shards)} shard(s)')
+    write_captions(records, out_dir, name, encoder)
+    return dict(images=len(records), captions=len(records), feature_shards=manifest)
 
 
 if __name__ == '__main__':
@@ -298,23 +333,22 @@ if __name__ == '__main__':
         if not shards:
             raise InputError("give --shards: img2dataset's output folder, a glob or a brace range")
         splits = split_shards(find_shards(shards), val_shards, test_shards, seed)
+        for name, split_list in splits.items():
+            shard_bases(name, split_list)  # names that cannot clash, before any work
         check_writable(out_dir)
-        gpt2_tokenizer()  # its files, before any work
+        encoder = gpt2_tokenizer()  # its files, before any work
         dev = pick_device(device)
-        indexed = index_splits(splits, caption_field, num_workers, rank, world)
-        records = {name: [dict(file=f"{shard}/{s['image']}", id=s['key'], captions=[s['caption']])
-                          for s, shard in zip(samples, shard_of)]
-                   for name, (samples, shard_of) in indexed.items()}
         vision = load_vision(vision_model).to(dev).eval()
-        size = vision.config.image_size
-        def images_of(name, records):
-            return ShardImages(indexed[name][1], indexed[name][0], size)
-        prepared = write_splits(records, out_dir, vision, vision_model, batch_size, num_workers,
-                                rank, world, images_of)
-    if rank != 0:
-        sys.exit(0)
-    for name, entry in prepared['splits'].items():
-        entry['source'] = dict(shards=[os.path.abspath(s) for s in splits[name]])
-    write_json(os.path.join(out_dir, 'meta.json'), prepared)
+        for name, split_list in splits.items():
+            write_split(name, split_list, vision, rank, world)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            sys.exit(0)
+        meta = new_meta(vision_model, tokens_per_image=tokens_per_frame(vision.config),
+                        feature_dim=vision.config.hidden_size)
+        meta['splits'] = {name: gather_split(name, split_list, encoder)
+                          for name, split_list in splits.items()}
+    write_json(os.path.join(out_dir, 'meta.json'), meta)
     print(f'wrote {out_dir}: ' + ', '.join(f"{k} {v['images']:,} images, {len(splits[k])} shard(s)"
-                                           for k, v in prepared['splits'].items()))
+                                           for k, v in meta['splits'].items()))

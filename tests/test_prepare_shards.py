@@ -7,7 +7,6 @@ import json
 import os
 import tarfile
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -44,9 +43,12 @@ def prepare(out, clip_dir, *options):
 
 
 def split_files(out, split):
-    """The bytes of a prepared split's features, tokens and caption table, and its records."""
-    blobs = [open(os.path.join(out, f'{split}{suffix}'), 'rb').read()
-             for suffix in ('_feats.bin', '_tokens.bin', '_captions.npy')]
+    """The bytes of a prepared split's features (its feature shards one after another, or its one file),
+    tokens and caption table, and its records."""
+    entry = json.load(open(os.path.join(out, 'meta.json')))['splits'][split]
+    feats = [s['file'] for s in entry['feature_shards']] if 'feature_shards' in entry else [f'{split}_feats.bin']
+    blobs = [b''.join(open(os.path.join(out, f), 'rb').read() for f in feats)]
+    blobs += [open(os.path.join(out, f'{split}{suffix}'), 'rb').read() for suffix in ('_tokens.bin', '_captions.npy')]
     return blobs, json.load(open(os.path.join(out, f'{split}_images.json')))
 
 
@@ -162,3 +164,107 @@ def test_shards_that_cannot_be_read_fail_in_one_line(tmp_path, tiny_clip_dir, sh
     exit_message = prepare(tmp_path / 'out', tiny_clip_dir, '--shards=' + shards.format(root=tmp_path))
     assert exit_message.startswith('prepare_shards.py: ') and '\n' not in exit_message
     assert expected.format(root=tmp_path) in exit_message
+
+
+def test_training_on_the_shards_gives_the_losses_of_the_folder_route(tmp_path, tiny_clip_dir, tiny_gpt2_dir):
+    """The sharded store, read by train.py as it reads a prepared folder: the same losses, step for step, as
+    the same JPEGs and captions prepared by prepare_coco.py."""
+    colours = ['red', 'green', 'blue', 'yellow', 'white', 'black']
+    for n in range(3):
+        write_shard(tmp_path / f'{n:05d}.tar', [f for k in range(4) for f in sample(
+            f'{n}{k:06d}', colours[(n + k) % 6], f'a {colours[(n + k) % 6]} picture number {k}')])
+    assert prepare(tmp_path / 'shards', tiny_clip_dir, f'--shards={tmp_path}/*.tar',
+                   f'--val_shards={tmp_path}/00002.tar') is None
+    images = tmp_path / 'images'
+    images.mkdir()
+    with open(tmp_path / 'captions.csv', 'w', newline='') as f:
+        rows = csv.writer(f)
+        rows.writerow(['image', 'caption', 'split'])
+        for n in range(3):
+            with tarfile.open(tmp_path / f'{n:05d}.tar') as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for name in (m for m in members if m.endswith('.jpg')):
+                (images / name).write_bytes(members[name])
+                rows.writerow([name, members[name[:-4] + '.txt'].decode(), 'val' if n == 2 else 'train'])
+    assert run_script('prepare_coco.py', f'--captions={tmp_path}/captions.csv', f'--images={images}',
+                      f'--out_dir={tmp_path}/folder', f'--vision_model={tiny_clip_dir}',
+                      '--num_workers=0') is None
+    losses = {}
+    for route in ('shards', 'folder'):
+        assert run_script('train.py', f'--out_dir={tmp_path}/run_{route}', f'--data_dir={tmp_path}/{route}',
+                          f'--vision_model={tiny_clip_dir}', f'--text_model={tiny_gpt2_dir}', '--max_iters=20',
+                          '--batch_size=4', '--eval_interval=10', '--log_interval=1', '--num_latents=8',
+                          '--resampler_depth=1', '--heads=2', '--dim_head=16', '--mapper_hidden=32',
+                          '--device=cpu', '--dtype=float32') is None
+        log = [json.loads(line) for line in open(tmp_path / f'run_{route}' / 'log.jsonl')]
+        losses[route] = [(r['iter'], r.get('loss'), r.get('val_loss')) for r in log]
+    assert len(losses['shards']) >= 20 and losses['shards'] == losses['folder']
+
+
+def test_an_interrupted_run_resumes_by_shard_with_another_number_of_processes(tmp_path, tiny_clip_dir,
+                                                                              monkeypatch):
+    """A run that dies in the middle of its third shard (an exception there leaves the files as a kill -9
+    would: nothing is cleaned up), then a rerun with 2 gloo processes: the shards done are not done again,
+    the third goes on from its last batch, and the store is byte for byte that of one uninterrupted
+    process. A shard whose input changed is redone, and only it. Every run on one thread, as torchrun's
+    processes are: CPU matrix products on another number of threads may round differently."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import features
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        interrupted_then_resumed(tmp_path, tiny_clip_dir, monkeypatch, features, subprocess, sys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def interrupted_then_resumed(tmp_path, tiny_clip_dir, monkeypatch, features, subprocess, sys):
+    for n in range(4):
+        write_shard(tmp_path / f'{n:05d}.tar', [f for k in range(5) for f in sample(
+            f'{n}{k:06d}', ['red', 'green', 'blue', 'white', 'black'][k], f'shard {n} sample {k}')])
+    options = (f'--shards={tmp_path}/{{00000..00003}}.tar', f'--val_shards={tmp_path}/00003.tar', '--batch_size=2')
+    assert prepare(tmp_path / 'whole', tiny_clip_dir, *options) is None
+
+    extract = features.extract_features
+
+    class DiesAtItem2:  # the third shard's images: its first batch is written, then the process dies
+        def __init__(self, files):
+            self.files, self.paths, self.frame_counts = files, files.paths, files.frame_counts
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise RuntimeError('killed')
+            return self.files[i]
+
+    def dies_in_the_third_shard(model, files, out_path, *args, **kwargs):
+        return extract(model, DiesAtItem2(files) if '00002' in out_path else files, out_path, *args, **kwargs)
+    monkeypatch.setattr(features, 'extract_features', dies_in_the_third_shard)
+    with pytest.raises(RuntimeError, match='killed'):
+        prepare(tmp_path / 'resumed', tiny_clip_dir, *options)
+    monkeypatch.undo()
+    feats = tmp_path / 'resumed' / 'train_feats'
+    done = {p.name: p.stat().st_mtime_ns for p in feats.iterdir() if p.name.count('.') == 1}
+    assert sorted(done) == ['00000.bin', '00000.json', '00001.bin', '00001.json']
+    assert (feats / '00002.bin.progress0').exists()  # its first batch
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                    'prepare_shards.py', *options, f"--out_dir={tmp_path / 'resumed'}",
+                    f'--vision_model={tiny_clip_dir}', '--num_workers=0', '--device=cpu'],
+                   check=True, capture_output=True)
+    assert {name: (feats / name).stat().st_mtime_ns for name in done} == done  # not done again
+    for split in ('train', 'val'):
+        assert split_files(tmp_path / 'resumed', split) == split_files(tmp_path / 'whole', split)
+    assert json.load(open(tmp_path / 'resumed' / 'meta.json')) == json.load(open(tmp_path / 'whole' / 'meta.json'))
+
+    write_shard(tmp_path / '00001.tar', sample('1000000', 'white', 'a changed shard'))
+    assert prepare(tmp_path / 'resumed', tiny_clip_dir, *options) is None
+    after = {name: (feats / name).stat().st_mtime_ns for name in done}
+    assert after['00000.bin'] == done['00000.bin'] and after['00001.bin'] != done['00001.bin']
+    records = json.load(open(tmp_path / 'resumed' / 'train_images.json'))
+    assert [r['captions'] for r in records if r['id'].startswith('1')] == [['a changed shard']]
