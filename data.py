@@ -200,10 +200,21 @@ class ShardedFeatures:
         if held != shape[0]:
             raise InputError(f'{where}: its feature shards hold {held:,} images, the split '
                              f'{shape[0]:,}')
-        self.parts = [open_memmap(os.path.join(data_dir, s['file']), np.float16,
-                                  (s['images'], *shape[1:])) for s in shards if s['images']]
-        self.first = np.cumsum([0] + [len(part) for part in self.parts])
+        self.parts = [(os.path.join(data_dir, s['file']), (s['images'], *shape[1:]))
+                      for s in shards if s['images']]
+        for path, part_shape in self.parts:  # every file checked now, each opened when read
+            open_memmap(path, np.float16, part_shape, check_only=True)
+        self.first = np.cumsum([0] + [part_shape[0] for _, part_shape in self.parts])
         self.shape = shape
+        self.open = {}  # at most 64 memmaps, each holding a file descriptor, of thousands of files
+
+    def part(self, p):
+        if p not in self.open:
+            if len(self.open) >= 64:
+                del self.open[next(iter(self.open))]  # the one opened first
+            path, part_shape = self.parts[p]
+            self.open[p] = open_memmap(path, np.float16, part_shape)
+        return self.open[p]
 
     def __len__(self):
         return self.shape[0]
@@ -214,7 +225,7 @@ class ShardedFeatures:
         part = np.searchsorted(self.first, rows, side='right') - 1
         out = np.empty((len(rows), *self.shape[1:]), dtype=np.float16)
         for p in np.unique(part):
-            out[part == p] = self.parts[p][rows[part == p] - self.first[p]]
+            out[part == p] = self.part(p)[rows[part == p] - self.first[p]]
         return out
 
 
@@ -238,9 +249,9 @@ def meta_value(entry, key, data_dir, split):
     return entry[key]
 
 
-def open_memmap(path, dtype, shape=None):
+def open_memmap(path, dtype, shape=None, check_only=False):
     """A read-only memmap of a prepared file, which must be exactly as large as `shape` says (or,
-    without a shape, a whole number of items)."""
+    without a shape, a whole number of items); with check_only, only that check."""
     if not os.path.isfile(path):
         raise InputError(f'{path}: missing (meta.json lists it; prepare the data again)')
     size, item = os.path.getsize(path), np.dtype(dtype).itemsize
@@ -251,7 +262,7 @@ def open_memmap(path, dtype, shape=None):
             else f'whole {name} items'
         raise InputError(f'{path}: {size:,} bytes, but meta.json describes {described} '
                          f'(cut short, or from another run? prepare the data again)')
-    return np.memmap(path, dtype=dtype, mode='r', shape=shape)
+    return None if check_only else np.memmap(path, dtype=dtype, mode='r', shape=shape)
 
 
 def load_table(path, rows, columns):

@@ -64,6 +64,8 @@ def expand_braces(spec):
     numbers = re.fullmatch(r'(\d+)\.\.(\d+)', inside)
     if numbers:
         first, last = numbers.groups()
+        if int(last) < int(first):
+            raise InputError(f'{spec}: the range {{{inside}}} runs backwards')
         choices = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
     else:
         choices = inside.split(',')
@@ -79,6 +81,10 @@ def find_shards(spec, setting='shards'):
         if not paths:
             raise InputError(f'--{setting}={spec}: {pattern} matches no file')
         for path in paths:
+            if not os.path.exists(path) and failed_shard(path):
+                print(f'{path}: none of its downloads succeeded ({failed_shard(path)}): left out',
+                      file=sys.stderr)
+                continue
             if not os.path.exists(path):
                 raise InputError(f'--{setting}={spec}: no such file or folder {path}')
             if os.path.isdir(path) and not is_shard_folder(path):
@@ -91,13 +97,32 @@ def find_shards(spec, setting='shards'):
                 found += inner
             else:
                 found.append(path)
-    return list(dict.fromkeys(found))  # in order, each once
+    return list(dict.fromkeys(os.path.realpath(p) for p in found))  # in order, each once
+
+
+def failed_shard(path):
+    """img2dataset writes <shard>_stats.json even for a shard none of whose downloads succeeded: its
+    counts, if it says so, else None."""
+    stats = os.path.splitext(path.rstrip('/'))[0] + '_stats.json'
+    try:
+        with open(stats) as f:
+            counts = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(counts, dict) and counts.get('successes') == 0:
+        return f"{counts.get('count', '?')} tried, {stats}"
+    return None
 
 
 def is_shard_folder(path):
-    """img2dataset's --output_format=files: a folder of a shard's samples, not of shards."""
-    names = os.listdir(path) if os.path.isdir(path) else []
-    return any(n.endswith(('.txt', '.json')) and not n.endswith('_stats.json') for n in names)
+    """img2dataset's --output_format=files: a folder of a shard's samples (an image beside its
+    caption), not of shards."""
+    try:
+        names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    except OSError as e:
+        raise InputError(f'{path}: cannot list it ({e.strerror})')
+    return any(n.rpartition('.')[0] + '.txt' in names or n.rpartition('.')[0] + '.json' in names
+               for n in names if n.rpartition('.')[2].lower() in IMAGE_TYPES)
 
 
 def split_shards(train, val_spec, test_spec, seed):
@@ -109,15 +134,23 @@ def split_shards(train, val_spec, test_spec, seed):
             continue
         if re.fullmatch(r'\d+', spec):
             count = int(spec)
+            if count == 0:
+                continue
             if count >= len(train):
                 raise InputError(f'--{name}_shards={count}: only {len(train)} shards, and train '
                                  f'needs one')
             splits[name] = sorted(rng.sample(train, count))
         else:
             splits[name] = find_shards(spec, f'{name}_shards')
+        if name == 'val' and set(splits[name]) & set(splits.get('test', [])):
+            both = sorted(set(splits[name]) & set(splits['test']))
+            raise InputError(f'{both[0]}: both a val and a test shard (--val_shards, '
+                             f'--test_shards)')
         train = [s for s in train if s not in splits[name]]
     if not train:
-        raise InputError('no shard left for train: every shard of --shards is a val or test shard')
+        held_out = sum(len(s) for s in splits.values())
+        raise InputError(f'no shard left for train: all {held_out} shards of --shards are val or '
+                         f'test shards')
     return {'train': train, **{k: splits[k] for k in ('val', 'test') if k in splits}}
 
 
@@ -143,8 +176,9 @@ def scan_shard(path):
         files = []
         for name in sorted(os.listdir(path)):
             file = os.path.abspath(os.path.join(path, name))  # read again later, from anywhere
-            with open(file, 'rb') as f:
-                files.append((name, file, content(name, f.read())))
+            if os.path.isfile(file):
+                with open(file, 'rb') as f:
+                    files.append((name, file, content(name, f.read())))
         return files, None
     files, cut = [], None
     try:
@@ -156,6 +190,14 @@ def scan_shard(path):
                         raise tarfile.ReadError('unexpected end of data')
                     where = (info.offset_data, info.size)
                     files.append((info.name, where, content(info.name, data)))
+            end = tar.offset  # where a header was expected next
+        with open(path, 'rb') as f:  # a whole tar ends in zeros; a cut one, or a bad header, not
+            f.seek(end)
+            rest = f.read()
+        if len(rest) < 1024 or rest.strip(b'\0'):
+            raise tarfile.ReadError('unexpected end of data')
+    except PermissionError as e:
+        raise InputError(f'{path}: cannot read it ({e.strerror})')
     except (tarfile.ReadError, EOFError) as e:
         if not files and not os.path.getsize(path):
             raise InputError(f'{path}: an empty file, not a tar')
@@ -204,9 +246,9 @@ def index_shard(path, caption_field):
             skip(image[2], image[0])
         else:
             samples.append(dict(key=key, image=image[0], where=image[1], caption=caption))
-    if not samples and not lost and not cut:
-        raise InputError(f'{path}: no samples (<key>.jpg with <key>.txt) in it')
     problems = [f'{n} {why}, first {first[why]}' for why, n in lost.items()]
+    if not files:  # img2dataset writes an empty tar for a shard none of whose downloads succeeded
+        problems.append('no samples in it')
     if cut:
         problems.append(f'{cut} (an interrupted download?): the rest of it is lost')
     return samples, lost, problems
@@ -290,10 +332,12 @@ def size_and_time(shard):
 def shard_bases(name, split_shards):
     """<out_dir>/<split>_feats/<shard's name> of each shard of a split."""
     names = [os.path.basename(s.rstrip('/')).removesuffix('.tar') for s in split_shards]
-    twice = [n for n in names if names.count(n) > 1]
+    if len(set(names)) < len(names):  # downloads each number their shards from 00000
+        names = [f'{os.path.basename(os.path.dirname(s))}_{n}' for s, n in zip(split_shards, names)]
+    twice = [s for s, n in zip(split_shards, names) if names.count(n) > 1]
     if twice:
-        raise InputError(f'split {name}: two shards named {twice[0]} (in other folders): '
-                         f'rename one')
+        raise InputError(f'{twice[0]} and {twice[1]}: shards of split {name} in folders of one '
+                         f'name, whose features would share a file: rename a folder')
     return [os.path.join(out_dir, f'{name}_feats', n) for n in names]
 
 
@@ -303,8 +347,11 @@ def gather_split(name, split_shards, encoder):
     records, manifest, total = [], [], Counter()
     for shard, base in zip(split_shards, shard_bases(name, split_shards)):
         done = read_json(base + '.json')
+        if done is None:
+            raise InputError(f'{base}.json: missing, so {shard} was not done (under torchrun on '
+                             f'several machines, out_dir must be a folder they share)')
         samples, lost, problems = done['samples'], Counter(done['lost']), done['problems']
-        records += [dict(file=f"{shard}/{s['image']}", id=s['key'], captions=[s['caption']])
+        records += [dict(file=os.path.join(shard, s['image']), id=s['key'], captions=[s['caption']])
                     for s in samples]
         manifest.append(dict(file=os.path.relpath(base + '.bin', out_dir), images=len(samples),
                              shard=os.path.abspath(shard), lost=dict(lost)))
@@ -316,7 +363,8 @@ def gather_split(name, split_shards, encoder):
               + ', '.join(f'{n:,} {why.split(" (")[0]}' for why, n in total.items()),
               file=sys.stderr)
     if not records:
-        raise InputError(f'split {name}: no usable sample in its {len(split_shards)} shard(s)')
+        raise InputError(f'split {name}: no usable sample in its {len(split_shards)} shard(s), '
+                         f'{split_shards[0]} first (see the lines above)')
     write_captions(records, out_dir, name, encoder)
     return dict(images=len(records), captions=len(records), feature_shards=manifest)
 

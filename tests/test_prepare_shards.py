@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -268,3 +269,63 @@ def interrupted_then_resumed(tmp_path, tiny_clip_dir, monkeypatch, features, sub
     assert after['00000.bin'] == done['00000.bin'] and after['00001.bin'] != done['00001.bin']
     records = json.load(open(tmp_path / 'resumed' / 'train_images.json'))
     assert [r['captions'] for r in records if r['id'].startswith('1')] == [['a changed shard']]
+
+
+def test_what_real_downloads_leave_is_read_or_named(tmp_path, tiny_clip_dir, capsys):
+    """img2dataset's leavings: an empty tar (none of its downloads succeeded), a shard present only as
+    its _stats.json, a tar cut on a block boundary (tarfile then ends quietly, as if whole), a notes file
+    beside the shards, and shards of two downloads that both number theirs from 00000."""
+    for folder in ('cc3m', 'cc12m'):
+        (tmp_path / folder).mkdir()
+        write_shard(tmp_path / folder / '00000.tar', sample(f'{folder}0', 'red', f'a red {folder} car')
+                    + sample(f'{folder}1', 'blue', f'a blue {folder} sky'))
+    write_shard(tmp_path / 'cc3m' / '00001.tar', [])  # every download of it failed
+    (tmp_path / 'cc3m' / '00002_stats.json').write_text(json.dumps(dict(count=32, successes=0)))
+    (tmp_path / 'cc3m' / 'notes.txt').write_text('downloaded on Monday')
+    write_shard(tmp_path / 'cc12m' / '00001.tar', sample('cc12m2', 'green', 'a green leaf')
+                + sample('cc12m3', 'white', 'a white cloud'))
+    cut = (tmp_path / 'cc12m' / '00001.tar').read_bytes()
+    cut_at = [i for i in range(512, len(cut), 512) if cut[i:i + 8] == b'cc12m3.j'][0]
+    (tmp_path / 'cc12m' / '00001.tar').write_bytes(cut[:cut_at])  # ends after sample cc12m2, on a block
+    assert prepare(tmp_path / 'out', tiny_clip_dir, f'--shards={tmp_path}/{{cc3m/{{00000..00002}}.tar,cc12m}}',
+                   f'--val_shards={tmp_path}/cc12m/00000.tar') is None
+    err = capsys.readouterr().err
+    assert f'{tmp_path}/cc3m/00002.tar: none of its downloads succeeded' in err
+    assert f'{tmp_path}/cc3m/00001.tar: kept 0 samples; no samples in it' in err
+    assert f'{tmp_path}/cc12m/00001.tar: kept 1 samples; cut short after cc12m2.json' in err
+    meta = json.load(open(tmp_path / 'out' / 'meta.json'))
+    files = [s['file'] for s in meta['splits']['train']['feature_shards']]  # two shards named 00001
+    assert files == ['train_feats/cc3m_00000.bin', 'train_feats/cc12m_00001.bin', 'train_feats/cc3m_00001.bin']
+    records = json.load(open(tmp_path / 'out' / 'train_images.json'))
+    assert [r['captions'][0] for r in records] == ['a red cc3m car', 'a blue cc3m sky', 'a green leaf']
+    assert meta['splits']['val']['images'] == 2
+
+
+@pytest.mark.parametrize('options, expected', [
+    (['--shards={root}/{{00003..00001}}.tar'], 'the range {{00003..00001}} runs backwards'),
+    (['--shards={root}/*.tar', '--val_shards={root}/00000.tar', '--test_shards={root}/00000.tar'],
+     '{root}/00000.tar: both a val and a test shard'),
+    (['--shards={root}/*.tar', '--val_shards={root}/*.tar'], 'no shard left for train: all 2 shards'),
+])
+def test_splits_that_cannot_be_made_fail_in_one_line(tmp_path, tiny_clip_dir, options, expected):
+    for n in range(2):
+        write_shard(tmp_path / f'{n:05d}.tar', sample(f'{n}', 'red', 'a caption'))
+    exit_message = prepare(tmp_path / 'out', tiny_clip_dir, *(o.format(root=tmp_path) for o in options))
+    assert exit_message.startswith('prepare_shards.py: ') and '\n' not in exit_message
+    assert expected.format(root=tmp_path) in exit_message
+
+
+def test_a_store_of_many_shards_is_read_with_few_files_open(tmp_path):
+    """ShardedFeatures reads rows of any of its files, as one array, with at most 64 of them open (each
+    memmap holds a file descriptor; a store of CC12M has about 1,240 files, ulimit -n is often 1024)."""
+    from data import ShardedFeatures
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((int(n), 3, 4)).astype(np.float16) for n in rng.integers(1, 4, size=100)]
+    for i, part in enumerate(parts):
+        part.tofile(tmp_path / f'{i}.bin')
+    store = ShardedFeatures(str(tmp_path), 'train', [dict(file=f'{i}.bin', images=len(p)) for i, p in
+                                                     enumerate(parts)], (sum(map(len, parts)), 3, 4))
+    whole = np.concatenate(parts)
+    rows = rng.permutation(len(whole))
+    assert np.array_equal(store[rows], whole[rows]) and np.array_equal(store[5:9], whole[5:9])
+    assert len(store.open) <= 64
