@@ -100,17 +100,23 @@ def find_shards(spec, setting='shards'):
     return list(dict.fromkeys(os.path.realpath(p) for p in found))  # in order, each once
 
 
+def shard_stats(path):
+    """img2dataset's <shard>_stats.json beside a shard (count, successes, ...), or {} if there is
+    none that can be read."""
+    try:
+        with open(os.path.splitext(path.rstrip('/'))[0] + '_stats.json') as f:
+            counts = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return counts if isinstance(counts, dict) else {}
+
+
 def failed_shard(path):
     """img2dataset writes <shard>_stats.json even for a shard none of whose downloads succeeded: its
     counts, if it says so, else None."""
-    stats = os.path.splitext(path.rstrip('/'))[0] + '_stats.json'
-    try:
-        with open(stats) as f:
-            counts = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if isinstance(counts, dict) and counts.get('successes') == 0:
-        return f"{counts.get('count', '?')} tried, {stats}"
+    stats = shard_stats(path)
+    if stats.get('successes') == 0:
+        return f"{stats.get('count', '?')} tried, {os.path.splitext(path)[0]}_stats.json"
     return None
 
 
@@ -249,8 +255,17 @@ def index_shard(path, caption_field):
     problems = [f'{n} {why}, first {first[why]}' for why, n in lost.items()]
     if not files:  # img2dataset writes an empty tar for a shard none of whose downloads succeeded
         problems.append('no samples in it')
+    downloaded = shard_stats(path).get('successes')
+    missing = downloaded - len(samples) - sum(lost.values()) if isinstance(downloaded, int) else 0
+    if missing > 0:  # its _stats.json counts them: what a cut took, or what a writer lost
+        lost['missing'] = missing
     if cut:
-        problems.append(f'{cut} (an interrupted download?): the rest of it is lost')
+        counted = f'{missing} of the {downloaded} samples its _stats.json counts' if missing > 0 \
+            else 'the rest of it'
+        problems.append(f'{cut} (an interrupted download?): {counted} lost')
+    elif missing > 0:
+        problems.append(f'{missing} of the {downloaded} samples its _stats.json counts are not '
+                        f'in it')
     return samples, lost, problems
 
 
@@ -359,7 +374,7 @@ def gather_split(name, split_shards, encoder):
         if problems:
             print(f'{shard}: kept {len(samples):,} samples; {"; ".join(problems)}', file=sys.stderr)
     if total:
-        print(f'split {name}: skipped {sum(total.values()):,} samples in all: '
+        print(f'split {name}: lost {sum(total.values()):,} samples in all: '
               + ', '.join(f'{n:,} {why.split(" (")[0]}' for why, n in total.items()),
               file=sys.stderr)
     if not records:

@@ -110,6 +110,7 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path, tiny_clip_dir, caps
     whole = (shards / '00001.tar').read_bytes()
     cut = whole.index(b'the night sky') + 4  # inside 0000101.txt: an interrupted download
     (shards / '00001.tar').write_bytes(whole[:cut])
+    (shards / '00001_stats.json').write_text(json.dumps(dict(count=3, successes=3)))
     write_shard(shards / '00002.tar', sample('0000200', 'purple', 'a purple flower'))
     assert prepare(tmp_path / 'out', tiny_clip_dir, f'--shards={shards}/{{00000..00002}}.tar',
                    f'--val_shards={shards}/00002.tar') is None
@@ -120,8 +121,9 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path, tiny_clip_dir, caps
     assert '1 an image that does not decode (UnidentifiedImageError), first 0000004.jpg' in first
     assert '1 with a dot in its key' in first and 'a.b.jpg' in first
     assert 'kept 1 samples' in lines[f'{shards}/00001.tar'] and 'cut short after 0000101.json' not in err
-    assert 'cut short after 0000101.jpg' in lines[f'{shards}/00001.tar']
-    assert 'skipped 4 samples in all' in err
+    assert 'cut short after 0000101.jpg (an interrupted download?): 2 of the 3 samples its _stats.json ' \
+        'counts lost' in lines[f'{shards}/00001.tar']
+    assert 'lost 6 samples in all' in err and '2 missing' in err
     records = json.load(open(tmp_path / 'out' / 'train_images.json'))
     assert [(r['id'], r['captions']) for r in records] == [
         ('0000000', ['Ein Café am Meer — ☕']), ('0000001', ['a green field']), ('0000100', ['a yellow wall'])]
@@ -282,6 +284,7 @@ def test_what_real_downloads_leave_is_read_or_named(tmp_path, tiny_clip_dir, cap
     write_shard(tmp_path / 'cc3m' / '00001.tar', [])  # every download of it failed
     (tmp_path / 'cc3m' / '00002_stats.json').write_text(json.dumps(dict(count=32, successes=0)))
     (tmp_path / 'cc3m' / 'notes.txt').write_text('downloaded on Monday')
+    (tmp_path / 'cc3m' / '00000_stats.json').write_text(json.dumps(dict(count=4, successes=3)))
     write_shard(tmp_path / 'cc12m' / '00001.tar', sample('cc12m2', 'green', 'a green leaf')
                 + sample('cc12m3', 'white', 'a white cloud'))
     cut = (tmp_path / 'cc12m' / '00001.tar').read_bytes()
@@ -292,6 +295,8 @@ def test_what_real_downloads_leave_is_read_or_named(tmp_path, tiny_clip_dir, cap
     err = capsys.readouterr().err
     assert f'{tmp_path}/cc3m/00002.tar: none of its downloads succeeded' in err
     assert f'{tmp_path}/cc3m/00001.tar: kept 0 samples; no samples in it' in err
+    assert f'{tmp_path}/cc3m/00000.tar: kept 2 samples; 1 of the 3 samples its _stats.json counts are ' \
+        'not in it' in err
     assert f'{tmp_path}/cc12m/00001.tar: kept 1 samples; cut short after cc12m2.json' in err
     meta = json.load(open(tmp_path / 'out' / 'meta.json'))
     files = [s['file'] for s in meta['splits']['train']['feature_shards']]  # two shards named 00001
