@@ -18,6 +18,7 @@ to <split>_feats/<shard>.bin, what it held to <shard>.json; ranks take every wor
 rerun, with any number of processes, redoes only the shards not finished or whose input changed.
 train.py, eval_bleu.py and sample.py read the result as any prepared folder (data.py).
 """
+import functools
 import glob
 import io
 import json
@@ -316,16 +317,22 @@ def write_split(name, split_shards, vision, rank, world):
     shard held (<shard>.json: its samples, what was lost, and the identity of what made it). Rank r
     takes every world-th shard. A shard done by an earlier run, with any number of processes, from
     the same input with the same settings, is not done again; one whose input changed is."""
+    from multiprocessing import Pool
     folder = os.path.join(out_dir, f'{name}_feats')
     os.makedirs(folder, exist_ok=True)
     size = vision.config.image_size
+    todo = []
     for shard, base in list(zip(split_shards, shard_bases(name, split_shards)))[rank::world]:
         identity = dict(shard=os.path.abspath(shard), **size_and_time(shard),
                         vision_model=vision_model, caption_field=caption_field)
-        if (read_json(base + '.json') or {}).get('identity') == identity:
-            continue  # done before
+        if (read_json(base + '.json') or {}).get('identity') != identity:  # else done before
+            todo.append((shard, base, identity))
+    # the next shards are read and their images checked in other processes while CLIP runs
+    pool = Pool(min(num_workers, len(todo))) if num_workers > 1 and len(todo) > 1 else None
+    index = functools.partial(index_shard, caption_field=caption_field)
+    indexed = (pool.imap if pool else map)(index, [shard for shard, _, _ in todo])
+    for (shard, base, identity), (samples, lost, problems) in zip(todo, indexed):
         start = time.time()
-        samples, lost, problems = index_shard(shard, caption_field)
         if samples:
             images = ShardImages([shard] * len(samples), samples, size)
             extract_features(vision, images, base + '.bin', batch_size, num_workers)
@@ -333,6 +340,8 @@ def write_split(name, split_shards, vision, rank, world):
         write_json(base + '.json', held)  # last: the claim that the shard is done
         print(f'rank {rank}: {shard}: {len(samples):,} images, '
               f'{len(samples) / (time.time() - start):.1f} images/s', file=sys.stderr)
+    if pool:
+        pool.close()
 
 
 def size_and_time(shard):

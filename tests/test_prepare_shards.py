@@ -334,3 +334,21 @@ def test_a_store_of_many_shards_is_read_with_few_files_open(tmp_path):
     rows = rng.permutation(len(whole))
     assert np.array_equal(store[rows], whole[rows]) and np.array_equal(store[5:9], whole[5:9])
     assert len(store.open) <= 64
+
+
+def test_shards_read_in_worker_processes_give_the_same_store(tmp_path, tiny_clip_dir):
+    """python prepare_shards.py with --num_workers=2, as a user runs it: the next shards are read and
+    checked in a pool while CLIP runs, and their images decoded in DataLoader workers; the store is that
+    of one process doing it all."""
+    import subprocess
+    import sys
+    for n in range(3):
+        write_shard(tmp_path / f'{n:05d}.tar', [f for k in range(3) for f in sample(
+            f'{n}{k:06d}', ['red', 'green', 'blue'][k], f'shard {n} sample {k}')])
+    options = [f'--shards={tmp_path}', f'--val_shards={tmp_path}/00002.tar', f'--vision_model={tiny_clip_dir}',
+               '--batch_size=2', '--device=cpu']
+    assert run_script('prepare_shards.py', f'--out_dir={tmp_path}/alone', '--num_workers=0', *options) is None
+    subprocess.run([sys.executable, 'prepare_shards.py', f'--out_dir={tmp_path}/pool', '--num_workers=2',
+                    *options], check=True, capture_output=True)
+    for split in ('train', 'val'):
+        assert split_files(tmp_path / 'pool', split) == split_files(tmp_path / 'alone', split)
