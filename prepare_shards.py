@@ -82,12 +82,13 @@ def find_shards(spec, setting='shards'):
         if not paths:
             raise InputError(f'--{setting}={spec}: {pattern} matches no file')
         for path in paths:
-            if not os.path.exists(path) and failed_shard(path):
-                print(f'{path}: none of its downloads succeeded ({failed_shard(path)}): left out',
+            if not os.path.exists(path):
+                failed = failed_shard(path)
+                if not failed:
+                    raise InputError(f'--{setting}={spec}: no such file or folder {path}')
+                print(f'{path}: none of its downloads succeeded ({failed}): left out',
                       file=sys.stderr)
                 continue
-            if not os.path.exists(path):
-                raise InputError(f'--{setting}={spec}: no such file or folder {path}')
             if os.path.isdir(path) and not is_shard_folder(path):
                 inner = sorted(glob.glob(os.path.join(path, '*.tar')))
                 inner = inner or sorted(p for p in glob.glob(os.path.join(path, '*'))
@@ -288,24 +289,24 @@ def read_caption(files, caption_field):
 
 
 class ShardImages:
-    """A torch Dataset of the images of indexed samples, each read from its shard where it lies (a
-    tar is opened and read at the image's offset), preprocessed for CLIP: one frame each."""
+    """A torch Dataset of the images of a shard's indexed samples, each read where it lies (the tar
+    opened and read at the image's offset), preprocessed for CLIP: one frame each."""
 
-    def __init__(self, shard_of, samples, size):
-        self.items = [(shard_of[i], s['where']) for i, s in enumerate(samples)]
-        self.paths = [f"{shard}/{s['image']}" for shard, s in zip(shard_of, samples)]
+    def __init__(self, shard, samples, size):
+        self.shard, self.where = shard, [s['where'] for s in samples]
+        self.paths = [os.path.join(shard, s['image']) for s in samples]
         self.frame_counts = [1] * len(samples)
         self.size = size
 
     def __len__(self):
-        return len(self.items)
+        return len(self.where)
 
     def __getitem__(self, i):
-        shard, where = self.items[i]
+        where = self.where[i]
         if isinstance(where, str):
             return clip_preprocess(load_rgb(where), self.size)
         offset, size = where
-        with open(shard, 'rb') as f:
+        with open(self.shard, 'rb') as f:
             f.seek(offset)
             return clip_preprocess(load_rgb(io.BytesIO(f.read(size))), self.size)
 
@@ -334,7 +335,7 @@ def write_split(name, split_shards, vision, rank, world):
     for (shard, base, identity), (samples, lost, problems) in zip(todo, indexed):
         start = time.time()
         if samples:
-            images = ShardImages([shard] * len(samples), samples, size)
+            images = ShardImages(shard, samples, size)
             extract_features(vision, images, base + '.bin', batch_size, num_workers)
         held = dict(identity=identity, samples=samples, lost=lost, problems=problems)
         write_json(base + '.json', held)  # last: the claim that the shard is done
